@@ -1,0 +1,31 @@
+"""The blueprint genome: declarative specs, the builder, contract checks, catalogues."""
+
+from esper_ray.blueprints.builder import (
+    BlueprintShapeError,
+    SeedModule,
+    build_seed,
+    count_params,
+    flops_per_example,
+    slot_kind,
+)
+from esper_ray.blueprints.catalogue import BlueprintCatalogue, CatalogueEntry, LocalCatalogue
+from esper_ray.blueprints.contract import ContractResult, check_contract
+from esper_ray.blueprints.library import STANDARD_BLUEPRINTS
+from esper_ray.blueprints.spec import BlueprintSpec, Node
+
+__all__ = [
+    "BlueprintCatalogue",
+    "BlueprintShapeError",
+    "BlueprintSpec",
+    "CatalogueEntry",
+    "ContractResult",
+    "LocalCatalogue",
+    "Node",
+    "STANDARD_BLUEPRINTS",
+    "SeedModule",
+    "build_seed",
+    "check_contract",
+    "count_params",
+    "flops_per_example",
+    "slot_kind",
+]

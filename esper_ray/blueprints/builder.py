@@ -1,0 +1,205 @@
+"""Spec -> nn.Module: the only place a blueprint becomes code, from a closed op vocabulary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from esper_ray.blueprints.spec import BlueprintSpec, Node
+from esper_ray.contracts import EsperError
+
+
+class BlueprintShapeError(EsperError):
+    """A blueprint's shapes do not fit the slot it was asked to grow in."""
+
+
+def slot_kind(shape: tuple[int, ...]) -> str:
+    """The kind of a slot from its activation shape without batch: (C,), (C, L), (C, H, W)."""
+    return {1: "vector", 2: "seq", 3: "image"}[len(shape)]
+
+
+@dataclass(frozen=True)
+class _View:
+    """How a blueprint sees a slot's activation: channels, spatial rank, and a reshape."""
+
+    channels: int
+    spatial_rank: int  # 0 for vectors, 1 for sequences, 2 for images
+    unsqueeze: bool  # a seq blueprint on a vector slot sees (B, 1, D)
+
+
+def _view_for(spec: BlueprintSpec, shape: tuple[int, ...]) -> _View:
+    kind = slot_kind(shape)
+    channels = shape[0]
+    if spec.kind == "vector":
+        return _View(channels, len(shape) - 1, unsqueeze=False)
+    if spec.kind == "seq" and kind == "vector":
+        return _View(1, 1, unsqueeze=True)
+    if spec.kind == "seq" and kind == "seq":
+        return _View(channels, 1, unsqueeze=False)
+    if spec.kind == "image" and kind == "image":
+        return _View(channels, 2, unsqueeze=False)
+    raise BlueprintShapeError(
+        f"blueprint {spec.name!r} ({spec.kind}) does not fit a {kind} slot of shape {shape}"
+    )
+
+
+class _Add(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class _Mul(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+
+class _GlobalPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+}
+
+
+def _channel_mixer(c_in: int, c_out: int, spatial_rank: int) -> nn.Module:
+    if spatial_rank == 0:
+        return nn.Linear(c_in, c_out)
+    conv = nn.Conv1d if spatial_rank == 1 else nn.Conv2d
+    return conv(c_in, c_out, kernel_size=1)
+
+
+def _make_op(node: Node, in_channels: list[int], view: _View) -> tuple[nn.Module, int]:
+    """Build one node's module; return it with its output channel count."""
+    c_in = in_channels[0]
+    where = f"node {node.id} ({node.op})"
+    if node.op == "linear":
+        width = node.arg("width") or view.channels
+        return _channel_mixer(c_in, width, view.spatial_rank), width
+    if node.op == "conv":
+        if view.spatial_rank == 0:
+            raise BlueprintShapeError(f"{where} needs a spatial view")
+        width, kernel = node.arg("width") or view.channels, node.arg("kernel")
+        groups = node.arg("groups") or c_in  # groups null = depthwise
+        if c_in % groups or width % groups:
+            raise BlueprintShapeError(f"{where}: groups {groups} must divide {c_in} and {width}")
+        conv = nn.Conv1d if view.spatial_rank == 1 else nn.Conv2d
+        return conv(c_in, width, kernel, padding=kernel // 2, groups=groups), width
+    if node.op == "act":
+        return _ACTIVATIONS[node.arg("fn")](), c_in
+    if node.op == "norm":
+        groups = node.arg("groups")
+        if view.spatial_rank == 0:
+            if groups != 1:
+                raise BlueprintShapeError(f"{where}: a vector norm takes groups=1")
+            return nn.LayerNorm(c_in), c_in
+        if c_in % groups:
+            raise BlueprintShapeError(f"{where}: groups {groups} must divide {c_in} channels")
+        return nn.GroupNorm(groups, c_in), c_in
+    if node.op == "pool":
+        return _GlobalPool(), c_in
+    # add / mul: channels must agree, or one side is a single channel that broadcasts.
+    a, b = in_channels
+    if a != b and 1 not in (a, b):
+        raise BlueprintShapeError(f"{where}: inputs have {a} and {b} channels")
+    return (_Add() if node.op == "add" else _Mul()), max(a, b)
+
+
+class SeedModule(nn.Module):
+    """A built blueprint: ``seed(h) = h + gamma * body(h)`` with ``gamma`` zero at birth."""
+
+    def __init__(self, spec: BlueprintSpec, slot_shape: tuple[int, ...]):
+        super().__init__()
+        self.spec_json = spec.to_json()
+        self.blueprint_hash = spec.content_hash
+        self.slot_shape = tuple(slot_shape)
+        view = _view_for(spec, self.slot_shape)
+        self._unsqueeze = view.unsqueeze
+        channels = {"input": view.channels}
+        self.ops = nn.ModuleDict()
+        self._plan: list[tuple[str, tuple[str, ...]]] = []
+        for node in spec.nodes:
+            # A pooled tensor is (B, C, 1, ...), so channel mixing on it stays a 1x1 conv.
+            op, channels[node.id] = _make_op(node, [channels[i] for i in node.inputs], view)
+            self.ops[node.id] = op
+            self._plan.append((node.id, node.inputs))
+        out_id = spec.nodes[-1].id
+        if channels[out_id] != view.channels:
+            raise BlueprintShapeError(
+                f"blueprint {spec.name!r}: body ends with {channels[out_id]} channels but the "
+                f"slot's view has {view.channels} (end with a linear of width null)"
+            )
+        self._out = out_id
+        self.gamma = nn.Parameter(torch.zeros(view.channels))
+        self._gamma_shape = (1, view.channels) + (1,) * view.spatial_rank
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        """The seed's own computation before the zero-initialised scale."""
+        values = {"input": h.unsqueeze(1) if self._unsqueeze else h}
+        for node_id, inputs in self._plan:
+            values[node_id] = self.ops[node_id](*(values[i] for i in inputs))
+        return values[self._out]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        delta = self.body(h) * self.gamma.view(self._gamma_shape)
+        if self._unsqueeze:
+            delta = delta.squeeze(1)
+        return h + delta
+
+    @property
+    def spec(self) -> BlueprintSpec:
+        return BlueprintSpec.from_json(self.spec_json)
+
+
+def count_params(spec: BlueprintSpec, slot_shape: tuple[int, ...]) -> int:
+    """Trainable parameters of ``spec`` in a slot, counted without allocating weights."""
+    with torch.device("meta"):
+        module = SeedModule(spec, slot_shape)
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_seed(
+    spec: BlueprintSpec,
+    slot_shape: tuple[int, ...],
+    *,
+    max_params: int | None = None,
+    generator_seed: int | None = None,
+) -> SeedModule:
+    """Build ``spec`` for a slot of ``slot_shape`` (no batch dim).
+
+    Raises BlueprintShapeError when it does not fit and EsperError when it is over
+    ``max_params``; the count is taken on the meta device first, so an absurd spec
+    never allocates.
+    """
+    params = count_params(spec, slot_shape)
+    if max_params is not None and params > max_params:
+        raise EsperError(
+            f"blueprint {spec.name!r} has {params:,} parameters in a slot of shape "
+            f"{tuple(slot_shape)}, over the budget of {max_params:,}"
+        )
+    if generator_seed is None:
+        return SeedModule(spec, slot_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator_seed)
+        return SeedModule(spec, slot_shape)
+
+
+def flops_per_example(module: SeedModule) -> int:
+    """Multiply-accumulates of one forward pass per example (convs and linears only)."""
+    total = 0
+    positions = math.prod(module.slot_shape[1:]) if not module._unsqueeze else module.slot_shape[0]
+    for op in module.ops.values():
+        if isinstance(op, nn.Linear):
+            total += op.in_features * op.out_features
+        elif isinstance(op, nn.Conv1d | nn.Conv2d):
+            per_pos = op.in_channels // op.groups * op.out_channels * math.prod(op.kernel_size)
+            total += per_pos * positions
+    return total

@@ -1,0 +1,138 @@
+"""The blueprint genome: a declarative, JSON-serialisable, content-hashed spec of a seed.
+
+A blueprint is a small DAG of typed operations over one tensor, the host activation
+at a slot. The builder (``builder.py``) turns it into an ``nn.Module`` computing
+
+    seed(h) = h + gamma * body(h)
+
+with ``gamma`` a per-channel scale initialised to zero, so every seed is
+function-preserving when born whatever its body. Specs never carry code: only op
+names from a closed vocabulary and numbers, so a spec from shared storage is safe
+to load.
+
+Kinds say which view of the activation the body works on:
+
+- ``vector``: (B, C); channel-mixing ops only. On a spatial slot it mixes channels
+  at every position (as 1x1 convolutions).
+- ``seq``: (B, C, L); on a vector slot of width D it sees (B, 1, D).
+- ``image``: (B, C, H, W); fits only image slots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BlueprintKind = Literal["vector", "seq", "image"]
+
+# Closed vocabulary: op name -> the argument names it accepts (with defaults).
+OP_ARGS: dict[str, dict[str, Any]] = {
+    "linear": {"width": None},  # channel mixing; width None = the input's channels
+    "conv": {"width": None, "kernel": 3, "groups": 1},  # 'same' padding; groups null = depthwise
+    "act": {"fn": "relu"},
+    "norm": {"groups": 1},  # LayerNorm on vectors, GroupNorm on spatial views
+    "pool": {},  # global average over spatial positions, keeps dims for broadcasting
+    "add": {},
+    "mul": {},
+}
+ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu")
+ARITY = {"add": 2, "mul": 2}
+MAX_WIDTH = 4096
+MAX_KERNEL = 15
+MAX_NODES = 64
+
+
+class Node(BaseModel):
+    """One operation of the body: ``op`` applied to the outputs of ``inputs``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    op: str
+    inputs: tuple[str, ...] = ("input",)
+    args: dict[str, int | float | str | None] = Field(default_factory=dict)
+
+    @field_validator("op")
+    @classmethod
+    def _known_op(cls, op: str) -> str:
+        if op not in OP_ARGS:
+            raise ValueError(f"unknown op {op!r} (known: {', '.join(OP_ARGS)})")
+        return op
+
+    @model_validator(mode="after")
+    def _check_args(self) -> Node:
+        allowed = OP_ARGS[self.op]
+        unknown = set(self.args) - set(allowed)
+        if unknown:
+            raise ValueError(f"node {self.id}: op {self.op} takes no argument {sorted(unknown)}")
+        want = ARITY.get(self.op, 1)
+        if len(self.inputs) != want:
+            raise ValueError(f"node {self.id}: op {self.op} takes {want} input(s), got {len(self.inputs)}")
+        for name in ("width", "kernel", "groups"):
+            value = self.args.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"node {self.id}: {name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"node {self.id}: {name} must be >= 1, got {value}")
+        if (w := self.args.get("width")) is not None and w > MAX_WIDTH:
+            raise ValueError(f"node {self.id}: width {w} is over the limit {MAX_WIDTH}")
+        if (k := self.args.get("kernel")) is not None and (k > MAX_KERNEL or k % 2 == 0):
+            raise ValueError(f"node {self.id}: kernel must be odd and <= {MAX_KERNEL}, got {k}")
+        if self.op == "act" and self.args.get("fn", "relu") not in ACTIVATIONS:
+            raise ValueError(f"node {self.id}: unknown activation {self.args.get('fn')!r}")
+        return self
+
+    def arg(self, name: str) -> Any:
+        """The argument's value, or the op's default."""
+        return self.args.get(name, OP_ARGS[self.op][name])
+
+
+class BlueprintSpec(BaseModel):
+    """A seed's architecture: a named DAG of ops whose last node is the body's output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    kind: BlueprintKind
+    nodes: tuple[Node, ...] = Field(min_length=1, max_length=MAX_NODES)
+    origin: str = "hand"  # "hand" | "karn" | ...; metadata, not hashed
+    parents: tuple[str, ...] = ()  # content hashes of the specs this one came from; not hashed
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> BlueprintSpec:
+        seen = {"input"}
+        for node in self.nodes:
+            if node.id in seen:
+                raise ValueError(f"duplicate node id {node.id!r}")
+            for src in node.inputs:
+                if src == node.id or src not in seen:
+                    # Nodes are listed in topological order; a reference to itself or to a
+                    # later node is how a cycle shows up in this encoding.
+                    raise ValueError(f"node {node.id} reads {src!r}: cycle or undefined input")
+            if self.kind == "vector" and node.op in ("conv", "pool"):
+                raise ValueError(f"node {node.id}: op {node.op} needs a seq or image blueprint")
+            seen.add(node.id)
+        return self
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 over what determines the built module (kind and nodes), not the name."""
+        body = {"kind": self.kind, "nodes": [n.model_dump(mode="json") for n in self.nodes]}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def short_hash(self) -> str:
+        return self.content_hash[:12]
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> BlueprintSpec:
+        return cls.model_validate_json(text)

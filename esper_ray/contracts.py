@@ -1,0 +1,220 @@
+"""Leyline: the records every part of esper-ray shares.
+
+Anything that crosses a boundary (between Kasmina and Tolaria, Tolaria and Tamiyo,
+the trainer and the Ray actors, a run and its folder on disk) is one of these
+types. They are plain dataclasses or enums so that they pickle across Ray and
+turn into Parquet rows with ``dataclasses.asdict``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class EsperError(Exception):
+    """An error caused by bad input; the CLI prints its message as one line."""
+
+
+class IllegalTransition(EsperError):
+    """A seed was asked to move between two lifecycle stages that are not connected."""
+
+
+class SeedStage(enum.IntEnum):
+    """The lifecycle of a seed in one slot.
+
+    DORMANT -> GERMINATED -> TRAINING -> BLENDING -> HOLDING -> FOSSILIZED,
+    or, from any live stage, CULLED -> EMBARGOED -> DORMANT.
+    """
+
+    DORMANT = 0
+    GERMINATED = 1
+    TRAINING = 2
+    BLENDING = 3
+    HOLDING = 4
+    FOSSILIZED = 5
+    CULLED = 6
+    EMBARGOED = 7
+
+    @property
+    def is_live(self) -> bool:
+        """A seed exists in the slot and can still be culled."""
+        return self in LIVE_STAGES
+
+
+LIVE_STAGES = frozenset({SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING})
+
+# The only edges of the lifecycle graph; everything else raises IllegalTransition.
+LEGAL_TRANSITIONS: dict[SeedStage, frozenset[SeedStage]] = {
+    SeedStage.DORMANT: frozenset({SeedStage.GERMINATED}),
+    SeedStage.GERMINATED: frozenset({SeedStage.TRAINING, SeedStage.CULLED}),
+    SeedStage.TRAINING: frozenset({SeedStage.BLENDING, SeedStage.CULLED}),
+    SeedStage.BLENDING: frozenset({SeedStage.HOLDING, SeedStage.CULLED}),
+    SeedStage.HOLDING: frozenset({SeedStage.FOSSILIZED, SeedStage.CULLED}),
+    SeedStage.FOSSILIZED: frozenset(),
+    SeedStage.CULLED: frozenset({SeedStage.EMBARGOED}),
+    SeedStage.EMBARGOED: frozenset({SeedStage.DORMANT}),
+}
+
+
+class ActionKind(enum.IntEnum):
+    """What a controller (Tamiyo) can decide at a decision point."""
+
+    WAIT = 0
+    GERMINATE = 1
+    FOSSILIZE = 2
+    CULL = 3
+
+
+@dataclass(frozen=True)
+class ControllerAction:
+    """One decision: wait, germinate ``blueprint`` in ``slot``, fossilize or cull ``slot``."""
+
+    kind: ActionKind
+    slot: str | None = None
+    blueprint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is ActionKind.WAIT:
+            if self.slot is not None or self.blueprint is not None:
+                raise EsperError("a WAIT action takes no slot and no blueprint")
+        elif self.slot is None:
+            raise EsperError(f"a {self.kind.name} action needs a slot")
+        if self.kind is ActionKind.GERMINATE and self.blueprint is None:
+            raise EsperError("a GERMINATE action needs a blueprint")
+
+    @classmethod
+    def wait(cls) -> ControllerAction:
+        return cls(ActionKind.WAIT)
+
+    @classmethod
+    def germinate(cls, slot: str, blueprint: str) -> ControllerAction:
+        return cls(ActionKind.GERMINATE, slot, blueprint)
+
+    @classmethod
+    def fossilize(cls, slot: str) -> ControllerAction:
+        return cls(ActionKind.FOSSILIZE, slot)
+
+    @classmethod
+    def cull(cls, slot: str) -> ControllerAction:
+        return cls(ActionKind.CULL, slot)
+
+    def __str__(self) -> str:
+        if self.kind is ActionKind.WAIT:
+            return "wait"
+        if self.kind is ActionKind.GERMINATE:
+            return f"germinate({self.slot}, {self.blueprint})"
+        return f"{self.kind.name.lower()}({self.slot})"
+
+
+@dataclass
+class SlotTelemetry:
+    """What Tamiyo sees of one slot at a decision point."""
+
+    name: str
+    index: int
+    stage: SeedStage
+    alpha: float
+    epochs_in_stage: int
+    blueprint: str | None
+    seed_params: int
+    # Host-side signals at the slot (measured every epoch, seed or not).
+    act_mean: float
+    act_std: float
+    act_dead_frac: float  # share of units that never activate (> 0) on the probe batch
+    act_effective_rank: float  # entropy-based effective rank / width, in [0, 1]
+    host_grad_norm: float  # gradient norm of the host parameters of the block feeding the slot
+    seed_grad_norm: float  # gradient norm of the live seed's parameters (0 if none)
+    contribution: float  # val accuracy with seed - without (ablation), 0 if no seed
+    kind: str  # "vector" | "seq" | "image"
+    width: int  # channels at the slot
+
+
+@dataclass
+class GlobalTelemetry:
+    """Run-wide signals at a decision point."""
+
+    epoch: int
+    max_epochs: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    best_val_accuracy: float
+    plateau_epochs: int  # epochs since the best validation accuracy improved
+    host_params: int
+    seed_params: int
+
+
+@dataclass
+class Observation:
+    """A decision point's whole picture: global telemetry plus each slot's."""
+
+    global_: GlobalTelemetry
+    slots: list[SlotTelemetry]
+    candidates: list[str]  # blueprint names a GERMINATE may name right now
+    distill: dict[str, float] = field(default_factory=dict)  # per-slot distillation gaps
+
+
+@dataclass
+class BenchmarkReport:
+    """Urabrask's measurement of one compiled blueprint on one device."""
+
+    blueprint_hash: str
+    device: str
+    params: int
+    flops: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    peak_memory_bytes: int
+    grad_norm_ratio: float  # output-grad norm / input-grad norm; far from 1 = hazardous
+    nan_under_large_inputs: bool
+    low_precision_error: float
+    risk: str  # "low" | "medium" | "high"
+    passed: bool
+    reason: str = ""
+
+
+@dataclass
+class LineageEvent:
+    """One architectural change of a host, as written to the ledger."""
+
+    seq: int
+    run_id: str
+    host_id: str
+    # "germinate" | "transition" | "fossilize" | "cull" | "rollback" | "init" | "checkpoint" | "resume"
+    kind: str
+    slot: str
+    blueprint_hash: str
+    stage: str
+    epoch: int
+    step: int
+    weights_digest: str
+    metrics: dict[str, float]
+    prev_hash: str
+    event_hash: str = ""
+    blueprint_name: str = ""  # human-readable name for timelines; hashed like every other field
+
+
+@dataclass
+class FieldReport:
+    """How one seed fared, sent back to Karn when the seed ends."""
+
+    run_id: str
+    blueprint_hash: str
+    blueprint_name: str
+    slot: str
+    slot_kind: str
+    slot_width: int
+    task: str
+    stage_reached: str
+    outcome: str  # "fossilized" | "culled"
+    accuracy_before: float
+    accuracy_after: float
+    seed_params: int
+    epochs_alive: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy_delta(self) -> float:
+        return self.accuracy_after - self.accuracy_before

@@ -1,0 +1,216 @@
+"""Host models with seed slots between their blocks.
+
+A host is ``head(block_n(... block_1(block_0(x))))`` with a slot allowed at every
+boundary: position 0 is the input (slot ``input``), position ``i + 1`` the output of
+block ``i`` (slot ``hidden{i}``). Dormant slots are not even called, so a host with
+all slots dormant computes exactly, and as fast as, the same host without slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from esper_ray.blueprints.builder import build_seed
+from esper_ray.blueprints.library import STANDARD_BLUEPRINTS
+from esper_ray.blueprints.spec import BlueprintSpec
+from esper_ray.contracts import EsperError, SeedStage
+from esper_ray.kasmina.lifecycle import LifecycleConfig
+from esper_ray.kasmina.slot import Listener, SeedSlot, Transition
+
+
+class HostConfig(BaseModel):
+    """Which host to build and where its slots are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["mlp", "cnn1d", "cnn2d"] = "mlp"
+    hidden: list[int] = Field(
+        default_factory=lambda: [64, 64],
+        description="mlp: hidden widths; cnn: channels of each conv block",
+    )
+    kernel: int = Field(5, ge=1, description="cnn kernel size (odd)")
+    pool: bool = Field(True, description="cnn: halve the spatial size after each block")
+    slots: list[str] | Literal["all"] = Field(
+        "all", description='slot names ("input", "hidden0", ...) or "all"'
+    )
+
+    @field_validator("hidden")
+    @classmethod
+    def _widths(cls, hidden: list[int]) -> list[int]:
+        if not hidden or any(w < 1 for w in hidden):
+            raise ValueError(f"hidden must be a non-empty list of positive widths, got {hidden}")
+        return hidden
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, kernel: int) -> int:
+        if kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd, got {kernel}")
+        return kernel
+
+
+def slot_names(n_blocks: int) -> list[str]:
+    """All slot positions of a host with ``n_blocks`` blocks."""
+    return ["input"] + [f"hidden{i}" for i in range(n_blocks)]
+
+
+class MorphoHost(nn.Module):
+    """A host network: blocks, a head, and seed slots at chosen block boundaries."""
+
+    def __init__(
+        self,
+        blocks: list[nn.Module],
+        head: nn.Module,
+        input_shape: tuple[int, ...],
+        slots: list[str] | Literal["all"] = "all",
+        lifecycle: LifecycleConfig | None = None,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.input_shape = tuple(input_shape)
+        self.lifecycle = lifecycle or LifecycleConfig()
+        positions = slot_names(len(self.blocks))
+        wanted = positions if slots == "all" else list(slots)
+        for name in wanted:
+            if name not in positions:
+                raise EsperError(f"unknown slot {name!r} (this host has: {', '.join(positions)})")
+        shapes = self._boundary_shapes()
+        self.slots = nn.ModuleDict()
+        for index, name in enumerate(positions):
+            if name in wanted:
+                slot = SeedSlot(name, index, shapes[index], self.lifecycle)
+                slot.add_listener(self._on_transition)
+                self.slots[name] = slot
+        # _active[i] is the slot at boundary i if it computes anything, else None.
+        self._active: list[SeedSlot | None] = [None] * len(positions)
+        self._listeners: list[Listener] = []
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self._active
+        if active[0] is not None:
+            x = active[0](x)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            slot = active[i + 1]
+            if slot is not None:
+                x = slot(x)
+        return self.head(x)
+
+    def forward_with_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the host activation entering each slot (for telemetry)."""
+        acts: dict[str, torch.Tensor] = {}
+        names = slot_names(len(self.blocks))
+        for i in range(len(self.blocks) + 1):
+            if i > 0:
+                x = self.blocks[i - 1](x)
+            if names[i] in self.slots:
+                acts[names[i]] = x
+            if self._active[i] is not None:
+                x = self._active[i](x)
+        return self.head(x), acts
+
+    def _boundary_shapes(self) -> list[tuple[int, ...]]:
+        with torch.no_grad():
+            x = torch.zeros((1, *self.input_shape))
+            shapes = [tuple(x.shape[1:])]
+            for block in self.blocks:
+                was_training = block.training
+                block.eval()
+                x = block(x)
+                block.train(was_training)
+                shapes.append(tuple(x.shape[1:]))
+        return shapes
+
+    # ---- slots -----------------------------------------------------------------------------
+    def slot(self, name: str) -> SeedSlot:
+        """The slot called ``name``; EsperError naming the slots there are otherwise."""
+        if name not in self.slots:
+            raise EsperError(f"unknown slot {name!r} (slots: {', '.join(self.slots) or 'none'})")
+        return self.slots[name]
+
+    def iter_slots(self) -> Iterator[SeedSlot]:
+        yield from self.slots.values()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Called on every stage transition of every slot."""
+        self._listeners.append(listener)
+
+    def _on_transition(self, slot: SeedSlot, event: Transition) -> None:
+        self._active[slot.index] = None if slot._mode == 0 else slot
+        for listener in self._listeners:
+            listener(slot, event)
+
+    def refresh(self) -> None:
+        """Recompute which slots are active (after loading slot states silently)."""
+        for slot in self.slots.values():
+            self._active[slot.index] = None if slot._mode == 0 else slot
+
+    def germinate(
+        self,
+        slot: str,
+        blueprint: str | BlueprintSpec,
+        *,
+        max_params: int | None = None,
+        generator_seed: int | None = None,
+        reason: str = "",
+    ) -> SeedSlot:
+        """Build ``blueprint`` for ``slot`` and place it there (stage GERMINATED).
+
+        ``blueprint`` is a BlueprintSpec or the name of a standard blueprint.
+        """
+        target = self.slot(slot)
+        if isinstance(blueprint, str):
+            if blueprint not in STANDARD_BLUEPRINTS:
+                known = ", ".join(sorted(STANDARD_BLUEPRINTS))
+                raise EsperError(f"unknown blueprint {blueprint!r} (known: {known})")
+            blueprint = STANDARD_BLUEPRINTS[blueprint]
+        if not target.is_open:
+            raise EsperError(f"slot {slot} is {target.stage.name}, not DORMANT: cannot germinate")
+        seed = build_seed(blueprint, target.shape, max_params=max_params, generator_seed=generator_seed)
+        target.germinate(seed, reason)
+        return target
+
+    # ---- views -----------------------------------------------------------------------------
+    def host_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the host itself: blocks, head, and fossilized seeds excluded."""
+        yield from self.blocks.parameters()
+        yield from self.head.parameters()
+
+    def host_state_dict(self) -> dict[str, torch.Tensor]:
+        """Cloned host weights and buffers, without any seed (for rollback)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("slots.")}
+
+    def load_host_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore host weights in place (optimizers keep pointing at the same tensors)."""
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("slots.")}
+        if own.keys() != state.keys():
+            raise EsperError("host state does not match this host's architecture")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+
+    def param_count(self) -> dict[str, int]:
+        host = sum(p.numel() for p in self.host_parameters())
+        seeds = sum(s.seed_params for s in self.slots.values())
+        return {"host": host, "seeds": seeds, "total": host + seeds}
+
+    def architecture(self) -> dict[str, dict[str, str]]:
+        """Each slot's stage and blueprint hash (what the lineage ledger replays to)."""
+        return {
+            name: {"stage": s.stage.name, "blueprint_hash": s.blueprint_hash}
+            for name, s in self.slots.items()
+        }
+
+    def consumer(self, slot: SeedSlot) -> nn.Module:
+        """The host module that reads this slot's output."""
+        return self.blocks[slot.index] if slot.index < len(self.blocks) else self.head
+
+    def live_or_fossil(self) -> list[SeedSlot]:
+        return [s for s in self.slots.values() if s.seed is not None and s.stage is not SeedStage.CULLED]

@@ -1,0 +1,141 @@
+"""Tamiyo's interface and the baseline controllers: static, random, heuristic.
+
+A controller maps an observation and the legal actions to one action. Baselines are
+deliberately simple and documented, because a learned Tamiyo is only worth having
+if it beats them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from esper_ray.contracts import ActionKind, ControllerAction, Observation, SeedStage
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """observation + legal actions -> one of the legal actions."""
+
+    name: str
+
+    def act(self, obs: Observation, legal: list[ControllerAction]) -> ControllerAction: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _Stateless:
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class StaticController(_Stateless):
+    """Never grows anything: the host as it was built."""
+
+    name = "static"
+
+    def act(self, obs: Observation, legal: list[ControllerAction]) -> ControllerAction:
+        return ControllerAction.wait()
+
+
+class RandomController:
+    """With probability ``p_act``, a uniformly random legal non-wait action; else wait."""
+
+    name = "random"
+
+    def __init__(self, p_act: float = 0.2, seed: int = 0):
+        self.p_act = p_act
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, obs: Observation, legal: list[ControllerAction]) -> ControllerAction:
+        moves = [a for a in legal if a.kind is not ActionKind.WAIT]
+        if not moves or self.rng.random() >= self.p_act:
+            return ControllerAction.wait()
+        return moves[int(self.rng.integers(len(moves)))]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+class HeuristicController:
+    """Hand-written rules, in order:
+
+    1. Fossilize any seed whose fossilize gate is open and whose ablation contribution
+       is above ``cull_below``; cull a HOLDING seed at or below it.
+    2. If no seed is live and validation accuracy has not improved for
+       ``plateau_patience`` epochs, germinate at the open slot with the strongest
+       bottleneck signal: the gradient norm of the layer reading the slot (relative to
+       the other slots) plus how collapsed its activations are (1 - effective rank).
+       The blueprint is the first candidate in catalogue order that fits the slot and
+       has not been tried there yet (so repeated plateaus try alternatives).
+    3. Otherwise wait.
+    """
+
+    name = "heuristic"
+
+    def __init__(self, plateau_patience: int = 3, cull_below: float = 0.0):
+        self.plateau_patience = plateau_patience
+        self.cull_below = cull_below
+        self.tried: dict[str, list[str]] = {}
+
+    def act(self, obs: Observation, legal: list[ControllerAction]) -> ControllerAction:
+        by_slot = {s.name: s for s in obs.slots}
+        for a in legal:
+            if a.kind is ActionKind.FOSSILIZE and by_slot[a.slot].contribution > self.cull_below:
+                return a
+        for a in legal:
+            s = by_slot.get(a.slot) if a.slot else None
+            if (
+                a.kind is ActionKind.CULL
+                and s.stage is SeedStage.HOLDING
+                and s.contribution <= self.cull_below
+            ):
+                return a
+        if any(s.stage.is_live for s in obs.slots) or obs.global_.plateau_epochs < self.plateau_patience:
+            return ControllerAction.wait()
+        germinations = [a for a in legal if a.kind is ActionKind.GERMINATE]
+        if not germinations:
+            return ControllerAction.wait()
+        open_slots = {a.slot for a in germinations}
+        scores = self.bottleneck_scores([by_slot[n] for n in open_slots])
+        slot = max(sorted(open_slots), key=lambda n: scores[n])
+        options = [a for a in germinations if a.slot == slot]
+        tried = self.tried.setdefault(slot, [])
+        fresh = [a for a in options if a.blueprint not in tried] or options
+        choice = fresh[0]
+        tried.append(choice.blueprint)
+        return choice
+
+    @staticmethod
+    def bottleneck_scores(slots: list) -> dict[str, float]:
+        """Relative consumer gradient norm + activation collapse, per slot name."""
+        mean_grad = sum(s.host_grad_norm for s in slots) / max(len(slots), 1) or 1.0
+        return {s.name: s.host_grad_norm / mean_grad + (1.0 - s.act_effective_rank) for s in slots}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tried": {k: list(v) for k, v in self.tried.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tried = {k: list(v) for k, v in state.get("tried", {}).items()}
+
+
+def make_controller(cfg, seed: int = 0) -> Controller:
+    """A controller from a ControllerConfig (``policy`` loads an exported Tamiyo)."""
+    if cfg.kind == "static":
+        return StaticController()
+    if cfg.kind == "random":
+        return RandomController(cfg.p_act, seed)
+    if cfg.kind == "heuristic":
+        return HeuristicController(cfg.plateau_patience, cfg.cull_below)
+    from esper_ray.tamiyo.policy import load_policy  # torch-only inference, no RLlib
+
+    return load_policy(cfg.path)

@@ -1,0 +1,463 @@
+"""Tolaria: trains a host epoch by epoch while seeds live through their lifecycles.
+
+One epoch is: train on every batch (seeds in their own Adam param groups), evaluate,
+advance the automatic lifecycle steps, and measure telemetry. Between epochs a
+controller looks at ``observe()`` and ``apply()``s one action from
+``legal_actions()``. The Gymnasium environment (``envs/``) drives these same calls.
+
+Side effects of lifecycle transitions live in one place, ``_on_transition``: a seed
+joins the optimizer when it germinates, the host is snapshotted when blending starts,
+and a cull removes the seed's param group and, if it had blended, restores the host's
+weights and optimizer state to that snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from esper_ray.blueprints import (
+    BlueprintCatalogue,
+    BlueprintShapeError,
+    LocalCatalogue,
+    count_params,
+)
+from esper_ray.blueprints.catalogue import CatalogueEntry
+from esper_ray.config import RunConfig
+from esper_ray.contracts import (
+    ActionKind,
+    ControllerAction,
+    EsperError,
+    FieldReport,
+    GlobalTelemetry,
+    Observation,
+    SeedStage,
+    SlotTelemetry,
+)
+from esper_ray.hosts import MorphoHost, build_host
+from esper_ray.kasmina import SeedSlot, Transition
+from esper_ray.tasks import TaskData, load_task
+from esper_ray.tolaria import optim
+from esper_ray.tolaria.governor import Governor
+from esper_ray.tolaria.telemetry import activation_stats, grad_norm
+
+# A loss function gets (logits, labels, batch indices) and returns a scalar loss.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EventHook = Callable[[dict[str, Any]], None]
+
+_LEDGER_KIND = {
+    SeedStage.GERMINATED: "germinate",
+    SeedStage.FOSSILIZED: "fossilize",
+    SeedStage.CULLED: "cull",
+}
+
+
+class Trainer:
+    """One host training run, steppable one epoch at a time."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: TaskData | None = None,
+        *,
+        catalogue: BlueprintCatalogue | None = None,
+        run_id: str = "run",
+        loss_fn: LossFn | None = None,
+    ):
+        torch.set_num_threads(cfg.training.threads)
+        self.cfg = cfg
+        self.run_id = run_id
+        self.data = data if data is not None else load_task(cfg.task)
+        torch.manual_seed(cfg.training.seed)
+        self.host: MorphoHost = build_host(
+            cfg.host, self.data.input_shape, self.data.num_classes, cfg.lifecycle
+        )
+        self.host.add_listener(self._on_transition)
+        self.opt = torch.optim.Adam(
+            [{"params": list(self.host.host_parameters()), "lr": cfg.training.lr, "name": optim.HOST_GROUP}]
+        )
+        names = cfg.blueprints.names
+        self.catalogue = catalogue or (LocalCatalogue.from_names(names) if names else LocalCatalogue())
+        self.loss_fn = loss_fn
+        self.governor = Governor(cfg.governor)
+        self.gen = torch.Generator().manual_seed(cfg.training.seed)
+        self.epoch = 0
+        self.step = 0
+        self.best_val = 0.0
+        self.plateau = 0
+        self.last: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.field_reports: list[FieldReport] = []
+        self.event_hooks: list[EventHook] = []
+        self.candidates: list[CatalogueEntry] = []
+        self._fits: dict[tuple[str, str], int | None] = {}
+        self._births: dict[str, dict[str, Any]] = {}
+        self._blend_snapshots: dict[str, optim.HostSnapshot] = {}
+        self._host_grad: dict[str, float] = {}
+        self._good: tuple[dict, dict, dict] | None = None
+        self.probe_x = self.data.x_val[: cfg.training.probe_size]
+        self.refresh_candidates()
+        self._remember_good()
+
+    # ---- training --------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(logits, y, idx)
+        return F.cross_entropy(logits, y)
+
+    def train_epoch(self) -> dict[str, float]:
+        """Train one epoch, evaluate, and take the automatic lifecycle steps."""
+        started = time.perf_counter()
+        x, y = self.data.x_train, self.data.y_train
+        bs = self.cfg.training.batch_size
+        perm = torch.randperm(len(x), generator=self.gen)
+        self.host.train()
+        total, n_seen, rolled_back = 0.0, 0, ""
+        n_batches = (len(x) + bs - 1) // bs
+        for b in range(n_batches):
+            idx = perm[b * bs : (b + 1) * bs]
+            loss = self.loss(self.host(x[idx]), y[idx], idx)
+            value = loss.item()
+            why = self.governor.check(value)
+            if why:
+                rolled_back = why
+                self._governor_rollback(why)
+                break
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if b == n_batches - 1:
+                self._measure_grads()
+            self.opt.step()
+            self.step += 1
+            for slot in self.host.slots.values():
+                slot.on_step()
+            total += value * len(idx)
+            n_seen += len(idx)
+        val_loss, val_acc = self.evaluate(self.data.x_val, self.data.y_val)
+        _, test_acc = self.evaluate(self.data.x_test, self.data.y_test)
+        if val_acc > self.best_val + 1e-9:
+            self.best_val, self.plateau = val_acc, 0
+        else:
+            self.plateau += 1
+        self.epoch += 1
+        self.last = {
+            "train_loss": total / max(n_seen, 1),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "test_acc": test_acc,
+        }
+        for slot in self.host.slots.values():
+            slot.on_epoch_end()
+        self._measure_contributions(val_acc)
+        for slot in self.host.slots.values():
+            slot.advance()
+        self.last["rolled_back"] = float(bool(rolled_back))
+        self.last["epoch_seconds"] = time.perf_counter() - started
+        return self.last
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy of the current model on (x, y)."""
+        self.host.eval()
+        loss, correct = 0.0, 0
+        for i in range(0, len(x), chunk):
+            logits = self.host(x[i : i + chunk])
+            loss += float(F.cross_entropy(logits, y[i : i + chunk], reduction="sum"))
+            correct += int((logits.argmax(1) == y[i : i + chunk]).sum())
+        self.host.train()
+        return loss / len(x), correct / len(x)
+
+    def _measure_grads(self) -> None:
+        for slot in self.host.slots.values():
+            self._host_grad[slot.name] = grad_norm(self.host.consumer(slot))
+            if slot.seed is not None:
+                slot.seed_grad_norm = grad_norm(slot.seed)
+
+    def _measure_contributions(self, val_acc: float) -> None:
+        """Counterfactual: validation accuracy with each blended seed ablated."""
+        for slot in self.host.slots.values():
+            if slot.stage in (SeedStage.BLENDING, SeedStage.HOLDING, SeedStage.FOSSILIZED):
+                with slot.ablated():
+                    _, ablated = self.evaluate(self.data.x_val, self.data.y_val)
+                slot.contribution = val_acc - ablated
+
+    # ---- governor --------------------------------------------------------------------------
+    def _remember_good(self) -> None:
+        """Keep the current state as the last known good one (taken at each healthy epoch end)."""
+        self._good = (
+            {k: v.clone() for k, v in self.host.state_dict().items()},
+            optim_state_clone(self.opt),
+            {name: s.lifecycle_state() for name, s in self.host.slots.items()},
+        )
+
+    def _governor_rollback(self, why: str) -> None:
+        """Back to the last good state, then cull the seed responsible (if any)."""
+        model, opt_state, slots = self._good
+        self.host.load_state_dict(model)
+        self.opt.load_state_dict(opt_state)
+        for name, state in slots.items():  # counters such as the alpha ramp's step
+            slot = self.host.slots[name]
+            slot.load_lifecycle_state(state, slot.seed)
+        self._record({"kind": "rollback", "slot": "", "reason": why})
+        culprit = self._culprit()
+        if culprit is not None:
+            culprit.cull(f"governor: {why}")
+
+    def _culprit(self) -> SeedSlot | None:
+        live = [s for s in self.host.slots.values() if s.stage.is_live]
+        for slot in live:  # a seed whose weights went bad is guilty for sure
+            if any(not torch.isfinite(p).all() for p in slot.seed.parameters()):
+                return slot
+        # Otherwise the youngest live seed: the most recent change is the likeliest cause.
+        return max(live, key=lambda s: self._births[s.name]["step"], default=None)
+
+    # ---- decisions -------------------------------------------------------------------------
+    def refresh_candidates(self) -> None:
+        """Poll the catalogue (never blocks) and keep up to K ready blueprints."""
+        self.candidates = self.catalogue.poll()[: self.cfg.blueprints.max_candidates]
+
+    def seed_cost(self, entry: CatalogueEntry, slot: SeedSlot) -> int | None:
+        """Parameters of ``entry`` in ``slot``, or None when it does not fit (cached)."""
+        key = (entry.content_hash, slot.name)
+        if key not in self._fits:
+            try:
+                self._fits[key] = count_params(entry.spec, slot.shape)
+            except BlueprintShapeError:
+                self._fits[key] = None
+        return self._fits[key]
+
+    def why_illegal(self, action: ControllerAction) -> str:
+        """'' if ``action`` may be applied now, else the reason."""
+        if action.kind is ActionKind.WAIT:
+            return ""
+        if action.slot not in self.host.slots:
+            return f"unknown slot {action.slot!r} (slots: {', '.join(self.host.slots)})"
+        slot = self.host.slots[action.slot]
+        if action.kind is ActionKind.GERMINATE:
+            if not slot.is_open:
+                return f"slot {slot.name} is {slot.stage.name}, not DORMANT"
+            entry = next((e for e in self.candidates if action.blueprint in (e.name, e.content_hash)), None)
+            if entry is None:
+                return f"blueprint {action.blueprint!r} is not among the ready candidates"
+            cost = self.seed_cost(entry, slot)
+            if cost is None:
+                return (
+                    f"blueprint {entry.name} ({entry.spec.kind}) does not fit slot {slot.name} {slot.shape}"
+                )
+            budget = self.cfg.blueprints.max_seed_params
+            if cost > budget:
+                return f"blueprint {entry.name} costs {cost} params, over the budget {budget}"
+            return ""
+        if action.kind is ActionKind.FOSSILIZE:
+            if slot.stage is not SeedStage.HOLDING:
+                return f"slot {slot.name} is {slot.stage.name}, not HOLDING"
+            return slot.gate(SeedStage.FOSSILIZED)
+        if not slot.stage.is_live:
+            return f"slot {slot.name} has no live seed ({slot.stage.name})"
+        return ""
+
+    def legal_actions(self) -> list[ControllerAction]:
+        """Every action ``apply`` accepts right now; WAIT is always first."""
+        actions = [ControllerAction.wait()]
+        for slot in self.host.slots.values():
+            if slot.is_open:
+                for entry in self.candidates:
+                    action = ControllerAction.germinate(slot.name, entry.name)
+                    if not self.why_illegal(action):
+                        actions.append(action)
+            elif slot.stage is SeedStage.HOLDING and not slot.gate(SeedStage.FOSSILIZED):
+                actions.append(ControllerAction.fossilize(slot.name))
+            if slot.stage.is_live:
+                actions.append(ControllerAction.cull(slot.name))
+        return actions
+
+    def apply(self, action: ControllerAction) -> None:
+        """Carry out a controller's decision; EsperError (one line) if it is not legal now."""
+        why = self.why_illegal(action)
+        if why:
+            raise EsperError(f"illegal action {action}: {why}")
+        if action.kind is ActionKind.GERMINATE:
+            entry = next(e for e in self.candidates if action.blueprint in (e.name, e.content_hash))
+            slot = self.host.germinate(
+                action.slot,
+                entry.spec,
+                max_params=self.cfg.blueprints.max_seed_params,
+                generator_seed=self.cfg.training.seed * 1_000_003 + self.step,
+                reason="controller",
+            )
+            slot.transition(SeedStage.TRAINING, "joined the optimizer")
+        elif action.kind is ActionKind.FOSSILIZE:
+            self.host.slots[action.slot].fossilize("controller")
+        elif action.kind is ActionKind.CULL:
+            self.host.slots[action.slot].cull("controller")
+
+    def apply_decision(self, controller) -> ControllerAction:
+        """At a decision point, ask ``controller`` for an action and apply it (else wait)."""
+        if self.epoch % self.cfg.controller.decide_every:
+            return ControllerAction.wait()
+        self.refresh_candidates()
+        action = controller.act(self.observe(), self.legal_actions())
+        self.apply(action)
+        return action
+
+    def observe(self) -> Observation:
+        """Global and per-slot telemetry at this decision point."""
+        self.host.eval()
+        with torch.no_grad():
+            _, acts = self.host.forward_with_activations(self.probe_x)
+        self.host.train()
+        counts = self.host.param_count()
+        glob = GlobalTelemetry(
+            epoch=self.epoch,
+            max_epochs=self.cfg.training.epochs,
+            train_loss=self.last.get("train_loss", 0.0),
+            val_loss=self.last.get("val_loss", 0.0),
+            val_accuracy=self.last.get("val_acc", 0.0),
+            best_val_accuracy=self.best_val,
+            plateau_epochs=self.plateau,
+            host_params=counts["host"],
+            seed_params=counts["seeds"],
+        )
+        slots = [
+            SlotTelemetry(
+                name=slot.name,
+                index=slot.index,
+                stage=slot.stage,
+                alpha=slot.alpha,
+                epochs_in_stage=slot.epochs_in_stage,
+                blueprint=slot.blueprint_name or None,
+                seed_params=slot.seed_params,
+                host_grad_norm=self._host_grad.get(slot.name, 0.0),
+                seed_grad_norm=slot.seed_grad_norm,
+                contribution=slot.contribution,
+                kind=slot.kind,
+                width=slot.shape[0],
+                **activation_stats(acts[slot.name]),
+            )
+            for slot in self.host.slots.values()
+        ]
+        return Observation(glob, slots, [e.name for e in self.candidates])
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def end_epoch(self, action: ControllerAction) -> dict[str, Any]:
+        """Record the epoch's metrics row (with the action taken) and keep a good state."""
+        counts = self.host.param_count()
+        row = {
+            "epoch": self.epoch,
+            "step": self.step,
+            **{k: v for k, v in self.last.items()},
+            "host_params": counts["host"],
+            "seed_params": counts["seeds"],
+            "total_params": counts["total"],
+            "live_seeds": sum(s.stage.is_live for s in self.host.slots.values()),
+            "fossilized": sum(s.stage is SeedStage.FOSSILIZED for s in self.host.slots.values()),
+            "action": str(action),
+        }
+        self.history.append(row)
+        self._remember_good()
+        return row
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.training.epochs
+
+    def _record(self, row: dict[str, Any]) -> None:
+        row = {"epoch": self.epoch, "step": self.step, "val_acc": self.last.get("val_acc", 0.0), **row}
+        self.events.append(row)
+        for hook in self.event_hooks:
+            hook(row)
+
+    def _on_transition(self, slot: SeedSlot, t: Transition) -> None:
+        name = slot.name
+        if t.new is SeedStage.GERMINATED:
+            optim.add_seed_group(self.opt, name, slot.seed, self.cfg.training.seed_lr)
+            self._births[name] = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "val_acc": self.last.get("val_acc", 0.0),
+                "blueprint": slot.blueprint_name,
+                "params": slot.seed_params,
+                "stage_reached": SeedStage.GERMINATED.name,
+            }
+        elif t.new is SeedStage.BLENDING:
+            self._blend_snapshots[name] = optim.take_host_snapshot(self.host, self.opt)
+        elif t.new is SeedStage.CULLED:
+            optim.remove_seed_group(self.opt, name)
+            snap = self._blend_snapshots.pop(name, None)
+            if snap is not None:  # the host adapted to the blended seed: undo that too
+                optim.restore_host_snapshot(self.host, self.opt, snap)
+        elif t.new is SeedStage.FOSSILIZED:
+            self._blend_snapshots.pop(name, None)
+        if name in self._births and t.new in (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING):
+            self._births[name]["stage_reached"] = t.new.name
+        self._record(
+            {
+                "kind": _LEDGER_KIND.get(t.new, "transition"),
+                "slot": name,
+                "old": t.old.name,
+                "new": t.new.name,
+                "blueprint": self._births.get(name, {}).get("blueprint", ""),
+                "blueprint_hash": t.blueprint_hash,
+                "reason": t.reason,
+                "alpha": slot.alpha,
+                "seed_params": slot.seed_params,
+            }
+        )
+        if t.new in (SeedStage.FOSSILIZED, SeedStage.CULLED):
+            self._field_report(slot, t)
+
+    def _field_report(self, slot: SeedSlot, t: Transition) -> None:
+        birth = self._births.pop(slot.name)
+        after = self.last.get("val_acc", 0.0)
+        self.field_reports.append(
+            FieldReport(
+                run_id=self.run_id,
+                blueprint_hash=t.blueprint_hash,
+                blueprint_name=birth["blueprint"],
+                slot=slot.name,
+                slot_kind=slot.kind,
+                slot_width=slot.shape[0],
+                task=self.data.name,
+                stage_reached=t.new.name if t.new is SeedStage.FOSSILIZED else birth["stage_reached"],
+                outcome="fossilized" if t.new is SeedStage.FOSSILIZED else "culled",
+                accuracy_before=birth["val_acc"],
+                accuracy_after=after,
+                seed_params=birth["params"],
+                epochs_alive=self.epoch - birth["epoch"],
+                extra={"contribution": slot.contribution, "reason": t.reason},
+            )
+        )
+
+    def summary(self) -> dict[str, Any]:
+        counts = self.host.param_count()
+        return {
+            "epochs": self.epoch,
+            "final_val_acc": self.last.get("val_acc", 0.0),
+            "final_test_acc": self.last.get("test_acc", 0.0),
+            "best_val_acc": self.best_val,
+            **{f"{k}_params": v for k, v in counts.items()},
+            "germinations": sum(e.get("kind") == "germinate" for e in self.events),
+            "fossilizations": sum(e.get("kind") == "fossilize" for e in self.events),
+            "culls": sum(e.get("kind") == "cull" for e in self.events),
+            "rollbacks": sum(e.get("kind") == "rollback" for e in self.events),
+            "architecture": self.host.architecture(),
+            "field_reports": [asdict(r) for r in self.field_reports],
+        }
+
+
+def optim_state_clone(opt: torch.optim.Optimizer) -> dict:
+    """A deep copy of ``opt.state_dict()`` whose tensors do not alias the live ones."""
+    state = opt.state_dict()
+    return {
+        "state": {
+            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for i, s in state["state"].items()
+        },
+        "param_groups": [dict(g) for g in state["param_groups"]],
+    }
