@@ -18,11 +18,11 @@ from esper_ray.kasmina import LifecycleConfig
 from esper_ray.tasks import TaskConfig
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     """Tolaria's loop."""
 
     epochs: int = Field(60, ge=1, description="host epochs in the run")
@@ -35,7 +35,7 @@ class TrainingConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N epochs (0: only at the end)")
 
 
-class GovernorConfig(_Strict):
+class GovernorConfig(StrictModel):
     """Detects NaN/inf or an exploding loss, rolls back, and culls the seed responsible."""
 
     enabled: bool = True
@@ -43,7 +43,7 @@ class GovernorConfig(_Strict):
     warmup_steps: int = Field(50, ge=0, description="steps before explosions are judged")
 
 
-class ControllerConfig(_Strict):
+class ControllerConfig(StrictModel):
     """Which Tamiyo decides germinations."""
 
     kind: Literal["static", "random", "heuristic", "policy"] = "heuristic"
@@ -54,7 +54,7 @@ class ControllerConfig(_Strict):
     p_act: float = Field(0.2, ge=0, le=1, description="random: chance of a non-wait action")
 
 
-class BlueprintsConfig(_Strict):
+class BlueprintsConfig(StrictModel):
     """Where blueprints come from and what a seed may cost."""
 
     source: Literal["local", "urza"] = "local"
@@ -63,12 +63,34 @@ class BlueprintsConfig(_Strict):
     max_candidates: int = Field(8, ge=1, description="K: candidates shown to Tamiyo")
 
 
-class LineageConfig(_Strict):
+class ActorResources(StrictModel):
+    """Ray resources of one actor; fractional CPUs let everything fit on 2 cores."""
+
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ActorsConfig(StrictModel):
+    """The blueprint pipeline on Ray (used when ``blueprints.source`` is ``urza``)."""
+
+    namespace: str = Field("esper-ray", description="Ray namespace where the named actors live")
+    storage: str = Field("~/.cache/esper-ray/urza", description="where Urza persists its library")
+    urza: ActorResources = ActorResources()
+    karn: ActorResources = ActorResources()
+    tezzeret: ActorResources = ActorResources()
+    urabrask: ActorResources = ActorResources()
+    karn_interval_s: float = Field(2.0, gt=0, description="seconds between Karn's proposal rounds")
+    karn_batch: int = Field(4, ge=1, description="specs Karn sends on per round")
+    compile: bool = Field(True, description="Tezzeret tries torch.compile (eager fallback recorded)")
+    max_restarts: int = Field(3, ge=0)
+
+
+class LineageConfig(StrictModel):
     enabled: bool = True
     key_path: str | None = Field(None, description="Ed25519 key (default ~/.config/esper-ray/...)")
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """Everything one `esper-ray train` run needs."""
 
     name: str = "run"
@@ -80,6 +102,7 @@ class RunConfig(_Strict):
     controller: ControllerConfig = ControllerConfig()
     blueprints: BlueprintsConfig = BlueprintsConfig()
     lineage: LineageConfig = LineageConfig()
+    actors: ActorsConfig = ActorsConfig()
     out_dir: str = "runs"
 
 

@@ -153,7 +153,10 @@ class Observation:
     global_: GlobalTelemetry
     slots: list[SlotTelemetry]
     candidates: list[str]  # blueprint names a GERMINATE may name right now
-    distill: dict[str, float] = field(default_factory=dict)  # per-slot distillation gaps
+    candidate_features: list[list[float]] = field(default_factory=list)  # blueprint_features, per candidate
+    candidate_params: list[list[int]] = field(default_factory=list)  # [slot][candidate] cost, -1: no fit
+    task_features: list[float] = field(default_factory=list)  # TaskData.features()
+    distill: dict[str, float] = field(default_factory=dict)  # per-slot distillation gap (feature mismatch)
 
 
 @dataclass

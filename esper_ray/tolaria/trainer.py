@@ -28,6 +28,7 @@ from esper_ray.blueprints import (
     count_params,
 )
 from esper_ray.blueprints.catalogue import CatalogueEntry
+from esper_ray.blueprints.features import blueprint_features
 from esper_ray.config import RunConfig
 from esper_ray.contracts import (
     ActionKind,
@@ -102,6 +103,7 @@ class Trainer:
         self._host_grad: dict[str, float] = {}
         self._good: tuple[dict, dict, dict] | None = None
         self.probe_x = self.data.x_val[: cfg.training.probe_size]
+        self._task_features = self.data.features()
         self.refresh_candidates()
         self._remember_good()
 
@@ -342,7 +344,18 @@ class Trainer:
             )
             for slot in self.host.slots.values()
         ]
-        return Observation(glob, slots, [e.name for e in self.candidates])
+        params = [
+            [-1 if (c := self.seed_cost(e, slot)) is None else c for e in self.candidates]
+            for slot in self.host.slots.values()
+        ]
+        return Observation(
+            glob,
+            slots,
+            candidates=[e.name for e in self.candidates],
+            candidate_features=[blueprint_features(e.spec) for e in self.candidates],
+            candidate_params=params,
+            task_features=self._task_features,
+        )
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def end_epoch(self, action: ControllerAction) -> dict[str, Any]:

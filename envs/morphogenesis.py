@@ -1,0 +1,218 @@
+"""``esper/Morphogenesis-v0``: one host training run as a Gymnasium environment.
+
+Each episode trains a fresh host on a task drawn from a task distribution (the
+training tasks, or the held-out ones). Each step is a decision point: the agent
+(Tamiyo) picks one germination decision, then the host trains ``decide_every``
+epochs until the next decision point.
+
+Observation: a Dict with exactly two keys, as RLlib's action-masking modules expect:
+
+- ``observations``: float32 vector (``esper_ray.tamiyo.encoding.ObsEncoder``): global
+  telemetry (progress, accuracy, losses, plateau, seed share), the task's features,
+  per-slot telemetry (stage, alpha, epochs in stage, activation statistics, gradient
+  norms, ablation contribution, seed size), the features of the K candidate
+  blueprints from the catalogue (so the policy can judge blueprints it never saw),
+  and the cost of each candidate in each slot;
+- ``action_mask``: float32 0/1 over the actions, 1 where legal now.
+
+Action: Discrete(1 + S*K + 2*S): wait, germinate(slot s, candidate k), fossilize(s),
+cull(s) (``esper_ray.tamiyo.encoding.ActionSpace``). An action outside the mask
+raises ``EsperError``; nothing is silently ignored.
+
+Reward per step::
+
+    r = (val_acc_after - val_acc_before)
+        - param_cost  * (seed_params_after - seed_params_before) / host_params
+        - action_cost * [action is not wait]
+
+so an episode's return is the validation accuracy gained over the run minus the
+relative size of what was grown (times ``param_cost``) and the actions' costs. In
+distillation mode the accuracy is the student's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+from pydantic import Field
+
+from esper_ray.config import RunConfig, StrictModel, validate_model
+from esper_ray.contracts import ControllerAction, EsperError
+from esper_ray.tamiyo.encoding import ActionSpace, ObsEncoder
+from esper_ray.tasks import FEATURE_NAMES as TASK_FEATURES
+from esper_ray.tasks import TaskConfig, load_task
+from esper_ray.tolaria.trainer import Trainer
+
+
+_WAIT = ControllerAction.wait()
+
+
+class RewardConfig(StrictModel):
+    """The reward's costs (see the module docstring)."""
+
+    param_cost: float = Field(0.02, ge=0, description="per host-sized amount of seed parameters")
+    action_cost: float = Field(0.001, ge=0, description="per non-wait action")
+
+
+def _default_train_tasks() -> list[TaskConfig]:
+    return [TaskConfig(family="mnist1d", seed=s) for s in range(4)] + [
+        TaskConfig(family="bottleneck", seed=s, bottleneck_slot=k, input_dim=40)
+        for s in range(4)
+        for k in range(3)
+    ]
+
+
+def _default_heldout_tasks() -> list[TaskConfig]:
+    return [TaskConfig(family="mnist1d", seed=100 + s) for s in range(3)] + [
+        TaskConfig(family="bottleneck", seed=100 + s, bottleneck_slot=k, input_dim=40)
+        for s in range(2)
+        for k in range(3)
+    ]
+
+
+def _default_run() -> RunConfig:
+    return RunConfig(
+        name="episode",
+        training={"epochs": 30},
+        lifecycle={"min_training_epochs": 2, "min_holding_epochs": 1, "alpha": {"steps": 96}},
+        lineage={"enabled": False},
+    )
+
+
+class EnvConfig(StrictModel):
+    """What an episode trains, on which tasks, and what it rewards."""
+
+    run: RunConfig = Field(default_factory=_default_run)
+    train_tasks: list[TaskConfig] = Field(default_factory=_default_train_tasks)
+    heldout_tasks: list[TaskConfig] = Field(default_factory=_default_heldout_tasks)
+    split: Literal["train", "heldout"] = "train"
+    warmup_epochs: int = Field(1, ge=1, description="epochs trained before the first decision")
+    reward: RewardConfig = RewardConfig()
+    distill: dict[str, Any] | None = Field(None, description="distillation mode settings (tolaria.distill)")
+
+    @property
+    def tasks(self) -> list[TaskConfig]:
+        return self.train_tasks if self.split == "train" else self.heldout_tasks
+
+
+class MorphogenesisEnv(gym.Env):
+    """One host training run; actions are germination decisions. See the module docstring."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: EnvConfig | dict[str, Any] | None = None):
+        if not isinstance(config, EnvConfig):
+            config = validate_model(EnvConfig, dict(config or {}), "env config")
+        if not config.tasks:
+            raise EsperError(f"env config: no {config.split} tasks")
+        self.config = config
+        slots = self._slot_names()
+        self.space = ActionSpace(slots, config.run.blueprints.max_candidates)
+        self.encoder = ObsEncoder(slots, self.space.k, len(TASK_FEATURES))
+        self.action_space = gym.spaces.Discrete(self.space.n)
+        self.observation_space = gym.spaces.Dict(
+            {
+                "observations": gym.spaces.Box(-np.inf, np.inf, (self.encoder.size,), np.float32),
+                "action_mask": gym.spaces.Box(0.0, 1.0, (self.space.n,), np.float32),
+            }
+        )
+        self.trainer: Trainer | None = None
+        self.task: TaskConfig | None = None
+        self._mask = np.zeros(self.space.n, np.float32)
+
+    def _slot_names(self) -> tuple[str, ...]:
+        from esper_ray.hosts import slot_names
+
+        host = self.config.run.host
+        return tuple(slot_names(len(host.hidden)) if host.slots == "all" else host.slots)
+
+    # ---- gym API ---------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        tasks = self.config.tasks
+        index = options.get("task_index", int(self.np_random.integers(len(tasks))))
+        self.task = tasks[index]
+        train_seed = options.get("train_seed", int(self.np_random.integers(2**31)))
+        run = self.config.run.model_copy(
+            update={
+                "task": self.task,
+                "training": self.config.run.training.model_copy(update={"seed": train_seed}),
+            }
+        )
+        data = load_task(self.task)
+        loss_fn = None
+        if self.config.distill is not None:
+            from esper_ray.tolaria.distill import make_distillation
+
+            loss_fn = make_distillation(self.config.distill, data, run)
+        self.trainer = Trainer(run, data, run_id=f"episode-{train_seed}", loss_fn=loss_fn)
+        for _ in range(self.config.warmup_epochs):
+            self.trainer.train_epoch()
+            self.trainer.end_epoch(_WAIT)
+        self.start_acc = self.trainer.last["val_acc"]
+        self.actions_taken = 0
+        return self._observe(), self._info()
+
+    def step(self, action: int):
+        trainer = self.trainer
+        if trainer is None:
+            raise EsperError("step() before reset()")
+        a = int(action)
+        if not 0 <= a < self.space.n or self._mask[a] == 0:
+            legal = np.flatnonzero(self._mask).tolist()
+            raise EsperError(f"action {a} is not legal now (legal: {legal})")
+        decision = self.space.decode(a, self._candidates)
+        acc_before = trainer.last["val_acc"]
+        params_before = trainer.host.param_count()["seeds"]
+        trainer.apply(decision)
+        trainer.end_epoch(decision)
+        self.actions_taken += a != 0
+        for i in range(trainer.cfg.controller.decide_every):
+            if trainer.done:
+                break
+            trainer.train_epoch()
+            if i < trainer.cfg.controller.decide_every - 1:
+                trainer.end_epoch(_WAIT)
+        params_after = trainer.host.param_count()
+        r = self.config.reward
+        reward = (
+            trainer.last["val_acc"]
+            - acc_before
+            - r.param_cost * (params_after["seeds"] - params_before) / max(params_after["host"], 1)
+            - r.action_cost * (a != 0)
+        )
+        terminated = trainer.done
+        if terminated:
+            trainer.end_epoch(_WAIT)
+        return self._observe(), float(reward), terminated, False, self._info()
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _observe(self) -> dict[str, np.ndarray]:
+        trainer = self.trainer
+        trainer.refresh_candidates()
+        obs = trainer.observe()
+        self._candidates = obs.candidates
+        self._mask = self.space.mask(trainer.legal_actions(), obs.candidates).astype(np.float32)
+        return {"observations": self.encoder.encode(obs), "action_mask": self._mask.copy()}
+
+    def _info(self) -> dict[str, Any]:
+        t = self.trainer
+        summary = {
+            "task": t.data.name,
+            "epoch": t.epoch,
+            "val_acc": t.last["val_acc"],
+            "test_acc": t.last["test_acc"],
+            "start_val_acc": self.start_acc,
+            "seed_params": t.host.param_count()["seeds"],
+            "actions": self.actions_taken,
+            "germinated_slots": [e["slot"] for e in t.events if e.get("kind") == "germinate"],
+            "ground_truth_slot": t.data.meta.get("ground_truth_slot", ""),
+        }
+        return summary
+
+    def action_masks(self) -> np.ndarray:
+        """The current mask (the convention of sb3-contrib's MaskablePPO, for convenience)."""
+        return self._mask.copy()
