@@ -45,7 +45,6 @@ from esper_ray.tasks import FEATURE_NAMES as TASK_FEATURES
 from esper_ray.tasks import TaskConfig, load_task
 from esper_ray.tolaria.trainer import Trainer
 
-
 _WAIT = ControllerAction.wait()
 
 
@@ -102,9 +101,10 @@ class MorphogenesisEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, config: EnvConfig | dict[str, Any] | None = None):
+    def __init__(self, config: EnvConfig | dict[str, Any] | None = None, **fields: Any):
+        # gym.make (and so RLlib) passes the env config as keyword arguments.
         if not isinstance(config, EnvConfig):
-            config = validate_model(EnvConfig, dict(config or {}), "env config")
+            config = validate_model(EnvConfig, {**dict(config or {}), **fields}, "env config")
         if not config.tasks:
             raise EsperError(f"env config: no {config.split} tasks")
         self.config = config
@@ -134,21 +134,8 @@ class MorphogenesisEnv(gym.Env):
         options = options or {}
         tasks = self.config.tasks
         index = options.get("task_index", int(self.np_random.integers(len(tasks))))
-        self.task = tasks[index]
         train_seed = options.get("train_seed", int(self.np_random.integers(2**31)))
-        run = self.config.run.model_copy(
-            update={
-                "task": self.task,
-                "training": self.config.run.training.model_copy(update={"seed": train_seed}),
-            }
-        )
-        data = load_task(self.task)
-        loss_fn = None
-        if self.config.distill is not None:
-            from esper_ray.tolaria.distill import make_distillation
-
-            loss_fn = make_distillation(self.config.distill, data, run)
-        self.trainer = Trainer(run, data, run_id=f"episode-{train_seed}", loss_fn=loss_fn)
+        self.trainer = self.make_trainer(index, train_seed)
         for _ in range(self.config.warmup_epochs):
             self.trainer.train_epoch()
             self.trainer.end_epoch(_WAIT)
@@ -190,6 +177,21 @@ class MorphogenesisEnv(gym.Env):
         return self._observe(), float(reward), terminated, False, self._info()
 
     # ---- helpers ---------------------------------------------------------------------------
+    def make_trainer(self, task_index: int, train_seed: int) -> Trainer:
+        """A fresh Trainer for task ``task_index`` of the current split, seeded ``train_seed``."""
+        self.task = self.config.tasks[task_index]
+        base = self.config.run
+        run = base.model_copy(
+            update={"task": self.task, "training": base.training.model_copy(update={"seed": train_seed})}
+        )
+        data = load_task(self.task)
+        loss_fn = None
+        if self.config.distill is not None:
+            from esper_ray.tolaria.distill import make_distillation
+
+            loss_fn = make_distillation(self.config.distill, data, run)
+        return Trainer(run, data, run_id=f"episode-{train_seed}", loss_fn=loss_fn)
+
     def _observe(self) -> dict[str, np.ndarray]:
         trainer = self.trainer
         trainer.refresh_candidates()

@@ -2,6 +2,9 @@
 
     esper-ray train [--config configs/quickstart.yaml] [--out DIR] [--controller KIND|PATH]
                     [--resume RUN_DIR] [KEY=VALUE ...]
+    esper-ray simic [--config configs/controller_ppo.yaml] [--out DIR] [--resume CKPT] [KEY=VALUE ...]
+    esper-ray evaluate [--config configs/controller_ppo.yaml] [--policy DIR ...] [--seeds N] [--out DIR]
+    esper-ray sweep [--config configs/sweep_ppo.yaml]
     esper-ray lineage verify RUN_DIR [--key PATH]
     esper-ray lineage show RUN_DIR
 
@@ -19,6 +22,8 @@ from pathlib import Path
 from esper_ray.contracts import EsperError
 
 DEFAULT_CONFIG = Path("configs/quickstart.yaml")
+SIMIC_CONFIG = Path("configs/controller_ppo.yaml")
+SWEEP_CONFIG = Path("configs/sweep_ppo.yaml")
 BASELINES = ("static", "random", "heuristic")
 
 
@@ -50,6 +55,82 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simic(args: argparse.Namespace) -> int:
+    from esper_ray.config import load_config
+    from esper_ray.simic.config import SimicConfig
+    from esper_ray.simic.ppo import ensure_ray, train_simic
+
+    path = args.config or (SIMIC_CONFIG if SIMIC_CONFIG.exists() else None)
+    cfg = load_config(path, args.overrides, model=SimicConfig)
+    if args.offline:
+        from esper_ray.simic.offline import train_offline
+
+        out = train_offline(cfg, args.offline, args.out or Path(cfg.out_dir) / f"{cfg.name}-offline")
+        print(f"offline policy: {out}")
+        return 0
+    if args.resume is not None and not (args.resume / "rllib_checkpoint.json").exists():
+        raise EsperError(f"no RLlib checkpoint at {args.resume} (rllib_checkpoint.json missing)")
+    ensure_ray(args.address)
+    out = args.out or Path(cfg.out_dir) / cfg.name
+    checkpoint = train_simic(cfg, out, resume=args.resume, progress=not args.no_progress)
+    print(f"checkpoint: {checkpoint}\nexported policy: {Path(out) / 'policy'}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from esper_ray.config import load_config
+    from esper_ray.simic.config import SimicConfig
+    from esper_ray.simic.evaluate import evaluate_controllers, format_table, summary_table, write_evaluation
+    from esper_ray.tamiyo.controllers import HeuristicController, RandomController, StaticController
+    from esper_ray.tamiyo.policy import load_policy
+
+    path = args.config or (SIMIC_CONFIG if SIMIC_CONFIG.exists() else None)
+    cfg = load_config(path, args.overrides, model=SimicConfig)
+    factories = {
+        "static": lambda seed: StaticController(),
+        "random": lambda seed: RandomController(0.2, seed),
+        "heuristic": lambda seed: HeuristicController(),
+    }
+    controllers = {name: factories[name] for name in args.baselines.split(",") if name}
+    for policy_path in args.policy or []:
+        policy = load_policy(policy_path)  # fail now, not after the baselines ran
+        controllers[f"policy:{Path(policy_path).parent.name or policy_path}"] = lambda seed, p=policy: p
+    if not controllers:
+        raise EsperError("nothing to evaluate: give --baselines and/or --policy")
+    big_static_of = next((n for n in controllers if n.startswith("policy:")), "heuristic")
+    rows = evaluate_controllers(
+        controllers,
+        cfg.env,
+        range(args.seeds),
+        big_static_of=big_static_of,
+        progress=None if args.no_progress else print,
+    )
+    table = summary_table(rows)
+    out = write_evaluation(rows, table, args.out or Path(cfg.out_dir) / "evaluation")
+    print(format_table(table))
+    print(f"written: {out}/summary.csv, summary.parquet, episodes.parquet, summary.png")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from esper_ray.config import load_config
+    from esper_ray.simic.config import SweepConfig
+    from esper_ray.simic.ppo import ensure_ray
+    from esper_ray.simic.sweep import run_sweep
+
+    path = args.config or (SWEEP_CONFIG if SWEEP_CONFIG.exists() else None)
+    cfg = load_config(path, args.overrides, model=SweepConfig)
+    ensure_ray(args.address)
+    result = run_sweep(cfg, progress=not args.no_progress)
+    for row in result["trials"]:
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    print(
+        f"trials: {result['summary_csv']}\nbest checkpoint: {result['best_checkpoint']} "
+        f"({cfg.metric}={result['best_metric']})"
+    )
+    return 0
+
+
 def _lineage(args: argparse.Namespace) -> int:
     from esper_ray import lineage
 
@@ -76,6 +157,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.epochs=10")
     train.set_defaults(func=_train)
+
+    simic = sub.add_parser("simic", help="train Tamiyo with RLlib PPO on the Morphogenesis env")
+    simic.add_argument("--config", type=Path, help=f"YAML SimicConfig (default {SIMIC_CONFIG})")
+    simic.add_argument("--out", type=Path, help="output folder (default <out_dir>/<name>)")
+    simic.add_argument("--resume", type=Path, help="an RLlib checkpoint folder to continue from")
+    simic.add_argument("--offline", type=Path, help="train from recorded episodes (Parquet) instead")
+    simic.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
+    simic.add_argument("--no-progress", action="store_true")
+    simic.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    simic.set_defaults(func=_simic)
+
+    ev = sub.add_parser("evaluate", help="controllers on held-out tasks: mean ± 95%% CI table")
+    ev.add_argument(
+        "--config", type=Path, help=f"YAML SimicConfig whose env is used (default {SIMIC_CONFIG})"
+    )
+    ev.add_argument("--baselines", default="static,random,heuristic", help="comma-separated baselines")
+    ev.add_argument("--policy", action="append", help="an exported policy folder (repeatable)")
+    ev.add_argument("--seeds", type=int, default=3, help="training seeds per held-out task")
+    ev.add_argument("--out", type=Path, help="output folder (default <out_dir>/evaluation)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    ev.set_defaults(func=_evaluate)
+
+    sweep = sub.add_parser("sweep", help="a Ray Tune sweep over PPO and reward settings")
+    sweep.add_argument("--config", type=Path, help=f"YAML SweepConfig (default {SWEEP_CONFIG})")
+    sweep.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
+    sweep.add_argument("--no-progress", action="store_true")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    sweep.set_defaults(func=_sweep)
 
     lin = sub.add_parser("lineage", help="verify or show a run's signed lineage")
     lin_sub = lin.add_subparsers(dest="lineage_cmd", required=True)

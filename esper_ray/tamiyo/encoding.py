@@ -78,6 +78,8 @@ class ActionSpace:
         """1 where the action is legal now, else 0 (wait is always legal)."""
         mask = np.zeros(self.n, dtype=np.int8)
         for action in legal:
+            if action.slot is not None and action.slot not in self.slots:
+                continue  # a slot this policy was not trained with
             if action.kind is ActionKind.GERMINATE and action.blueprint not in candidates[: self.k]:
                 continue  # beyond the K candidates in view
             mask[self.encode(action, candidates)] = 1

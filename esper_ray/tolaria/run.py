@@ -82,6 +82,7 @@ def _attach_ledger(trainer: Trainer, run_dir: Path, key_path: str | None) -> Led
             kind=row["kind"],
             slot=row["slot"],
             blueprint_hash=row.get("blueprint_hash", ""),
+            blueprint_name=row.get("blueprint", ""),
             stage=row.get("new", ""),
             epoch=row["epoch"],
             step=row["step"],
@@ -153,7 +154,10 @@ def run_training(
     if controller_state:
         controller.load_state_dict(controller_state)
     ledger = _attach_ledger(trainer, run_dir, cfg.lineage.key_path) if cfg.lineage.enabled else None
-    if ledger is not None and resume is None:
+    if ledger is not None and resume is not None:
+        # Events logged after the checkpoint we resume from are void: replay restarts here.
+        ledger.append(kind="resume", epoch=trainer.epoch, step=trainer.step)
+    elif ledger is not None:
         ledger.append(
             kind="init",
             weights_digest=weights_digest(trainer.host.state_dict()),

@@ -357,6 +357,20 @@ class Trainer:
             task_features=self._task_features,
         )
 
+    def graft_fossilized(self, slot_name: str, spec) -> None:
+        """Put a seed of ``spec`` in ``slot_name`` as already FOSSILIZED (no lifecycle, no events).
+
+        Only for reference runs such as the "big static" baseline: a host that has the
+        grown capacity from the start. Call before training.
+        """
+        slot = self.host.slot(slot_name)
+        seed = build_seed(spec, slot.shape, generator_seed=self.cfg.training.seed * 1_000_003 + self.step)
+        state = {"stage": "FOSSILIZED", "epochs_in_stage": 0, "blend_steps": 0}
+        slot.load_lifecycle_state({**state, "seed_grad_norm": 0.0, "contribution": 0.0}, seed)
+        self.host.refresh()
+        optim.add_seed_group(self.opt, slot_name, seed, self.cfg.training.seed_lr)
+        self._remember_good()
+
     # ---- bookkeeping ---------------------------------------------------------------------------
     def end_epoch(self, action: ControllerAction) -> dict[str, Any]:
         """Record the epoch's metrics row (with the action taken) and keep a good state."""

@@ -1,0 +1,58 @@
+"""Simic's settings: PPO on the Morphogenesis env, and Tune sweeps over them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from esper_ray.config import StrictModel
+
+
+class PPOSettings(StrictModel):
+    """The PPO hyperparameters Simic exposes (RLlib new API stack)."""
+
+    lr: float = Field(3e-4, gt=0)
+    gamma: float = Field(0.99, gt=0, le=1)
+    lambda_: float = Field(0.95, ge=0, le=1, alias="lambda")
+    clip_param: float = Field(0.2, gt=0)
+    entropy_coeff: float = Field(0.01, ge=0)
+    vf_loss_coeff: float = Field(0.5, ge=0)
+    train_batch_size: int = Field(512, ge=8, description="env steps per iteration")
+    minibatch_size: int = Field(128, ge=8)
+    num_epochs: int = Field(6, ge=1, description="SGD passes over each batch")
+    hiddens: list[int] = Field(default_factory=lambda: [128, 128], description="policy/value MLP widths")
+
+    model_config = {"extra": "forbid", "populate_by_name": True}
+
+
+class SimicConfig(StrictModel):
+    """``esper-ray simic --config configs/controller_ppo.yaml``."""
+
+    name: str = "tamiyo-ppo"
+    env: dict[str, Any] = Field(default_factory=dict, description="envs.EnvConfig fields")
+    ppo: PPOSettings = PPOSettings()
+    iterations: int = Field(20, ge=1)
+    num_env_runners: int = Field(1, ge=0, description="0: sample in the driver")
+    num_cpus_per_env_runner: float = Field(1.0, gt=0, description="fractional on small machines")
+    num_gpus_per_env_runner: float = Field(0.0, ge=0)
+    num_envs_per_env_runner: int = Field(1, ge=1)
+    checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints")
+    seed: int = 0
+    out_dir: str = "runs"
+
+
+class SweepConfig(StrictModel):
+    """``esper-ray sweep --config configs/sweep_ppo.yaml``: a Ray Tune search over SimicConfig."""
+
+    name: str = "tamiyo-sweep"
+    base: SimicConfig = SimicConfig()
+    search: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description='dotted SimicConfig keys -> values to grid over, e.g. {"ppo.lr": [1e-4, 3e-4]}',
+    )
+    scheduler: Literal["fifo", "asha"] = "asha"
+    metric: str = Field("episode_return_mean", description="env_runners/<metric> to maximise")
+    num_samples: int = Field(1, ge=1, description="repeats of the grid")
+    max_concurrent: int = Field(1, ge=1)
+    storage_path: str = "runs/tune"

@@ -1,0 +1,183 @@
+"""Simic: train Tamiyo with RLlib PPO (new API stack) on ``esper/Morphogenesis-v0``.
+
+The RLModule is RLlib's own action-masking PPO module (from the examples shipped
+with Ray): masked logits, so PPO never samples an illegal germination. Episode
+telemetry (final accuracy, seed parameters, germinations, fidelity on bottleneck
+tasks) is logged through an RLlib callback and shows up in each iteration's result
+under ``env_runners``.
+
+After training, ``export_policy`` writes the policy network as safetensors + JSON,
+which ``esper_ray.tamiyo.policy`` runs with plain torch (no RLlib) inside
+``esper-ray train --controller PATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from esper_ray.contracts import EsperError
+from esper_ray.simic.config import SimicConfig
+
+
+def _callbacks_class():
+    from ray.rllib.callbacks.callbacks import RLlibCallback
+
+    class EsperCallbacks(RLlibCallback):
+        """Logs what the host run did in each episode."""
+
+        def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
+            info = episode.get_infos(-1)
+            if metrics_logger is None or not info:
+                return
+            metrics_logger.log_value("esper_final_val_acc", info["val_acc"])
+            metrics_logger.log_value("esper_final_test_acc", info["test_acc"])
+            metrics_logger.log_value("esper_acc_gain", info["val_acc"] - info["start_val_acc"])
+            metrics_logger.log_value("esper_seed_params", info["seed_params"])
+            metrics_logger.log_value("esper_germinations", len(info["germinated_slots"]))
+            truth = info.get("ground_truth_slot")
+            if truth and info["germinated_slots"]:
+                hits = sum(s == truth for s in info["germinated_slots"])
+                metrics_logger.log_value("esper_fidelity", hits / len(info["germinated_slots"]))
+
+    return EsperCallbacks
+
+
+def build_ppo_config(cfg: SimicConfig):
+    """The RLlib PPOConfig for ``cfg`` (importing RLlib lazily: it is slow to import)."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+    from ray.rllib.examples.rl_modules.classes.action_masking_rlm import ActionMaskingTorchRLModule
+
+    import envs
+
+    # Validate the env config here, in the driver, so a bad value is one clear line.
+    envs.EnvConfig.model_validate(cfg.env)
+    p = cfg.ppo
+    return (
+        PPOConfig()
+        .environment(env=envs.ENV_ID, env_config=cfg.env)
+        .env_runners(
+            num_env_runners=cfg.num_env_runners,
+            num_cpus_per_env_runner=cfg.num_cpus_per_env_runner,
+            num_gpus_per_env_runner=cfg.num_gpus_per_env_runner,
+            num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+            rollout_fragment_length="auto",
+        )
+        .training(
+            lr=p.lr,
+            gamma=p.gamma,
+            lambda_=p.lambda_,
+            clip_param=p.clip_param,
+            entropy_coeff=p.entropy_coeff,
+            vf_loss_coeff=p.vf_loss_coeff,
+            train_batch_size_per_learner=p.train_batch_size,
+            minibatch_size=p.minibatch_size,
+            num_epochs=p.num_epochs,
+        )
+        .rl_module(
+            rl_module_spec=RLModuleSpec(
+                module_class=ActionMaskingTorchRLModule,
+                model_config={
+                    "fcnet_hiddens": p.hiddens,
+                    "fcnet_activation": "tanh",
+                    "vf_share_layers": False,
+                },
+            )
+        )
+        .callbacks(_callbacks_class())
+        .debugging(seed=cfg.seed)
+    )
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join ``address`` (or RAY_ADDRESS) if given, else start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
+def summarize(result: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one training iteration worth printing."""
+    runners = result.get("env_runners", {})
+    keys = (
+        "episode_return_mean",
+        "esper_final_val_acc",
+        "esper_acc_gain",
+        "esper_germinations",
+        "esper_fidelity",
+    )
+    out = {k: float(runners[k]) for k in keys if k in runners and not _nan(runners[k])}
+    out["iteration"] = result.get("training_iteration", 0)
+    out["env_steps"] = result.get(
+        "num_env_steps_sampled_lifetime", runners.get("num_env_steps_sampled_lifetime", 0)
+    )
+    return out
+
+
+def _nan(x: Any) -> bool:
+    try:
+        return math.isnan(float(x))
+    except (TypeError, ValueError):
+        return True
+
+
+def train_simic(
+    cfg: SimicConfig,
+    out: str | Path,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train for ``cfg.iterations`` (counting those before ``resume``); return the final checkpoint."""
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    import envs  # noqa: F401  (registers the env id the checkpoint refers to)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        try:
+            algo = Algorithm.from_checkpoint(str(Path(resume).absolute()))
+        except Exception as err:  # RLlib raises many kinds; the user needs one line
+            raise EsperError(
+                f"cannot resume from {resume}: {str(err).splitlines()[0] if str(err) else err!r}"
+            ) from None
+    else:
+        algo = build_ppo_config(cfg).build_algo()
+    log = out / "progress.jsonl"
+    checkpoint = out / "checkpoint"
+    try:
+        while algo.iteration < cfg.iterations:
+            result = algo.train()
+            row = summarize(result)
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if progress:
+                print("[simic] " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+            if algo.iteration % cfg.checkpoint_every == 0 or algo.iteration >= cfg.iterations:
+                algo.save_to_path(str(checkpoint.absolute()))
+        export_policy(algo, out / "policy", cfg)
+    finally:
+        algo.stop()
+    return checkpoint
+
+
+def export_policy(algo, path: str | Path, cfg: SimicConfig | None = None) -> Path:
+    """Write the trained policy network as ``policy.safetensors`` + ``policy.json``."""
+    from esper_ray.tamiyo.policy import export_rl_module
+
+    import envs
+
+    env = envs.MorphogenesisEnv(cfg.env if cfg is not None else {})
+    return export_rl_module(algo.get_module(), env, path)
