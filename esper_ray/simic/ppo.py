@@ -175,9 +175,8 @@ def train_simic(
 
 def export_policy(algo, path: str | Path, cfg: SimicConfig | None = None) -> Path:
     """Write the trained policy network as ``policy.safetensors`` + ``policy.json``."""
-    from esper_ray.tamiyo.policy import export_rl_module
-
     import envs
+    from esper_ray.tamiyo.policy import export_rl_module
 
     env = envs.MorphogenesisEnv(cfg.env if cfg is not None else {})
     return export_rl_module(algo.get_module(), env, path)

@@ -25,6 +25,7 @@ from esper_ray.blueprints import (
     BlueprintCatalogue,
     BlueprintShapeError,
     LocalCatalogue,
+    build_seed,
     count_params,
 )
 from esper_ray.blueprints.catalogue import CatalogueEntry
