@@ -127,6 +127,8 @@ class SlotTelemetry:
     host_grad_norm: float  # gradient norm of the host parameters of the block feeding the slot
     seed_grad_norm: float  # gradient norm of the live seed's parameters (0 if none)
     contribution: float  # val accuracy with seed - without (ablation), 0 if no seed
+    grad_rms: float  # RMS of the loss gradient at the slot on the probe batch
+    grad_predictability: float  # R^2 of that gradient from nonlinear features of the slot input
     kind: str  # "vector" | "seq" | "image"
     width: int  # channels at the slot
 

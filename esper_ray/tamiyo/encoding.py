@@ -22,7 +22,7 @@ from esper_ray.blueprints.features import FEATURE_NAMES as BLUEPRINT_FEATURES
 from esper_ray.contracts import ActionKind, ControllerAction, EsperError, Observation, SeedStage
 
 GLOBAL_FEATURES = 9
-SLOT_FEATURES = len(SeedStage) + 16
+SLOT_FEATURES = len(SeedStage) + 18
 
 
 def _log(x: float) -> float:
@@ -159,5 +159,7 @@ class ObsEncoder:
             _log(s.host_grad_norm),
             _log(s.seed_grad_norm),
             max(min(s.contribution * 10.0, 1.0), -1.0),
+            _log(s.grad_rms),
+            s.grad_predictability,
             math.log10(1 + s.seed_params) / 5.0,
         ]

@@ -98,6 +98,9 @@ class TaskData:
     input_shape: tuple[int, ...]
     num_classes: int
     meta: dict[str, Any] = field(default_factory=dict)
+    # Optional weights for an MLP host of the task's widths (keys as in MorphoHost.state_dict),
+    # used with ``training.host_init: task`` (e.g. a pre-trained host missing one capacity).
+    host_init: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         # A mismatch here is always a bug in whoever built the task; fail where it is made.

@@ -54,3 +54,32 @@ def grad_norm(module: nn.Module | None) -> float:
     if not grads:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def gradient_predictability(
+    acts: torch.Tensor, grads: torch.Tensor, n_features: int = 32, ridge: float = 1e-2, seed: int = 0
+) -> float:
+    """Share of the loss gradient at a slot that a small nonlinear function of the slot's
+    input can reproduce (R^2 of a ridge fit on random ReLU features), in [0, 1].
+
+    A seed at the slot adds ``f(h)``; to first order it lowers the loss by ``-<g, f(h)>``,
+    so a slot whose gradient ``g`` is well predicted by nonlinear features of ``h`` is one
+    where a small seed can help (the idea behind GradMax and Firefly's growth scores).
+    """
+    h = as_rows(acts.detach(), max_rows=2048).double()
+    g = as_rows(grads.detach(), max_rows=2048).double()
+    n, width = h.shape
+    if n < 8 or float(g.square().sum()) == 0.0:
+        return 0.0
+    gen = torch.Generator().manual_seed(seed)
+    h = (h - h.mean(0)) / h.std(0).clamp_min(1e-6)
+    proj = torch.randn(width, n_features, generator=gen, dtype=torch.float64) / math.sqrt(width)
+    feats = torch.relu(h @ proj + torch.randn(n_features, generator=gen, dtype=torch.float64))
+    feats = torch.cat([feats, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    # Fit on one half, score on the other: in-sample R^2 with ~n/2 features would flatter.
+    fit, test = slice(0, n // 2), slice(n // 2, n)
+    gram = feats[fit].T @ feats[fit] + ridge * n * torch.eye(feats.shape[1], dtype=torch.float64)
+    coef = torch.linalg.solve(gram, feats[fit].T @ g[fit])
+    resid = g[test] - feats[test] @ coef
+    total = (g[test] - g[fit].mean(0)).square().sum().clamp_min(1e-30)
+    return float((1.0 - resid.square().sum() / total).clamp(0.0, 1.0))

@@ -46,7 +46,7 @@ from esper_ray.kasmina import SeedSlot, Transition
 from esper_ray.tasks import TaskData, load_task
 from esper_ray.tolaria import optim
 from esper_ray.tolaria.governor import Governor
-from esper_ray.tolaria.telemetry import activation_stats, grad_norm
+from esper_ray.tolaria.telemetry import activation_stats, grad_norm, gradient_predictability
 
 # A loss function gets (logits, labels, batch indices) and returns a scalar loss.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -80,8 +80,12 @@ class Trainer:
             cfg.host, self.data.input_shape, self.data.num_classes, cfg.lifecycle
         )
         self.host.add_listener(self._on_transition)
+        if cfg.training.host_init == "task":
+            self._init_host_from_task()
+        # A frozen host keeps requires_grad (gradient telemetry still flows) but never moves.
+        host_lr = 0.0 if cfg.training.freeze_host else cfg.training.lr
         self.opt = torch.optim.Adam(
-            [{"params": list(self.host.host_parameters()), "lr": cfg.training.lr, "name": optim.HOST_GROUP}]
+            [{"params": list(self.host.host_parameters()), "lr": host_lr, "name": optim.HOST_GROUP}]
         )
         names = cfg.blueprints.names
         self.catalogue = catalogue or (LocalCatalogue.from_names(names) if names else LocalCatalogue())
@@ -104,9 +108,19 @@ class Trainer:
         self._host_grad: dict[str, float] = {}
         self._good: tuple[dict, dict, dict] | None = None
         self.probe_x = self.data.x_val[: cfg.training.probe_size]
+        self.probe_y = self.data.y_val[: cfg.training.probe_size]
         self._task_features = self.data.features()
         self.refresh_candidates()
         self._remember_good()
+
+    def _init_host_from_task(self) -> None:
+        init = self.data.host_init
+        if init is None:
+            raise EsperError(f"training.host_init=task: task {self.data.name} provides no host weights")
+        try:
+            self.host.load_host_state_dict({k: v.to(torch.float32) for k, v in init.items()})
+        except (EsperError, RuntimeError) as err:
+            raise EsperError(f"task {self.data.name}'s host weights do not fit this host: {err}") from None
 
     # ---- training --------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -311,10 +325,7 @@ class Trainer:
 
     def observe(self) -> Observation:
         """Global and per-slot telemetry at this decision point."""
-        self.host.eval()
-        with torch.no_grad():
-            _, acts = self.host.forward_with_activations(self.probe_x)
-        self.host.train()
+        acts, grads = self._probe()
         counts = self.host.param_count()
         glob = GlobalTelemetry(
             epoch=self.epoch,
@@ -339,6 +350,8 @@ class Trainer:
                 host_grad_norm=self._host_grad.get(slot.name, 0.0),
                 seed_grad_norm=slot.seed_grad_norm,
                 contribution=slot.contribution,
+                grad_rms=float(grads[slot.name].square().mean().sqrt()) * len(self.probe_x),
+                grad_predictability=gradient_predictability(acts[slot.name], grads[slot.name]),
                 kind=slot.kind,
                 width=slot.shape[0],
                 **activation_stats(acts[slot.name]),
@@ -371,6 +384,20 @@ class Trainer:
         self.host.refresh()
         optim.add_seed_group(self.opt, slot_name, seed, self.cfg.training.seed_lr)
         self._remember_good()
+
+    def _probe(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each slot's input activation on the probe batch, and the loss gradient there."""
+        self.host.eval()
+        x = self.probe_x.clone().requires_grad_(True)
+        logits, acts = self.host.forward_with_activations(x)
+        loss = F.cross_entropy(logits, self.probe_y)
+        names = list(acts)
+        grads = torch.autograd.grad(loss, [acts[n] for n in names], allow_unused=True)
+        self.host.train()
+        return (
+            {n: a.detach() for n, a in acts.items()},
+            {n: torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads, strict=True)},
+        )
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def end_epoch(self, action: ControllerAction) -> dict[str, Any]:
