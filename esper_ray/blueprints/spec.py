@@ -24,7 +24,16 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 BlueprintKind = Literal["vector", "seq", "image"]
 
@@ -40,6 +49,8 @@ OP_ARGS: dict[str, dict[str, Any]] = {
 }
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu")
 ARITY = {"add": 2, "mul": 2}
+# Arguments whose null has a meaning: width null = the input's channels; conv groups null = depthwise.
+_NULLABLE = {("linear", "width"): True, ("conv", "width"): True, ("conv", "groups"): True}
 MAX_WIDTH = 4096
 MAX_KERNEL = 15
 MAX_NODES = 64
@@ -53,7 +64,8 @@ class Node(BaseModel):
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     op: str
     inputs: tuple[str, ...] = ("input",)
-    args: dict[str, int | float | str | None] = Field(default_factory=dict)
+    # Strict types: a JSON ``true`` must not slip in as width 1 through lax coercion.
+    args: dict[str, StrictInt | StrictFloat | StrictStr | None] = Field(default_factory=dict)
 
     @field_validator("op")
     @classmethod
@@ -73,6 +85,8 @@ class Node(BaseModel):
             raise ValueError(f"node {self.id}: op {self.op} takes {want} input(s), got {len(self.inputs)}")
         for name in ("width", "kernel", "groups"):
             value = self.args.get(name)
+            if value is None and name in self.args and not _NULLABLE.get((self.op, name)):
+                raise ValueError(f"node {self.id}: {name} of {self.op} cannot be null")
             if value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool):

@@ -38,7 +38,9 @@ class AlphaSchedule(BaseModel):
             return t / self.steps
         t_mid = self.steps / 2 if self.t_mid is None else self.t_mid
         temperature = self.steps / 10 if self.temperature is None else self.temperature
-        return 1.0 / (1.0 + math.exp(-(t - t_mid) / temperature))
+        z = (t - t_mid) / temperature
+        # Numerically stable logistic: exp of a large positive number would overflow.
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 class LifecycleConfig(BaseModel):

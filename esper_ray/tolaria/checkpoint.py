@@ -33,6 +33,25 @@ from esper_ray.tolaria import optim
 from esper_ray.tolaria.trainer import Trainer
 
 FORMAT = "esper-ray-checkpoint/1"
+_REQUIRED = (
+    "run_id",
+    "config",
+    "epoch",
+    "step",
+    "best_val",
+    "plateau",
+    "last",
+    "history",
+    "events",
+    "field_reports",
+    "births",
+    "host_grad",
+    "governor",
+    "param_groups",
+    "blend_slots",
+    "slots",
+    "controller",
+)
 
 
 def _tensors(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -113,11 +132,14 @@ def load_checkpoint(
     """Rebuild a Trainer exactly as it was saved; returns it with the controller's state."""
     path = Path(path)
     state, model, opt_tensors, extra = _read(path)
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise EsperError(f"checkpoint at {path} is incomplete: state.json lacks {', '.join(missing)}")
     cfg = validate_model(RunConfig, state["config"], f"{path}/state.json config")
     trainer = Trainer(cfg, data, run_id=state["run_id"], **trainer_kwargs)
     try:
         _restore(trainer, state, model, opt_tensors, extra)
-    except (KeyError, RuntimeError, ValueError) as err:
+    except (EsperError, KeyError, RuntimeError, TypeError, ValueError) as err:
         raise EsperError(
             f"checkpoint at {path} does not match its config: {str(err).splitlines()[0]}"
         ) from None

@@ -53,11 +53,17 @@ class RunResult:
     trainer: Trainer
 
 
-def new_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
-    """``out`` if given, else ``<out_dir>/<name>-<time>``; never one that already holds a run."""
+def check_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
+    """``out`` if given, else ``<out_dir>/<name>-<time>``; EsperError if it already holds files."""
     run_dir = Path(out) if out else Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists() and any(run_dir.iterdir()):
         raise EsperError(f"run folder {run_dir} is not empty; choose another --out (or --resume it)")
+    return run_dir
+
+
+def new_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
+    """Create the (empty or new) run folder ``check_run_dir`` names."""
+    run_dir = check_run_dir(cfg, out)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -144,11 +150,13 @@ def run_training(
         )
         cfg = trainer.cfg
     else:
-        run_dir = new_run_dir(cfg, out)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        check_run_dir(cfg, out)
+        # Build everything that can fail on bad input before the run folder is touched.
         trainer = Trainer(
             cfg, data, catalogue=catalogue, run_id=f"{cfg.name}-{uuid.uuid4().hex[:8]}", loss_fn=loss_fn
         )
+        run_dir = new_run_dir(cfg, out)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
         controller_state = {}
     controller = controller or make_controller(cfg.controller, seed=cfg.training.seed)
     if controller_state:

@@ -164,7 +164,7 @@ class Trainer:
             self.plateau += 1
         self.epoch += 1
         self.last = {
-            "train_loss": total / max(n_seen, 1),
+            "train_loss": total / n_seen if n_seen else float("nan"),
             "val_loss": val_loss,
             "val_acc": val_acc,
             "test_acc": test_acc,
@@ -215,6 +215,7 @@ class Trainer:
 
     def _governor_rollback(self, why: str) -> None:
         """Back to the last good state, then cull the seed responsible (if any)."""
+        culprit = self._culprit()  # judge before the restore makes every seed's weights finite again
         model, opt_state, slots = self._good
         self.host.load_state_dict(model)
         self.opt.load_state_dict(opt_state)
@@ -222,7 +223,6 @@ class Trainer:
             slot = self.host.slots[name]
             slot.load_lifecycle_state(state, slot.seed)
         self._record({"kind": "rollback", "slot": "", "reason": why})
-        culprit = self._culprit()
         if culprit is not None:
             culprit.cull(f"governor: {why}")
 
