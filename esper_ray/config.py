@@ -31,7 +31,7 @@ class TrainingConfig(StrictModel):
     seed_lr: float = Field(1e-3, gt=0, description="Adam learning rate of each seed's param group")
     seed: int = Field(0, description="seed of weights, data order and controllers")
     threads: int = Field(1, ge=1, description="torch intra-op threads")
-    probe_size: int = Field(1024, ge=8, description="validation examples used for slot telemetry")
+    probe_size: int = Field(512, ge=8, description="validation examples used for slot telemetry")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N epochs (0: only at the end)")
     host_init: Literal["random", "task"] = Field(
         "random", description="task: start the host from the weights the task provides (TaskData.host_init)"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import (
@@ -133,12 +134,16 @@ class BlueprintSpec(BaseModel):
             seen.add(node.id)
         return self
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
         """SHA-256 over what determines the built module (kind and nodes), not the name."""
         body = {"kind": self.kind, "nodes": [n.model_dump(mode="json") for n in self.nodes]}
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> BlueprintSpec:
+        """A validated copy (pydantic's own would skip validation and keep the cached hash)."""
+        return type(self).model_validate({**self.model_dump(), **(update or {})})
 
     @property
     def short_hash(self) -> str:

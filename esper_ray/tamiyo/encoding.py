@@ -22,7 +22,7 @@ from esper_ray.blueprints.features import FEATURE_NAMES as BLUEPRINT_FEATURES
 from esper_ray.contracts import ActionKind, ControllerAction, EsperError, Observation, SeedStage
 
 GLOBAL_FEATURES = 9
-SLOT_FEATURES = len(SeedStage) + 18
+SLOT_FEATURES = len(SeedStage) + 19
 
 
 def _log(x: float) -> float:
@@ -124,6 +124,7 @@ class ObsEncoder:
         by_name = {s.name: s for s in obs.slots}
         for name in self.slots:
             parts += self._slot(by_name.get(name))
+            parts.append(math.tanh(obs.distill.get(name, 0.0)))  # distillation gap, 0 if not distilling
         for c in range(self.k):
             if c < len(obs.candidate_features):
                 parts += [1.0, *obs.candidate_features[c]]
@@ -142,7 +143,7 @@ class ObsEncoder:
     @staticmethod
     def _slot(s) -> list[float]:
         if s is None:
-            return [0.0] * SLOT_FEATURES
+            return [0.0] * (SLOT_FEATURES - 1)
         stage = [1.0 if s.stage is st else 0.0 for st in SeedStage]
         return [
             *stage,

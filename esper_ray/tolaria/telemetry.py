@@ -25,7 +25,7 @@ def effective_rank(rows: torch.Tensor) -> float:
     if width == 1 or rows.shape[0] < 2:
         return 1.0
     centered = rows - rows.mean(0, keepdim=True)
-    s = torch.linalg.svdvals(centered.double())
+    s = torch.linalg.svdvals(centered.float())
     total = s.sum()
     if total <= 0:
         return 0.0
@@ -36,7 +36,7 @@ def effective_rank(rows: torch.Tensor) -> float:
 
 def activation_stats(act: torch.Tensor) -> dict[str, float]:
     """Mean, std, share of dead units and effective rank of one slot's activation."""
-    rows = as_rows(act.detach())
+    rows = as_rows(act.detach(), max_rows=512)
     dead = (rows <= 0).all(dim=0).float().mean()
     return {
         "act_mean": float(rows.mean()),
@@ -66,8 +66,8 @@ def gradient_predictability(
     so a slot whose gradient ``g`` is well predicted by nonlinear features of ``h`` is one
     where a small seed can help (the idea behind GradMax and Firefly's growth scores).
     """
-    h = as_rows(acts.detach(), max_rows=2048).double()
-    g = as_rows(grads.detach(), max_rows=2048).double()
+    h = as_rows(acts.detach(), max_rows=512).double()
+    g = as_rows(grads.detach(), max_rows=512).double()
     n, width = h.shape
     if n < 8 or float(g.square().sum()) == 0.0:
         return 0.0

@@ -48,7 +48,8 @@ from esper_ray.tolaria import optim
 from esper_ray.tolaria.governor import Governor
 from esper_ray.tolaria.telemetry import activation_stats, grad_norm, gradient_predictability
 
-# A loss function gets (logits, labels, batch indices) and returns a scalar loss.
+# A loss function gets (logits, labels, batch indices) and returns a scalar loss. One that also
+# has ``slot_gaps(trainer) -> {slot: float}`` (distillation) feeds Observation.distill.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 EventHook = Callable[[dict[str, Any]], None]
 
@@ -137,6 +138,8 @@ class Trainer:
         self.host.train()
         total, n_seen, rolled_back = 0.0, 0, ""
         n_batches = (len(x) + bs - 1) // bs
+        # Stages change only between epochs (or at a rollback, which ends the epoch).
+        blending = [s for s in self.host.slots.values() if s.stage is SeedStage.BLENDING]
         for b in range(n_batches):
             idx = perm[b * bs : (b + 1) * bs]
             loss = self.loss(self.host(x[idx]), y[idx], idx)
@@ -152,7 +155,7 @@ class Trainer:
                 self._measure_grads()
             self.opt.step()
             self.step += 1
-            for slot in self.host.slots.values():
+            for slot in blending:
                 slot.on_step()
             total += value * len(idx)
             n_seen += len(idx)
@@ -369,6 +372,7 @@ class Trainer:
             candidate_features=[blueprint_features(e.spec) for e in self.candidates],
             candidate_params=params,
             task_features=self._task_features,
+            distill=self.loss_fn.slot_gaps(self) if hasattr(self.loss_fn, "slot_gaps") else {},
         )
 
     def graft_fossilized(self, slot_name: str, spec) -> None:

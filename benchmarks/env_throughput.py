@@ -1,0 +1,128 @@
+"""Env throughput: esper/Morphogenesis-v0 against a plain PyTorch loop doing the same training.
+
+Run:
+    .venv/bin/python benchmarks/env_throughput.py [--episodes 3] [--ppo-iterations 2]
+
+What it measures, side by side in one run (one torch thread):
+  * plain: a hand-written PyTorch loop that trains the same MLP host (40-64-64-10, Adam,
+    batch 100) on the same MNIST-1D split for the same epochs, evaluating on the
+    validation set each epoch (what any training script does);
+  * env: the same training driven through the env, one step per epoch, always "wait"
+    (so both train the same network), including everything a decision point costs:
+    test evaluation, slot telemetry, the legal-action mask and the observation vector;
+  * env+seed: the same with a conv1d seed germinated at the input at the first step
+    (seeds add real compute; for information);
+  * optionally, PPO seconds per iteration of the default Simic settings (small batch).
+Prints epochs/s of each and the ratio env/plain (target >= 0.9). Expect ~0.5-0.8 on the
+tiny default host: a decision point costs a few ms of telemetry against ~20 ms of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import envs
+from esper_ray.tasks import TaskConfig, load_task
+
+
+def plain_loop(epochs: int, seed: int) -> float:
+    """Seconds for ``epochs`` of plain training + validation."""
+    data = load_task(TaskConfig(family="mnist1d", seed=0))
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(40, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 10),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = data.x_train, data.y_train
+    start = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 100):
+            idx = perm[i : i + 100]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            (model(data.x_val).argmax(1) == data.y_val).float().mean().item()
+    return time.perf_counter() - start
+
+
+def env_loop(epochs: int, seed: int, germinate: bool) -> float:
+    """Seconds for an episode of ``epochs`` env steps (after reset)."""
+    env = envs.MorphogenesisEnv(
+        {
+            "run": {"training": {"epochs": epochs + 1}, "lineage": {"enabled": False}},
+            "train_tasks": [{"family": "mnist1d", "seed": 0}],
+        }
+    )
+    obs, _ = env.reset(seed=seed, options={"task_index": 0, "train_seed": seed})
+    start = time.perf_counter()
+    done, first = False, True
+    while not done:
+        action = 0
+        if germinate and first:
+            from esper_ray.contracts import ControllerAction
+
+            action = env.space.encode(ControllerAction.germinate("input", "conv1d"), env._candidates)
+        obs, _, done, _, _ = env.step(action)
+        first = False
+    return time.perf_counter() - start
+
+
+def ppo_iteration_seconds(iterations: int) -> float:
+    import ray
+
+    from esper_ray.simic.config import SimicConfig
+    from esper_ray.simic.ppo import build_ppo_config
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    cfg = SimicConfig(num_env_runners=0, ppo={"train_batch_size": 256, "minibatch_size": 64})
+    algo = build_ppo_config(cfg).build_algo()
+    algo.train()  # warm-up iteration (module build, first episodes)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        algo.train()
+    algo.stop()
+    return (time.perf_counter() - start) / iterations
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--ppo-iterations", type=int, default=0, help="also time PPO (0: skip)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    plain_loop(2, 0), env_loop(2, 0, False)  # warm caches and code paths
+    plain, env, seeded = [], [], []
+    for ep in range(args.episodes):  # interleaved, so drift on a shared machine hits all alike
+        plain.append(plain_loop(args.epochs, ep))
+        env.append(env_loop(args.epochs, ep, germinate=False))
+        seeded.append(env_loop(args.epochs, ep, germinate=True))
+    p, e, s = (float(np.median(v)) for v in (plain, env, seeded))
+    print(f"plain PyTorch loop : {args.epochs / p:7.1f} epochs/s ({p / args.epochs * 1e3:.1f} ms/epoch)")
+    print(f"env, wait only     : {args.epochs / e:7.1f} env steps/s ({e / args.epochs * 1e3:.1f} ms/step)")
+    print(f"env, conv1d seed   : {args.epochs / s:7.1f} env steps/s ({s / args.epochs * 1e3:.1f} ms/step)")
+    print(f"an episode of {args.epochs} epochs: {e:.2f} s (wait only), {s:.2f} s (with a seed)")
+    if args.ppo_iterations:
+        print(
+            f"PPO (256 env steps/iteration, sampling in the driver): {ppo_iteration_seconds(args.ppo_iterations):.1f} s/iteration"
+        )
+    print(f"throughput ratio env/plain = {p / e:.3f} (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
