@@ -118,9 +118,8 @@ def main() -> None:
     print(f"env, conv1d seed   : {args.epochs / s:7.1f} env steps/s ({s / args.epochs * 1e3:.1f} ms/step)")
     print(f"an episode of {args.epochs} epochs: {e:.2f} s (wait only), {s:.2f} s (with a seed)")
     if args.ppo_iterations:
-        print(
-            f"PPO (256 env steps/iteration, sampling in the driver): {ppo_iteration_seconds(args.ppo_iterations):.1f} s/iteration"
-        )
+        seconds = ppo_iteration_seconds(args.ppo_iterations)
+        print(f"PPO (256 env steps/iteration, sampling in the driver): {seconds:.1f} s/iteration")
     print(f"throughput ratio env/plain = {p / e:.3f} (target >= 0.9)")
 
 
