@@ -2,6 +2,7 @@
 
     esper-ray train [--config configs/quickstart.yaml] [--out DIR] [--controller KIND|PATH]
                     [--resume RUN_DIR] [KEY=VALUE ...]
+    esper-ray distill [--config configs/distill.yaml] [--out DIR] [KEY=VALUE ...]
     esper-ray simic [--config configs/controller_ppo.yaml] [--out DIR] [--resume CKPT] [KEY=VALUE ...]
     esper-ray evaluate [--config configs/controller_ppo.yaml] [--policy DIR ...] [--seeds N] [--out DIR]
     esper-ray sweep [--config configs/sweep_ppo.yaml]
@@ -51,6 +52,25 @@ def _train(args: argparse.Namespace) -> int:
         f"final test accuracy {s['final_test_acc']:.4f} (val {s['final_val_acc']:.4f}); "
         f"{s['germinations']} germinations, {s['fossilizations']} fossilized, {s['culls']} culled, "
         f"{s['rollbacks']} rollbacks; params host {s['host_params']:,} + seeds {s['seeds_params']:,}"
+    )
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from esper_ray.tolaria.distill import load_distill_config, run_distillation
+
+    default = Path("configs/distill.yaml")
+    path = args.config or (default if default.exists() else None)
+    run_cfg, distill_cfg = load_distill_config(path, args.overrides)
+    result, loss = run_distillation(run_cfg, distill_cfg, out=args.out, progress=not args.no_progress)
+    s, teacher = result.summary, loss.teacher
+    print(
+        f"run folder: {result.run_dir}\n"
+        f"teacher ({teacher.source}) test accuracy {teacher.test_acc:.4f}; student final test accuracy "
+        f"{s['final_test_acc']:.4f} ({s['final_test_acc'] / max(teacher.test_acc, 1e-9):.1%} of the teacher); "
+        f"{s['germinations']} germinations, {s['fossilizations']} fossilized, {s['culls']} culled; "
+        f"params teacher {teacher.host.param_count()['host']:,}, student {s['host_params']:,} "
+        f"+ seeds {s['seeds_params']:,}"
     )
     return 0
 
@@ -157,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.epochs=10")
     train.set_defaults(func=_train)
+
+    distill = sub.add_parser("distill", help="distil a teacher into a student that grows seeds")
+    distill.add_argument("--config", type=Path, help="YAML: a run config plus distill: (default configs/distill.yaml)")
+    distill.add_argument("--out", type=Path, help="run folder (default <out_dir>/<name>-<time>)")
+    distill.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    distill.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. distill.temperature=2")
+    distill.set_defaults(func=_distill)
 
     simic = sub.add_parser("simic", help="train Tamiyo with RLlib PPO on the Morphogenesis env")
     simic.add_argument("--config", type=Path, help=f"YAML SimicConfig (default {SIMIC_CONFIG})")

@@ -18,7 +18,7 @@ from torch import nn
 from esper_ray.blueprints.builder import build_seed
 from esper_ray.blueprints.library import STANDARD_BLUEPRINTS
 from esper_ray.blueprints.spec import BlueprintSpec
-from esper_ray.contracts import EsperError, SeedStage
+from esper_ray.contracts import EsperError, IllegalTransition, SeedStage
 from esper_ray.kasmina.lifecycle import LifecycleConfig
 from esper_ray.kasmina.slot import Listener, SeedSlot, Transition
 
@@ -172,7 +172,7 @@ class MorphoHost(nn.Module):
                 raise EsperError(f"unknown blueprint {blueprint!r} (known: {known})")
             blueprint = STANDARD_BLUEPRINTS[blueprint]
         if not target.is_open:
-            raise EsperError(f"slot {slot} is {target.stage.name}, not DORMANT: cannot germinate")
+            raise IllegalTransition(f"slot {slot}: cannot germinate in stage {target.stage.name} (needs DORMANT)")
         seed = build_seed(blueprint, target.shape, max_params=max_params, generator_seed=generator_seed)
         target.germinate(seed, reason)
         return target

@@ -135,6 +135,8 @@ class SeedSlot(nn.Module):
         old = self.stage
         if new not in LEGAL_TRANSITIONS[old]:
             raise IllegalTransition(f"slot {self.name}: illegal transition {old.name} -> {new.name}")
+        if new is SeedStage.GERMINATED and self.seed is None:
+            raise IllegalTransition(f"slot {self.name}: GERMINATED needs a seed (use germinate())")
         blueprint_hash = self.blueprint_hash
         if new in (SeedStage.CULLED, SeedStage.EMBARGOED, SeedStage.DORMANT):
             self.seed = None

@@ -221,7 +221,8 @@ class Trainer:
         culprit = self._culprit()  # judge before the restore makes every seed's weights finite again
         model, opt_state, slots = self._good
         self.host.load_state_dict(model)
-        self.opt.load_state_dict(opt_state)
+        # load_state_dict keeps the tensors it is given: hand it a copy, not the snapshot itself.
+        self.opt.load_state_dict(_clone_opt_state(opt_state))
         for name, state in slots.items():  # counters such as the alpha ramp's step
             slot = self.host.slots[name]
             slot.load_lifecycle_state(state, slot.seed)
@@ -512,7 +513,10 @@ class Trainer:
 
 def optim_state_clone(opt: torch.optim.Optimizer) -> dict:
     """A deep copy of ``opt.state_dict()`` whose tensors do not alias the live ones."""
-    state = opt.state_dict()
+    return _clone_opt_state(opt.state_dict())
+
+
+def _clone_opt_state(state: dict) -> dict:
     return {
         "state": {
             i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}

@@ -1,0 +1,297 @@
+"""Offline Simic: train (or warm-start) Tamiyo from recorded decision episodes.
+
+``esper-ray simic --offline PATH`` reads a recording written by
+``esper_ray.simic.record`` (RLlib's columnar offline format, Parquet) with RLlib's
+offline API (new API stack: ``OfflineData`` -> ``OfflinePreLearner`` -> Learner) and
+trains it with **MARWIL** (``beta > 0``: log-likelihood of the recorded actions weighted
+by ``exp(beta * advantage / c)``; ``beta = 0`` is plain behaviour cloning).
+
+The RLModule is the one online PPO uses, RLlib's example ``ActionMaskingTorchRLModule``
+with the same ``model_config``, so
+
+- the masked logits are what MARWIL's loss sees (an illegal action never has probability);
+- the checkpoint's RLModule state loads straight into online PPO (``warm_start``);
+- ``esper_ray.tamiyo.policy.export_rl_module`` exports it unchanged.
+
+Why not RLlib's ``BC`` class: ``BCConfig`` removes the GAE connector from the learner
+pipeline, and that connector's ``compute_values`` call is where the masking module
+splits the Dict observation into ``obs`` and ``action_mask``; without it the module's
+``_forward_train`` receives a dict. ``MARWILConfig`` with ``beta=0`` is the same loss
+(``-mean(logp)``) with the pipeline intact.
+
+Monte-Carlo returns: RLlib's offline pipeline turns every row into a one-step episode,
+so MARWIL's value targets would be ``r + gamma * V(s')`` with the value net frozen at
+its initial weights (the ``OfflinePreLearner`` keeps the module state it started with).
+Before training we therefore write a prepared copy of the recording (``out/data``) in
+which each row's reward is its discounted return-to-go and the row is terminal, so the
+value target is exactly the Monte-Carlo return MARWIL is defined with. The recording
+itself is never modified.
+
+Outputs in ``out``: ``checkpoint/`` (RLlib), ``policy/`` (torch-only export),
+``progress.jsonl`` (per iteration), ``summary.json`` (settings, data size, agreement of
+the exported policy with the recorded actions).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from esper_ray.config import StrictModel, validate_model
+from esper_ray.contracts import EsperError
+from esper_ray.simic.config import SimicConfig
+from esper_ray.simic.record import decision_arrays, read_recording
+
+
+class OfflineSettings(StrictModel):
+    """MARWIL settings; ``None`` falls back to the SimicConfig's PPO values (noted per field)."""
+
+    beta: float = Field(1.0, ge=0, le=1, description="advantage weighting; 0 is behaviour cloning")
+    iterations: int | None = Field(None, ge=1, description="RLlib iterations (default cfg.iterations)")
+    batch_size: int | None = Field(None, ge=1, description="rows per update (default ppo.minibatch_size)")
+    updates_per_iteration: int | None = Field(
+        None, ge=1, description="gradient updates per iteration (default ppo.num_epochs)"
+    )
+    lr: float | None = Field(None, gt=0, description="learning rate (default ppo.lr)")
+    vf_coeff: float = Field(1.0, ge=0, description="weight of the value loss (beta > 0)")
+    monte_carlo_returns: bool = Field(True, description="value targets = discounted returns-to-go")
+    num_cpus_per_prelearner: float = Field(0.5, gt=0, description="the Ray Data map actor's CPUs")
+
+
+def _settings(cfg: SimicConfig, settings: OfflineSettings | dict[str, Any] | None) -> OfflineSettings:
+    if settings is None:
+        settings = getattr(cfg, "offline", None) or {}  # a future SimicConfig.offline section
+    if not isinstance(settings, OfflineSettings):
+        settings = validate_model(OfflineSettings, dict(settings), "offline settings")
+    return settings
+
+
+def _model_config(cfg: SimicConfig) -> dict[str, Any]:
+    # Exactly what esper_ray.simic.ppo.build_ppo_config gives the online module.
+    return {"fcnet_hiddens": cfg.ppo.hiddens, "fcnet_activation": "tanh", "vf_share_layers": False}
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def returns_to_go(table: pa.Table, gamma: float) -> np.ndarray:
+    """Discounted return from each row to its episode's end (rows grouped by ``eps_id``, ordered by ``t``)."""
+    eps = table.column("eps_id").to_pylist()
+    t = table.column("t").to_numpy()
+    r = table.column("rewards").to_numpy().astype(np.float64)
+    out = np.zeros(len(r))
+    by: dict[str, list[int]] = {}
+    for i, e in enumerate(eps):
+        by.setdefault(e, []).append(i)
+    for rows in by.values():
+        rows.sort(key=lambda i: t[i])
+        g = 0.0
+        for i in reversed(rows):
+            g = r[i] + gamma * g
+            out[i] = g
+    return out
+
+
+def prepare_data(table: pa.Table, folder: Path, gamma: float, monte_carlo: bool) -> Path:
+    """The table RLlib trains on, in ``folder`` (rewards -> returns-to-go, every row terminal)."""
+    if monte_carlo:
+        g = returns_to_go(table, gamma)
+        table = table.set_column(table.schema.get_field_index("rewards"), "rewards", pa.array(g))
+        done = pa.array(np.ones(table.num_rows, dtype=bool))
+        table = table.set_column(table.schema.get_field_index("terminateds"), "terminateds", done)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.parquet"):
+        old.unlink()
+    pq.write_table(table.replace_schema_metadata(None), folder / "train.parquet")
+    return folder
+
+
+# ---- RLlib -----------------------------------------------------------------------------------------
+def build_marwil_config(cfg: SimicConfig, data: Path, settings: OfflineSettings, env):
+    """The RLlib MARWILConfig: no env runners, one local learner, the online PPO RLModule."""
+    from ray.rllib.algorithms.marwil import MARWILConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+    from ray.rllib.examples.rl_modules.classes.action_masking_rlm import ActionMaskingTorchRLModule
+
+    p = cfg.ppo
+    batch_size = settings.batch_size or p.minibatch_size
+    return (
+        MARWILConfig()
+        .environment(observation_space=env.observation_space, action_space=env.action_space)
+        .env_runners(num_env_runners=0)
+        .learners(num_learners=0)
+        .training(
+            beta=settings.beta,
+            lr=settings.lr or p.lr,
+            gamma=p.gamma,
+            vf_coeff=settings.vf_coeff,
+            train_batch_size_per_learner=batch_size,
+        )
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=ActionMaskingTorchRLModule, model_config=_model_config(cfg)))
+        .offline_data(
+            input_=[str(data.absolute())],
+            dataset_num_iters_per_learner=settings.updates_per_iteration or p.num_epochs,
+            input_read_method_kwargs={"override_num_blocks": 1},
+            map_batches_kwargs={"concurrency": 1, "num_cpus": settings.num_cpus_per_prelearner},
+            iter_batches_kwargs={"prefetch_batches": 1, "local_shuffle_buffer_size": batch_size},
+            # Map (episodes -> learner batches) once and keep the result: with Monte-Carlo
+            # returns nothing in the mapped batch depends on the module being trained.
+            materialize_data=False,
+            materialize_mapped_data=True,
+        )
+        .evaluation(off_policy_estimation_methods={})  # none; also silences a deprecation warning
+        .debugging(seed=cfg.seed)
+    )
+
+
+def learner_module(algo):
+    """A full (not inference-only) copy of the Learner's trained RLModule."""
+    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+
+    state = algo.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}")
+    module_state = state[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
+    module = algo.config.get_rl_module_spec().build()
+    module.set_state(module_state)
+    return module.eval()
+
+
+def agreement(policy, table: pa.Table) -> dict[str, float]:
+    """How often the exported policy's greedy legal action equals the recorded one.
+
+    ``uniform``: the expected agreement of a policy picking uniformly among legal actions;
+    ``always_wait``: that of a policy that always waits (the majority action of most recordings).
+    """
+    import torch
+
+    x, mask, actions = decision_arrays(table)
+    with torch.no_grad():
+        logits = policy.net(torch.from_numpy(x)).numpy()
+    greedy = np.where(mask > 0, logits, -np.inf).argmax(axis=1)
+    hit = greedy == actions
+    acting = actions != 0
+    return {
+        "decisions": int(len(actions)),
+        "agreement": float(hit.mean()),
+        "agreement_non_wait": float(hit[acting].mean()) if acting.any() else math.nan,
+        "non_wait_decisions": int(acting.sum()),
+        "uniform": float((1.0 / mask.sum(axis=1)).mean()),
+        "always_wait": float((actions == 0).mean()),
+    }
+
+
+def train_offline(
+    cfg: SimicConfig,
+    path: str | Path,
+    out: str | Path,
+    *,
+    settings: OfflineSettings | dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train Tamiyo with MARWIL on the recording at ``path``; return the exported policy folder.
+
+    ``settings``: OfflineSettings (or a dict of its fields); default from ``cfg``. Ray is
+    started (embedded, or RAY_ADDRESS) if it is not running.
+    """
+    import envs
+    from esper_ray.simic.ppo import ensure_ray
+    from esper_ray.tamiyo.policy import export_rl_module, load_policy
+
+    settings = _settings(cfg, settings)
+    table, meta = read_recording(path)  # one-line EsperError when missing or corrupt
+    env = envs.MorphogenesisEnv(cfg.env)
+    mine = {"slots": list(env.space.slots), "k": env.space.k, "obs_size": env.encoder.size, "n_actions": env.space.n}
+    for key, value in mine.items():
+        if meta[key] != value:
+            raise EsperError(
+                f"recording at {path} was made with {key}={meta[key]}, the config's env has {value}: "
+                "record with the same host slots and blueprints.max_candidates"
+            )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(table, out / "data", cfg.ppo.gamma, settings.monte_carlo_returns and settings.beta > 0)
+
+    ensure_ray()
+    start = time.perf_counter()
+    algo = build_marwil_config(cfg, data, settings, env).build_algo()
+    iterations = settings.iterations or cfg.iterations
+    log = out / "progress.jsonl"
+    try:
+        for _ in range(iterations):
+            result = algo.train()
+            row = _summarize(result)
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if progress:
+                print("[simic offline] " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+        checkpoint = out / "checkpoint"
+        algo.save_to_path(str(checkpoint.absolute()))
+        policy_dir = export_rl_module(learner_module(algo), env, out / "policy")
+    finally:
+        algo.stop()
+        # Close Ray Data's batch generators now, while Ray is up (at interpreter exit they
+        # would try to report stats to a stopped Ray and print a traceback).
+        del algo
+        gc.collect()
+    stats = agreement(load_policy(policy_dir), table)
+    summary = {
+        "algorithm": "MARWIL" if settings.beta > 0 else "BC (MARWIL beta=0)",
+        "recording": str(path),
+        "episodes": len({e for e in table.column("eps_id").to_pylist()}),
+        "settings": settings.model_dump(),
+        "iterations": iterations,
+        "train_seconds": round(time.perf_counter() - start, 2),
+        "checkpoint": str(checkpoint),
+        "policy": str(policy_dir),
+        **stats,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if progress:
+        print(
+            f"[simic offline] agreement with recorded actions {stats['agreement']:.3f} "
+            f"(non-wait {stats['agreement_non_wait']:.3f}; uniform-random {stats['uniform']:.3f}, "
+            f"always-wait {stats['always_wait']:.3f}) on {stats['decisions']} decisions"
+        )
+    return policy_dir
+
+
+def _summarize(result: dict[str, Any]) -> dict[str, float]:
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    learner = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})
+    row: dict[str, float] = {"iteration": float(result.get("training_iteration", 0))}
+    for key in ("policy_loss", "vf_loss", "vf_explained_variance", "num_module_steps_trained"):
+        value = learner.get(key)
+        if value is not None:
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                pass
+    return row
+
+
+# ---- warm start ------------------------------------------------------------------------------------
+def warm_start(algo, checkpoint: str | Path) -> None:
+    """Load an offline checkpoint's RLModule (policy and value net) into a built PPO algorithm.
+
+    The offline module is the PPO module (same class and model_config), so RLlib's own
+    component restore applies; the env runners get the weights too. The optimizer starts fresh.
+    """
+    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE
+
+    component = f"{COMPONENT_LEARNER_GROUP}/{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}"
+    source = Path(checkpoint) / component
+    if not source.is_dir():
+        raise EsperError(f"no RLModule in offline checkpoint {checkpoint} ({component} missing)")
+    try:
+        algo.restore_from_path(str(source.absolute()), component=component)
+    except Exception as err:  # RLlib raises many kinds; the user needs one line
+        raise EsperError(
+            f"cannot warm-start from {checkpoint}: {str(err).splitlines()[0] if str(err) else err!r}"
+        ) from None

@@ -1,0 +1,266 @@
+"""Record Tamiyo's decision episodes as Parquet for offline Simic (RLlib's offline API).
+
+Controllers (baselines or exported policies) play the TRAINING tasks of
+``esper/Morphogenesis-v0``; every decision point becomes one row in RLlib's columnar
+offline format for the new API stack (what ``OfflineSingleAgentEnvRunner`` writes with
+``output_write_episodes=False`` and what ``OfflinePreLearner._map_to_episodes`` reads):
+
+==============  ==========================================================================
+``eps_id``      string, one id per episode: ``<controller>/<task>/<seed>``
+``t``           int64, the decision's index within its episode
+``obs``         the env's Dict observation as a struct column:
+                ``{observations: fixed_size_list<float32>[D], action_mask: fixed_size_list<float32>[A]}``
+                (Ray Data hands it back as one ``dict`` of float32 arrays per row, i.e. a
+                sample of the env's ``gym.spaces.Dict``, so no ``input_compress_columns``)
+``actions``     int64, the Discrete action index (``esper_ray.tamiyo.encoding.ActionSpace``)
+``rewards``     float64, the env's reward for the step
+``new_obs``     the next observation (same struct as ``obs``)
+``terminateds`` bool, true on the episode's last decision
+``truncateds``  bool, always false (episodes end when the host run ends)
+==============  ==========================================================================
+
+Nothing is pickled: RLlib's ``output_compress_columns`` would cloudpickle arrays, which we
+never do (no code from storage). The file's Parquet metadata (key ``esper-ray``) holds a
+JSON description: format, the encoding (slots, K, sizes), the env config and one entry per
+episode (controller, task, seed, steps, return, final accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esper_ray.contracts import EsperError
+from esper_ray.tamiyo.controllers import Controller
+
+FORMAT = "esper-ray-decisions/1"
+META_KEY = b"esper-ray"
+COLUMNS = ("eps_id", "t", "obs", "actions", "rewards", "new_obs", "terminateds", "truncateds")
+BASELINES = ("static", "random", "heuristic")
+
+ControllerFactory = Callable[[int], Controller]
+
+
+def obs_type(obs_size: int, n_actions: int) -> pa.StructType:
+    """The Arrow type of one Dict observation."""
+    return pa.struct(
+        [
+            ("observations", pa.list_(pa.float32(), obs_size)),
+            ("action_mask", pa.list_(pa.float32(), n_actions)),
+        ]
+    )
+
+
+def schema(obs_size: int, n_actions: int, meta: dict[str, Any] | None = None) -> pa.Schema:
+    o = obs_type(obs_size, n_actions)
+    fields = [
+        ("eps_id", pa.string()),
+        ("t", pa.int64()),
+        ("obs", o),
+        ("actions", pa.int64()),
+        ("rewards", pa.float64()),
+        ("new_obs", o),
+        ("terminateds", pa.bool_()),
+        ("truncateds", pa.bool_()),
+    ]
+    metadata = {META_KEY: json.dumps(meta).encode()} if meta is not None else None
+    return pa.schema(fields, metadata=metadata)
+
+
+def controller_factories(specs: Iterable[str]) -> dict[str, ControllerFactory]:
+    """``heuristic``, ``random``, ``static`` or an exported policy folder -> named factories."""
+    from esper_ray.tamiyo.controllers import HeuristicController, RandomController, StaticController
+    from esper_ray.tamiyo.policy import load_policy
+
+    out: dict[str, ControllerFactory] = {}
+    for spec in specs:
+        if spec == "static":
+            out[spec] = lambda seed: StaticController()
+        elif spec == "random":
+            out[spec] = lambda seed: RandomController(0.2, seed)
+        elif spec == "heuristic":
+            out[spec] = lambda seed: HeuristicController()
+        else:
+            policy = load_policy(spec)  # fail now, with one line
+            out[f"policy:{Path(spec).parent.name or spec}"] = lambda seed, p=policy: p
+    if not out:
+        raise EsperError(f"nothing to record: name controllers ({', '.join(BASELINES)} or a policy folder)")
+    return out
+
+
+def _obs_row(obs: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    return {"observations": obs["observations"].tolist(), "action_mask": obs["action_mask"].tolist()}
+
+
+def record_episode(env, controller: Controller, task_index: int, seed: int, eps_id: str):
+    """Play one episode; return (rows, episode summary). Actions are checked against the mask."""
+    obs, _ = env.reset(seed=seed, options={"task_index": task_index, "train_seed": seed})
+    trainer = env.trainer
+    rows: list[dict[str, Any]] = []
+    done, total, info = False, 0.0, {}
+    while not done:
+        view = trainer.observe()
+        action = env.space.encode(controller.act(view, trainer.legal_actions()), view.candidates)
+        new_obs, reward, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        rows.append(
+            {
+                "eps_id": eps_id,
+                "t": len(rows),
+                "obs": _obs_row(obs),
+                "actions": action,
+                "rewards": float(reward),
+                "new_obs": _obs_row(new_obs),
+                "terminateds": bool(terminated),
+                "truncateds": bool(truncated),
+            }
+        )
+        total += reward
+        obs = new_obs
+    summary = {
+        "eps_id": eps_id,
+        "task": info.get("task", ""),
+        "task_index": task_index,
+        "seed": seed,
+        "steps": len(rows),
+        "return": total,
+        "final_val_acc": info.get("val_acc"),
+        "final_test_acc": info.get("test_acc"),
+    }
+    return rows, summary
+
+
+def record_episodes(
+    controllers: dict[str, ControllerFactory] | Sequence[str],
+    env_config: dict[str, Any],
+    seeds: Iterable[int],
+    path: str | Path,
+    *,
+    tasks: Sequence[int] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Play every controller on the env's TRAINING tasks (``tasks``: indices, default all) for
+    each seed, and write the decisions to ``path/decisions.parquet``. Returns that file.
+
+    ``controllers``: name -> factory(seed) as in ``evaluate_controllers``, or specs for
+    ``controller_factories`` (``["heuristic", "random", "runs/tamiyo-ppo/policy"]``).
+    ``path`` must not hold Parquet files already (a recording is never overwritten).
+    """
+    import envs
+
+    if not isinstance(controllers, dict):
+        controllers = controller_factories(controllers)
+    path = Path(path)
+    if path.suffix == ".parquet":
+        raise EsperError(f"--record/--out takes a folder, not a file: {path}")
+    if path.is_dir() and any(path.glob("*.parquet")):
+        raise EsperError(f"{path} already holds a recording; choose another folder")
+    env = envs.MorphogenesisEnv({**env_config, "split": "train"})
+    indices = list(range(len(env.config.tasks))) if tasks is None else list(tasks)
+    for i in indices:
+        if not 0 <= i < len(env.config.tasks):
+            raise EsperError(f"task index {i} out of range: {len(env.config.tasks)} training tasks")
+    seeds = list(seeds)
+    if not seeds:
+        raise EsperError("nothing to record: no seeds")
+    rows: list[dict[str, Any]] = []
+    episodes: list[dict[str, Any]] = []
+    for name, factory in controllers.items():
+        for t in indices:
+            for seed in seeds:
+                eps_id = f"{name}/{env.config.tasks[t].family}-{t}/{seed}"
+                ep_rows, summary = record_episode(env, factory(seed), t, seed, eps_id)
+                rows += ep_rows
+                episodes.append({"controller": name, **summary})
+                if progress:
+                    progress(
+                        f"{name:>12} {summary['task']:<22} seed {seed}: {summary['steps']} decisions, "
+                        f"return {summary['return']:+.4f}"
+                    )
+    meta = {
+        "format": FORMAT,
+        "slots": list(env.space.slots),
+        "k": env.space.k,
+        "task_dim": env.encoder.task_dim,
+        "obs_size": env.encoder.size,
+        "n_actions": env.space.n,
+        "env_config": env.config.model_dump(mode="json"),
+        "episodes": episodes,
+    }
+    table = pa.Table.from_pylist(rows, schema=schema(env.encoder.size, env.space.n, meta))
+    path.mkdir(parents=True, exist_ok=True)
+    file = path / "decisions.parquet"
+    tmp = path / ".decisions.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, file)
+    return file
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def recording_files(path: str | Path) -> list[Path]:
+    """The Parquet files of a recording (a folder, or one file); EsperError if there are none."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if files:
+            return files
+        raise EsperError(f"no recorded episodes at {path} (no .parquet files in the folder)")
+    raise EsperError(f"no recorded episodes at {path} (no such file or folder)")
+
+
+def read_recording(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
+    """All decisions under ``path`` as one table, and the merged metadata; one-line EsperError
+    if the recording is missing, unreadable, not in this format, or inconsistent."""
+    tables, metas = [], []
+    for file in recording_files(path):
+        try:
+            table = pq.read_table(file)
+        except (OSError, pa.ArrowException) as err:
+            raise EsperError(f"recording {file} is unreadable: {str(err).splitlines()[0]}") from None
+        raw = (table.schema.metadata or {}).get(META_KEY)
+        try:
+            meta = json.loads(raw) if raw else {}
+        except ValueError:
+            meta = {}
+        if meta.get("format") != FORMAT:
+            raise EsperError(f"recording {file} is not an esper-ray decision recording (format {FORMAT})")
+        missing = [c for c in COLUMNS if c not in table.column_names]
+        if missing:
+            raise EsperError(f"recording {file} lacks columns {missing}")
+        want = schema(meta["obs_size"], meta["n_actions"])
+        try:
+            table = table.select(list(COLUMNS)).cast(want)
+        except (pa.ArrowException, ValueError) as err:
+            raise EsperError(f"recording {file} has wrong column types: {str(err).splitlines()[0]}") from None
+        tables.append(table)
+        metas.append(meta)
+    first = metas[0]
+    for file, meta in zip(recording_files(path), metas, strict=True):
+        for key in ("slots", "k", "obs_size", "n_actions"):
+            if meta[key] != first[key]:
+                raise EsperError(f"recording {file}: {key}={meta[key]} differs from {first[key]} in the others")
+    table = pa.concat_tables(tables)
+    if table.num_rows == 0:
+        raise EsperError(f"recording at {path} holds no decisions")
+    actions = table.column("actions").to_numpy()
+    if actions.min() < 0 or actions.max() >= first["n_actions"]:
+        raise EsperError(f"recording at {path} has action indices outside [0, {first['n_actions']})")
+    merged = {**first, "episodes": [e for m in metas for e in m.get("episodes", [])]}
+    return table, merged
+
+
+def decision_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(observations [N, D] float32, action masks [N, A] float32, actions [N] int64)."""
+    obs = table.column("obs").combine_chunks()
+    x = obs.field("observations").flatten().to_numpy().reshape(len(obs), -1).astype(np.float32)
+    mask = obs.field("action_mask").flatten().to_numpy().reshape(len(obs), -1).astype(np.float32)
+    return x, mask, table.column("actions").to_numpy().astype(np.int64)
