@@ -48,6 +48,21 @@ from esper_ray.tolaria.trainer import Trainer
 _WAIT = ControllerAction.wait()
 
 
+class MaskedDiscrete(gym.spaces.Discrete):
+    """Discrete whose ``sample()`` draws only actions legal now (the env keeps ``mask`` current).
+
+    Random exploration and ``gymnasium.utils.env_checker`` sample from the action space;
+    with this they never hit the env's error for an action outside the mask.
+    """
+
+    mask: np.ndarray | None = None
+
+    def sample(self, mask: np.ndarray | None = None, probability: np.ndarray | None = None) -> np.int64:
+        if mask is None and probability is None and self.mask is not None:
+            mask = self.mask.astype(np.int8)
+        return super().sample(mask=mask, probability=probability)
+
+
 class RewardConfig(StrictModel):
     """The reward's costs (see the module docstring)."""
 
@@ -111,7 +126,7 @@ class MorphogenesisEnv(gym.Env):
         slots = self._slot_names()
         self.space = ActionSpace(slots, config.run.blueprints.max_candidates)
         self.encoder = ObsEncoder(slots, self.space.k, len(TASK_FEATURES))
-        self.action_space = gym.spaces.Discrete(self.space.n)
+        self.action_space = MaskedDiscrete(self.space.n)
         self.observation_space = gym.spaces.Dict(
             {
                 "observations": gym.spaces.Box(-np.inf, np.inf, (self.encoder.size,), np.float32),
@@ -198,6 +213,7 @@ class MorphogenesisEnv(gym.Env):
         obs = trainer.observe()
         self._candidates = obs.candidates
         self._mask = self.space.mask(trainer.legal_actions(), obs.candidates).astype(np.float32)
+        self.action_space.mask = self._mask
         return {"observations": self.encoder.encode(obs), "action_mask": self._mask.copy()}
 
     def _info(self) -> dict[str, Any]:
