@@ -5,6 +5,7 @@
     esper-ray distill [--config configs/distill.yaml] [--out DIR] [KEY=VALUE ...]
     esper-ray simic [--config configs/controller_ppo.yaml] [--out DIR] [--resume CKPT] [KEY=VALUE ...]
     esper-ray evaluate [--config configs/controller_ppo.yaml] [--policy DIR ...] [--seeds N] [--out DIR]
+    esper-ray record [--config configs/controller_ppo.yaml] [--controller KIND|DIR ...] [--seeds N] [--out DIR]
     esper-ray sweep [--config configs/sweep_ppo.yaml]
     esper-ray lineage verify RUN_DIR [--key PATH]
     esper-ray lineage show RUN_DIR
@@ -28,8 +29,26 @@ SWEEP_CONFIG = Path("configs/sweep_ppo.yaml")
 BASELINES = ("static", "random", "heuristic")
 
 
+def _pipeline_catalogue(cfg, address: str | None, progress: bool):
+    """With ``blueprints.source: urza``: join or start Ray, start or find the actors, and
+    return the trainer's non-blocking client. ``None`` (the local catalogue) otherwise."""
+    if cfg.blueprints.source != "urza":
+        return None
+    from actors.launch import start_pipeline, wait_until_ready
+    from esper_ray.cluster import ensure_ray
+
+    ensure_ray(address)
+    pipeline = start_pipeline(cfg.actors, seed=cfg.training.seed, max_seed_params=cfg.blueprints.max_seed_params)
+    want = cfg.blueprints.startup_ready
+    if want:
+        if progress:
+            print(f"waiting for {want} ready blueprints from the pipeline (startup only)...", flush=True)
+        wait_until_ready(pipeline, want, timeout=cfg.blueprints.startup_timeout_s)
+    return pipeline.client
+
+
 def _train(args: argparse.Namespace) -> int:
-    from esper_ray.config import RunConfig, load_config
+    from esper_ray.config import load_config
     from esper_ray.tolaria.run import run_training
 
     overrides = list(args.overrides)
@@ -41,11 +60,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if overrides or args.config:
             raise EsperError("--resume continues a run with its own config; drop --config and overrides")
-        result = run_training(RunConfig(), resume=args.resume, progress=not args.no_progress)
+        from esper_ray.tolaria.checkpoint import read_config
+
+        cfg = read_config(args.resume / "checkpoint")
+        catalogue = _pipeline_catalogue(cfg, args.address, progress=not args.no_progress)
+        result = run_training(cfg, resume=args.resume, catalogue=catalogue, progress=not args.no_progress)
     else:
         path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         cfg = load_config(path, overrides)
-        result = run_training(cfg, out=args.out, progress=not args.no_progress)
+        catalogue = _pipeline_catalogue(cfg, args.address, progress=not args.no_progress)
+        result = run_training(cfg, out=args.out, catalogue=catalogue, progress=not args.no_progress)
     s = result.summary
     print(
         f"run folder: {result.run_dir}\n"
@@ -132,6 +156,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace) -> int:
+    from esper_ray.config import load_config
+    from esper_ray.simic.config import SimicConfig
+    from esper_ray.simic.record import record_episodes
+
+    path = args.config or (SIMIC_CONFIG if SIMIC_CONFIG.exists() else None)
+    cfg = load_config(path, args.overrides, model=SimicConfig)
+    out = args.out or Path(cfg.out_dir) / "decisions"
+    file = record_episodes(
+        args.controller or ["heuristic"],
+        cfg.env,
+        range(args.seeds),
+        out,
+        progress=None if args.no_progress else print,
+    )
+    print(f"recorded decisions: {file}\ntrain on them: esper-ray simic --offline {out}")
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from esper_ray.config import load_config
     from esper_ray.simic.config import SweepConfig
@@ -175,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--controller", help=f"{', '.join(BASELINES)} or an exported Tamiyo policy folder")
     train.add_argument("--resume", type=Path, help="continue the run in this folder from its checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    train.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.epochs=10")
     train.set_defaults(func=_train)
 
@@ -196,9 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     simic.set_defaults(func=_simic)
 
     ev = sub.add_parser("evaluate", help="controllers on held-out tasks: mean ± 95%% CI table")
-    ev.add_argument(
-        "--config", type=Path, help=f"YAML SimicConfig whose env is used (default {SIMIC_CONFIG})"
-    )
+    ev.add_argument("--config", type=Path, help=f"YAML SimicConfig whose env is used (default {SIMIC_CONFIG})")
     ev.add_argument("--baselines", default="static,random,heuristic", help="comma-separated baselines")
     ev.add_argument("--policy", action="append", help="an exported policy folder (repeatable)")
     ev.add_argument("--seeds", type=int, default=3, help="training seeds per held-out task")
@@ -206,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     ev.set_defaults(func=_evaluate)
+
+    rec = sub.add_parser("record", help="record controllers' decisions on the training tasks (Parquet)")
+    rec.add_argument("--config", type=Path, help=f"YAML SimicConfig whose env is used (default {SIMIC_CONFIG})")
+    rec.add_argument("--controller", action="append", help=f"{', '.join(BASELINES)} or a policy folder (repeatable)")
+    rec.add_argument("--seeds", type=int, default=3, help="training seeds per training task")
+    rec.add_argument("--out", type=Path, help="a new folder for the recording (default <out_dir>/decisions)")
+    rec.add_argument("--no-progress", action="store_true")
+    rec.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    rec.set_defaults(func=_record)
 
     sweep = sub.add_parser("sweep", help="a Ray Tune sweep over PPO and reward settings")
     sweep.add_argument("--config", type=Path, help=f"YAML SweepConfig (default {SWEEP_CONFIG})")

@@ -36,9 +36,7 @@ class TrainingConfig(StrictModel):
     host_init: Literal["random", "task"] = Field(
         "random", description="task: start the host from the weights the task provides (TaskData.host_init)"
     )
-    freeze_host: bool = Field(
-        False, description="host weights stay fixed (its param group has lr 0); only seeds learn"
-    )
+    freeze_host: bool = Field(False, description="host weights stay fixed (its param group has lr 0); only seeds learn")
 
 
 class GovernorConfig(StrictModel):
@@ -67,6 +65,10 @@ class BlueprintsConfig(StrictModel):
     names: list[str] | None = Field(None, description="local: standard blueprint names (None: all)")
     max_seed_params: int = Field(20_000, ge=1, description="budget per seed")
     max_candidates: int = Field(8, ge=1, description="K: candidates shown to Tamiyo")
+    startup_ready: int = Field(
+        0, ge=0, description="urza: before training starts, wait until this many blueprints are ready"
+    )
+    startup_timeout_s: float = Field(300.0, gt=0, description="urza: how long that startup wait may take")
 
 
 class ActorResources(StrictModel):

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from esper_ray.cluster import ensure_ray  # noqa: F401  (re-exported for the CLI)
 from esper_ray.contracts import EsperError
 from esper_ray.simic.config import SimicConfig
 
@@ -93,20 +93,6 @@ def build_ppo_config(cfg: SimicConfig):
     )
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Join ``address`` (or RAY_ADDRESS) if given, else start an embedded local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-
-
 def summarize(result: dict[str, Any]) -> dict[str, float]:
     """The numbers of one training iteration worth printing."""
     runners = result.get("env_runners", {})
@@ -119,9 +105,7 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     )
     out = {k: float(runners[k]) for k in keys if k in runners and not _nan(runners[k])}
     out["iteration"] = result.get("training_iteration", 0)
-    out["env_steps"] = result.get(
-        "num_env_steps_sampled_lifetime", runners.get("num_env_steps_sampled_lifetime", 0)
-    )
+    out["env_steps"] = result.get("num_env_steps_sampled_lifetime", runners.get("num_env_steps_sampled_lifetime", 0))
     return out
 
 

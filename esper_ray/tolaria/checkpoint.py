@@ -126,9 +126,13 @@ def _read(
     return state, model, opt, extra
 
 
-def load_checkpoint(
-    path: str | Path, data: TaskData | None = None, **trainer_kwargs: Any
-) -> tuple[Trainer, dict]:
+def read_config(path: str | Path) -> RunConfig:
+    """The RunConfig a checkpoint was made with (EsperError if there is no valid checkpoint)."""
+    state, *_ = _read(Path(path))
+    return validate_model(RunConfig, state.get("config", {}), f"{path}/state.json config")
+
+
+def load_checkpoint(path: str | Path, data: TaskData | None = None, **trainer_kwargs: Any) -> tuple[Trainer, dict]:
     """Rebuild a Trainer exactly as it was saved; returns it with the controller's state."""
     path = Path(path)
     state, model, opt_tensors, extra = _read(path)
@@ -140,9 +144,7 @@ def load_checkpoint(
     try:
         _restore(trainer, state, model, opt_tensors, extra)
     except (EsperError, KeyError, RuntimeError, TypeError, ValueError) as err:
-        raise EsperError(
-            f"checkpoint at {path} does not match its config: {str(err).splitlines()[0]}"
-        ) from None
+        raise EsperError(f"checkpoint at {path} does not match its config: {str(err).splitlines()[0]}") from None
     return trainer, state["controller"]
 
 

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from esper_ray.config import RunConfig, StrictModel, format_validation_error, validate_model
 from esper_ray.contracts import EsperError
@@ -112,9 +112,7 @@ class DistillRunConfig(RunConfig):
         return run, self.distill
 
 
-def load_distill_config(
-    path: str | Path | None, overrides: list[str] | None = None
-) -> tuple[RunConfig, DistillConfig]:
+def load_distill_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RunConfig, DistillConfig]:
     """Read a distillation YAML (student RunConfig + ``distill:``), apply overrides, validate."""
     from esper_ray.config import load_config
 
@@ -377,9 +375,13 @@ def load_teacher(path: str | Path, data: TaskData) -> tuple[MorphoHost, dict[str
             f"but task {data.name} has {list(data.input_shape)} and {data.num_classes}"
         )
     try:
-        tensors = load_file(str(weights))
+        raw = weights.read_bytes()
+        tensors = load(raw)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise EsperError(f"{where}: {weights.name} is not a readable safetensors file: {_one_line(err)}") from None
+    recorded = meta.get("weights_sha256")
+    if recorded is not None and recorded != hashlib.sha256(raw).hexdigest():
+        raise EsperError(f"{where}: {weights.name} does not match the sha256 recorded in {meta_path.name}")
     host = build_host(host_cfg, data.input_shape, data.num_classes)
     try:
         host.load_host_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
@@ -395,6 +397,15 @@ def _finish(host: MorphoHost, cfg: DistillConfig, data: TaskData, key: str, sour
     with torch.no_grad():
         logits = torch.cat([host(data.x_train[i : i + 4096]) for i in range(0, len(data.x_train), 4096)])
     probe_x = data.x_val[: cfg.gap_probe].clone()
+    # Accuracy on this task's splits, measured here (a checkpoint may come from elsewhere).
+    meta = {
+        **meta,
+        "metrics": {
+            **meta.get("metrics", {}),
+            "val_acc": _accuracy(host, data.x_val, data.y_val),
+            "test_acc": _accuracy(host, data.x_test, data.y_test),
+        },
+    }
     return Teacher(
         host=host,
         config=HostConfig.model_validate(meta["host"]),

@@ -25,9 +25,7 @@ class Governor:
             return f"non-finite loss {loss}"
         if self.count >= self.cfg.warmup_steps and loss > self.cfg.explosion_factor * self.mean:
             self.trips += 1
-            return (
-                f"loss explosion: {loss:.4g} > {self.cfg.explosion_factor:g} x running mean {self.mean:.4g}"
-            )
+            return f"loss explosion: {loss:.4g} > {self.cfg.explosion_factor:g} x running mean {self.mean:.4g}"
         self.count += 1
         # Slow EMA after a short plain average, so early steps set a sane scale.
         beta = min(0.98, 1.0 - 1.0 / self.count)

@@ -80,9 +80,7 @@ def _attach_ledger(trainer: Trainer, run_dir: Path, key_path: str | None) -> Led
         slot = trainer.host.slots[row["slot"]] if row["slot"] else None
         # The weights this change affected: the seed's, or the host's after a rollback or cull.
         affected = (
-            slot.seed.state_dict()
-            if slot is not None and slot.seed is not None
-            else trainer.host.host_state_dict()
+            slot.seed.state_dict() if slot is not None and slot.seed is not None else trainer.host.host_state_dict()
         )
         ledger.append(
             kind=row["kind"],
@@ -117,9 +115,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
-        elif self.enabled and (
-            row["epoch"] % 5 == 0 or row["epoch"] == self.total or row["action"] != "wait"
-        ):
+        elif self.enabled and (row["epoch"] % 5 == 0 or row["epoch"] == self.total or row["action"] != "wait"):
             print(f"[{self.label}] epoch {row['epoch']}/{self.total} {text}", flush=True)
 
     def close(self) -> None:
@@ -145,16 +141,12 @@ def run_training(
     """
     if resume is not None:
         run_dir = Path(resume)
-        trainer, controller_state = load_checkpoint(
-            run_dir / "checkpoint", data, catalogue=catalogue, loss_fn=loss_fn
-        )
+        trainer, controller_state = load_checkpoint(run_dir / "checkpoint", data, catalogue=catalogue, loss_fn=loss_fn)
         cfg = trainer.cfg
     else:
         check_run_dir(cfg, out)
         # Build everything that can fail on bad input before the run folder is touched.
-        trainer = Trainer(
-            cfg, data, catalogue=catalogue, run_id=f"{cfg.name}-{uuid.uuid4().hex[:8]}", loss_fn=loss_fn
-        )
+        trainer = Trainer(cfg, data, catalogue=catalogue, run_id=f"{cfg.name}-{uuid.uuid4().hex[:8]}", loss_fn=loss_fn)
         run_dir = new_run_dir(cfg, out)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         controller_state = {}
@@ -172,6 +164,13 @@ def run_training(
             metrics={"host_params": float(trainer.host.param_count()["host"])},
         )
 
+    # A pipeline client (actors.client.UrzaCatalogue) also takes metrics and field reports.
+    record_accuracy = getattr(catalogue, "record_accuracy", None)
+    record_germination = getattr(catalogue, "record_germination", None)
+    if record_germination is not None:
+        trainer.event_hooks.append(
+            lambda row: record_germination(row["blueprint"]) if row["kind"] == "germinate" else None
+        )
     bar = _Progress(cfg.training.epochs, trainer.epoch, progress, cfg.name)
     stop = cfg.training.epochs if stop_after is None else min(cfg.training.epochs, trainer.epoch + stop_after)
     try:
@@ -180,6 +179,8 @@ def run_training(
             action = trainer.apply_decision(controller)
             row = trainer.end_epoch(action)
             bar.update(row)
+            if record_accuracy is not None:
+                record_accuracy(row["val_acc"])
             if ledger is not None:
                 ledger.flush()
             every = cfg.training.checkpoint_every
@@ -189,6 +190,9 @@ def run_training(
         bar.close()
     _checkpoint(trainer, controller, run_dir, ledger)
     summary = _write_outputs(trainer, run_dir)
+    send = getattr(catalogue, "send_field_reports", None)
+    if send is not None and trainer.field_reports:
+        send(trainer.field_reports)  # fire-and-forget: they accumulate in Urza for Karn
     return RunResult(run_dir, summary, trainer)
 
 
@@ -208,9 +212,7 @@ def _checkpoint(trainer: Trainer, controller: Controller, run_dir: Path, ledger:
 def _write_outputs(trainer: Trainer, run_dir: Path) -> dict[str, Any]:
     write_table(trainer.history, run_dir / "metrics.parquet")
     write_table(trainer.events, run_dir / "seed_events.parquet", EVENT_COLUMNS)
-    write_table(
-        trainer.field_reports, run_dir / "field_reports.parquet", ["run_id", "blueprint_hash", "outcome"]
-    )
+    write_table(trainer.field_reports, run_dir / "field_reports.parquet", ["run_id", "blueprint_hash", "outcome"])
     plot_report(
         trainer.history,
         trainer.events,

@@ -77,9 +77,7 @@ class Trainer:
         self.run_id = run_id
         self.data = data if data is not None else load_task(cfg.task)
         torch.manual_seed(cfg.training.seed)
-        self.host: MorphoHost = build_host(
-            cfg.host, self.data.input_shape, self.data.num_classes, cfg.lifecycle
-        )
+        self.host: MorphoHost = build_host(cfg.host, self.data.input_shape, self.data.num_classes, cfg.lifecycle)
         self.host.add_listener(self._on_transition)
         if cfg.training.host_init == "task":
             self._init_host_from_task()
@@ -268,9 +266,7 @@ class Trainer:
                 return f"blueprint {action.blueprint!r} is not among the ready candidates"
             cost = self.seed_cost(entry, slot)
             if cost is None:
-                return (
-                    f"blueprint {entry.name} ({entry.spec.kind}) does not fit slot {slot.name} {slot.shape}"
-                )
+                return f"blueprint {entry.name} ({entry.spec.kind}) does not fit slot {slot.name} {slot.shape}"
             budget = self.cfg.blueprints.max_seed_params
             if cost > budget:
                 return f"blueprint {entry.name} costs {cost} params, over the budget {budget}"
@@ -519,8 +515,7 @@ def optim_state_clone(opt: torch.optim.Optimizer) -> dict:
 def _clone_opt_state(state: dict) -> dict:
     return {
         "state": {
-            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-            for i, s in state["state"].items()
+            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in state["state"].items()
         },
         "param_groups": [dict(g) for g in state["param_groups"]],
     }
