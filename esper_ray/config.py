@@ -33,6 +33,7 @@ class TrainingConfig(StrictModel):
     threads: int = Field(1, ge=1, description="torch intra-op threads")
     probe_size: int = Field(512, ge=8, description="validation examples used for slot telemetry")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N epochs (0: only at the end)")
+    device: str = Field("cpu", description='"cpu", "cuda", "cuda:N", or "auto" (cuda when available)')
     host_init: Literal["random", "task"] = Field(
         "random", description="task: start the host from the weights the task provides (TaskData.host_init)"
     )

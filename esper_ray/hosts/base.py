@@ -35,9 +35,7 @@ class HostConfig(BaseModel):
     )
     kernel: int = Field(5, ge=1, description="cnn kernel size (odd)")
     pool: bool = Field(True, description="cnn: halve the spatial size after each block")
-    slots: list[str] | Literal["all"] = Field(
-        "all", description='slot names ("input", "hidden0", ...) or "all"'
-    )
+    slots: list[str] | Literal["all"] = Field("all", description='slot names ("input", "hidden0", ...) or "all"')
 
     @field_validator("hidden")
     @classmethod
@@ -174,6 +172,7 @@ class MorphoHost(nn.Module):
         if not target.is_open:
             raise IllegalTransition(f"slot {slot}: cannot germinate in stage {target.stage.name} (needs DORMANT)")
         seed = build_seed(blueprint, target.shape, max_params=max_params, generator_seed=generator_seed)
+        seed.to(next(self.head.parameters()).device)  # on the host's device before joining an optimizer
         target.germinate(seed, reason)
         return target
 
@@ -203,10 +202,7 @@ class MorphoHost(nn.Module):
 
     def architecture(self) -> dict[str, dict[str, str]]:
         """Each slot's stage and blueprint hash (what the lineage ledger replays to)."""
-        return {
-            name: {"stage": s.stage.name, "blueprint_hash": s.blueprint_hash}
-            for name, s in self.slots.items()
-        }
+        return {name: {"stage": s.stage.name, "blueprint_hash": s.blueprint_hash} for name, s in self.slots.items()}
 
     def consumer(self, slot: SeedSlot) -> nn.Module:
         """The host module that reads this slot's output."""

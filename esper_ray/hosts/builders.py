@@ -21,9 +21,7 @@ def _mlp(cfg: HostConfig, input_shape: tuple[int, ...], num_classes: int) -> tup
     return blocks, nn.Linear(width, num_classes)
 
 
-def _cnn(
-    cfg: HostConfig, input_shape: tuple[int, ...], num_classes: int, dims: int
-) -> tuple[list, nn.Module]:
+def _cnn(cfg: HostConfig, input_shape: tuple[int, ...], num_classes: int, dims: int) -> tuple[list, nn.Module]:
     conv, pool = (nn.Conv1d, nn.MaxPool1d) if dims == 1 else (nn.Conv2d, nn.MaxPool2d)
     # A 1-D CNN accepts flat vectors (MNIST-1D) as one channel; a 2-D CNN needs (C, H, W).
     if dims == 1 and len(input_shape) == 1:

@@ -55,7 +55,7 @@ _REQUIRED = (
 
 
 def _tensors(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in d.items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in d.items()}
 
 
 def save_checkpoint(trainer: Trainer, path: str | Path, controller_state: dict | None = None) -> Path:
@@ -155,7 +155,7 @@ def _restore(trainer: Trainer, state: dict, model: dict, opt_tensors: dict, extr
         slot = host.slot(name)
         seed = None
         if slot_state["spec"] is not None:
-            seed = build_seed(BlueprintSpec.from_json(slot_state["spec"]), slot.shape)
+            seed = build_seed(BlueprintSpec.from_json(slot_state["spec"]), slot.shape).to(trainer.device)
             seeds[name] = seed
         slot.load_lifecycle_state(slot_state, seed)
     host.refresh()

@@ -62,6 +62,9 @@ def restore_host_snapshot(host, opt: torch.optim.Optimizer, snap: HostSnapshot) 
     host.load_host_state_dict(snap.weights)
     for p, state in zip(opt.param_groups[0]["params"], snap.opt_state, strict=True):
         if state:
-            opt.state[p] = _clone_state(state)
+            # Adam keeps its scalar ``step`` on the CPU; moments live with the parameter.
+            opt.state[p] = {
+                k: v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in _clone_state(state).items()
+            }
         else:
             opt.state.pop(p, None)

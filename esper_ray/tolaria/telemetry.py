@@ -66,8 +66,8 @@ def gradient_predictability(
     so a slot whose gradient ``g`` is well predicted by nonlinear features of ``h`` is one
     where a small seed can help (the idea behind GradMax and Firefly's growth scores).
     """
-    h = as_rows(acts.detach(), max_rows=512).double()
-    g = as_rows(grads.detach(), max_rows=512).double()
+    h = as_rows(acts.detach(), max_rows=512).double().cpu()
+    g = as_rows(grads.detach(), max_rows=512).double().cpu()
     n, width = h.shape
     if n < 8 or float(g.square().sum()) == 0.0:
         return 0.0

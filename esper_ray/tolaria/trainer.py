@@ -13,6 +13,7 @@ weights and optimizer state to that snapshot.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -75,9 +76,11 @@ class Trainer:
         torch.set_num_threads(cfg.training.threads)
         self.cfg = cfg
         self.run_id = run_id
-        self.data = data if data is not None else load_task(cfg.task)
+        self.device = resolve_device(cfg.training.device)
+        self.data = on_device(data if data is not None else load_task(cfg.task), self.device)
         torch.manual_seed(cfg.training.seed)
         self.host: MorphoHost = build_host(cfg.host, self.data.input_shape, self.data.num_classes, cfg.lifecycle)
+        self.host.to(self.device)
         self.host.add_listener(self._on_transition)
         if cfg.training.host_init == "task":
             self._init_host_from_task()
@@ -380,6 +383,7 @@ class Trainer:
         """
         slot = self.host.slot(slot_name)
         seed = build_seed(spec, slot.shape, generator_seed=self.cfg.training.seed * 1_000_003 + self.step)
+        seed.to(self.device)
         state = {"stage": "FOSSILIZED", "epochs_in_stage": 0, "blend_steps": 0}
         slot.load_lifecycle_state({**state, "seed_grad_norm": 0.0, "contribution": 0.0}, seed)
         self.host.refresh()
@@ -505,6 +509,27 @@ class Trainer:
             "architecture": self.host.architecture(),
             "field_reports": [asdict(r) for r in self.field_reports],
         }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; EsperError for a device this machine lacks."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EsperError(f"training.device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EsperError(f"training.device={name}: CUDA is not available on this machine")
+    return device
+
+
+def on_device(data: TaskData, device: torch.device) -> TaskData:
+    """``data`` with its splits on ``device`` (the same object when already there)."""
+    if data.x_train.device == device:
+        return data
+    moved = {f"{p}_{s}": getattr(data, f"{p}_{s}").to(device) for p in ("x", "y") for s in ("train", "val", "test")}
+    return dataclasses.replace(data, **moved)
 
 
 def optim_state_clone(opt: torch.optim.Optimizer) -> dict:
