@@ -290,7 +290,7 @@ def test_library_persists_and_refuses_tampering(tmp_path) -> None:
 
 
 def test_probe_fails_fast_on_a_dead_address() -> None:
-    from actors.launch import _probe
+    from esper_ray.cluster import _probe
 
     with pytest.raises(EsperError, match="no Ray cluster answers"):
         _probe("127.0.0.1:1", 2.0)
