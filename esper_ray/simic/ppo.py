@@ -59,7 +59,8 @@ def build_ppo_config(cfg: SimicConfig):
     p = cfg.ppo
     return (
         PPOConfig()
-        .environment(env=envs.ENV_ID, env_config=cfg.env)
+        # The class, not the gym id: remote env runners have not imported ``envs``.
+        .environment(env=envs.MorphogenesisEnv, env_config=cfg.env)
         .env_runners(
             num_env_runners=cfg.num_env_runners,
             num_cpus_per_env_runner=cfg.num_cpus_per_env_runner,
