@@ -318,10 +318,7 @@ class _Chain:
     hashes: list[str]
 
     def events(self, stop: int | None = None) -> list[LineageEvent]:
-        return [
-            LineageEvent(**row, event_hash=h)
-            for row, h in zip(self.rows[:stop], self.hashes[:stop], strict=True)
-        ]
+        return [LineageEvent(**row, event_hash=h) for row, h in zip(self.rows[:stop], self.hashes[:stop], strict=True)]
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -354,8 +351,7 @@ def _load_chain(run_dir: Path) -> _Chain:
                 value = None
             if not isinstance(value, dict):
                 raise _Tampered(
-                    f"event {i} ({_label(row['kind'], row['slot'])}): {name} is not a JSON "
-                    "object (row edited?)",
+                    f"event {i} ({_label(row['kind'], row['slot'])}): {name} is not a JSON object (row edited?)",
                     i,
                 )
             row[name] = value
@@ -397,9 +393,7 @@ def _check_chain(chain: _Chain) -> None:
     for i, (row, stored) in enumerate(zip(chain.rows, chain.hashes, strict=True)):
         seq = row["seq"]
         if seq != i:
-            raise _Tampered(
-                f"event {i} out of place: row {i} holds event {seq} (rows deleted or reordered?)", i
-            )
+            raise _Tampered(f"event {i} out of place: row {i} holds event {seq} (rows deleted or reordered?)", i)
         if _hash_row(row) != stored:
             raise _Tampered(f"event {i} ({_label(row['kind'], row['slot'])}): hash mismatch (row edited?)", i)
         if row["prev_hash"] != prev:
@@ -415,9 +409,7 @@ def _check_signature(chain: _Chain, sig: Mapping[str, Any], public: Ed25519Publi
     """The signature file is genuine (made with ``public``'s key) and seals these rows."""
     n = len(chain.rows)
     if n == 0:
-        raise _Tampered(
-            f"the ledger has no events but the signature covers {sig['count']} (rows deleted?)", 0
-        )
+        raise _Tampered(f"the ledger has no events but the signature covers {sig['count']} (rows deleted?)", 0)
     # The signed statement names the run, so it is checked before count and head: a valid
     # signature makes count and head trustworthy, and a mismatch is then the rows' fault.
     message = _signed_message(chain.rows[0]["run_id"], sig["count"], sig["head"])

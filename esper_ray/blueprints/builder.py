@@ -41,9 +41,7 @@ def _view_for(spec: BlueprintSpec, shape: tuple[int, ...]) -> _View:
         return _View(channels, 1, unsqueeze=False)
     if spec.kind == "image" and kind == "image":
         return _View(channels, 2, unsqueeze=False)
-    raise BlueprintShapeError(
-        f"blueprint {spec.name!r} ({spec.kind}) does not fit a {kind} slot of shape {shape}"
-    )
+    raise BlueprintShapeError(f"blueprint {spec.name!r} ({spec.kind}) does not fit a {kind} slot of shape {shape}")
 
 
 class _Add(nn.Module):

@@ -129,8 +129,7 @@ class BlueprintGenerator:
         self.budget = budget
         self.reference_shapes = dict(reference_shapes or REFERENCE_SHAPES)
         self.views = {
-            kind: tuple(view_of(kind, shape) for shape in shapes)
-            for kind, shapes in self.reference_shapes.items()
+            kind: tuple(view_of(kind, shape) for shape in shapes) for kind, shapes in self.reference_shapes.items()
         }
         self.max_tries = max_tries
         self.max_genes = max_genes
@@ -290,9 +289,7 @@ class BlueprintGenerator:
         self.stats.valid += 1
         nodes = to_nodes(genes)
         short = BlueprintSpec(name="candidate", kind=kind, nodes=nodes).short_hash
-        spec = BlueprintSpec(
-            name=f"karn-{kind}-{short}", kind=kind, nodes=nodes, origin="karn", parents=parents
-        )
+        spec = BlueprintSpec(name=f"karn-{kind}-{short}", kind=kind, nodes=nodes, origin="karn", parents=parents)
         return Proposal(spec, operator, params)
 
     def _repair_tail(self, genes: Genome, kind: str) -> Genome:

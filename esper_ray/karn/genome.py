@@ -116,9 +116,7 @@ def insert_at(genes: Sequence[Gene], pos: int, gene: Gene) -> Genome:
 
 def redirect(genes: Sequence[Gene], old: int, new: int, *, after: int) -> Genome:
     """Genes after index ``after`` that read ``old`` read ``new`` instead."""
-    return [
-        g.with_inputs(new if (j == old and k > after) else j for j in g.inputs) for k, g in enumerate(genes)
-    ]
+    return [g.with_inputs(new if (j == old and k > after) else j for j in g.inputs) for k, g in enumerate(genes)]
 
 
 def remove(genes: Sequence[Gene], i: int, replacement: int) -> Genome:

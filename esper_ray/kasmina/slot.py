@@ -155,13 +155,9 @@ class SeedSlot(nn.Module):
     def germinate(self, seed: SeedModule, reason: str = "") -> None:
         """Place a built seed in this DORMANT slot (stage GERMINATED)."""
         if self.stage is not SeedStage.DORMANT:
-            raise IllegalTransition(
-                f"slot {self.name}: cannot germinate in stage {self.stage.name} (needs DORMANT)"
-            )
+            raise IllegalTransition(f"slot {self.name}: cannot germinate in stage {self.stage.name} (needs DORMANT)")
         if tuple(seed.slot_shape) != self.shape:
-            raise EsperError(
-                f"slot {self.name}: seed built for shape {seed.slot_shape}, slot has {self.shape}"
-            )
+            raise EsperError(f"slot {self.name}: seed built for shape {seed.slot_shape}, slot has {self.shape}")
         self.seed = seed
         self.transition(SeedStage.GERMINATED, reason)
 
@@ -206,9 +202,7 @@ class SeedSlot(nn.Module):
     def fossilize(self, reason: str = "decision") -> None:
         """Make the seed permanent; only from HOLDING, and only through its gate."""
         if self.stage is not SeedStage.HOLDING:
-            raise IllegalTransition(
-                f"slot {self.name}: cannot fossilize in stage {self.stage.name} (needs HOLDING)"
-            )
+            raise IllegalTransition(f"slot {self.name}: cannot fossilize in stage {self.stage.name} (needs HOLDING)")
         why = self.gate(SeedStage.FOSSILIZED)
         if why:
             raise GateClosed(f"slot {self.name}: cannot fossilize yet: {why}")

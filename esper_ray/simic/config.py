@@ -37,6 +37,7 @@ class SimicConfig(StrictModel):
     num_cpus_per_env_runner: float = Field(1.0, gt=0, description="fractional on small machines")
     num_gpus_per_env_runner: float = Field(0.0, ge=0)
     num_envs_per_env_runner: int = Field(1, ge=1)
+    sample_timeout_s: float = Field(1800.0, gt=0, description="how long a sampling round may take")
     checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints")
     seed: int = 0
     out_dir: str = "runs"

@@ -137,9 +137,7 @@ def summary_table(rows: list[dict[str, Any]], baseline: str | None = "heuristic"
         germ = mean_ci([r["germinations"] for r in rs])
         hits = [(r["fidelity_hits"], r["germinations"]) for r in rs if r["fidelity_hits"] is not None]
         placed = sum(g for _, g in hits)
-        diffs = [
-            r["final_test_acc"] - base[(r["task"], r["seed"])] for r in rs if (r["task"], r["seed"]) in base
-        ]
+        diffs = [r["final_test_acc"] - base[(r["task"], r["seed"])] for r in rs if (r["task"], r["seed"]) in base]
         d = mean_ci(diffs) if diffs and name != baseline else None
         table.append(
             {

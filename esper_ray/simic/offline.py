@@ -34,10 +34,13 @@ the exported policy with the recorded actions).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +66,16 @@ class OfflineSettings(StrictModel):
     )
     lr: float | None = Field(None, gt=0, description="learning rate (default ppo.lr)")
     vf_coeff: float = Field(1.0, ge=0, description="weight of the value loss (beta > 0)")
+    adv_norm_start: float | None = Field(
+        None, gt=0, description="initial c^2 of exp(beta * A / c) (default: mean squared return-to-go)"
+    )
+    adv_norm_update_rate: float = Field(
+        1e-2, ge=0, le=1, description="moving-average rate of c^2 towards the mean squared advantage"
+    )
     monte_carlo_returns: bool = Field(True, description="value targets = discounted returns-to-go")
-    num_cpus_per_prelearner: float = Field(0.5, gt=0, description="the Ray Data map actor's CPUs")
+    num_cpus_per_data_worker: float = Field(
+        0.5, gt=0, description="CPUs of the Ray Data read tasks and the OfflinePreLearner map actor"
+    )
 
 
 def _settings(cfg: SimicConfig, settings: OfflineSettings | dict[str, Any] | None) -> OfflineSettings:
@@ -114,8 +125,13 @@ def prepare_data(table: pa.Table, folder: Path, gamma: float, monte_carlo: bool)
 
 
 # ---- RLlib -----------------------------------------------------------------------------------------
-def build_marwil_config(cfg: SimicConfig, data: Path, settings: OfflineSettings, env):
-    """The RLlib MARWILConfig: no env runners, one local learner, the online PPO RLModule."""
+def build_marwil_config(cfg: SimicConfig, data: Path, settings: OfflineSettings, env, adv_norm_start: float = 1.0):
+    """The RLlib MARWILConfig: no env runners, one local learner, the online PPO RLModule.
+
+    ``adv_norm_start`` (used unless ``settings.adv_norm_start`` is set): the initial squared
+    advantage scale. RLlib's default (100, moving at 1e-8) suits returns of order 10; ours are
+    accuracy gains of order 0.1, for which it would make every weight ~1 (i.e. plain BC).
+    """
     from ray.rllib.algorithms.marwil import MARWILConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
     from ray.rllib.examples.rl_modules.classes.action_masking_rlm import ActionMaskingTorchRLModule
@@ -132,15 +148,26 @@ def build_marwil_config(cfg: SimicConfig, data: Path, settings: OfflineSettings,
             lr=settings.lr or p.lr,
             gamma=p.gamma,
             vf_coeff=settings.vf_coeff,
+            moving_average_sqd_adv_norm_start=settings.adv_norm_start or adv_norm_start,
+            moving_average_sqd_adv_norm_update_rate=settings.adv_norm_update_rate,
             train_batch_size_per_learner=batch_size,
         )
-        .rl_module(rl_module_spec=RLModuleSpec(module_class=ActionMaskingTorchRLModule, model_config=_model_config(cfg)))
+        .rl_module(
+            rl_module_spec=RLModuleSpec(module_class=ActionMaskingTorchRLModule, model_config=_model_config(cfg))
+        )
         .offline_data(
             input_=[str(data.absolute())],
             dataset_num_iters_per_learner=settings.updates_per_iteration or p.num_epochs,
-            input_read_method_kwargs={"override_num_blocks": 1},
-            map_batches_kwargs={"concurrency": 1, "num_cpus": settings.num_cpus_per_prelearner},
-            iter_batches_kwargs={"prefetch_batches": 1, "local_shuffle_buffer_size": batch_size},
+            input_read_method_kwargs={
+                "override_num_blocks": 1,
+                "num_cpus": settings.num_cpus_per_data_worker,
+            },
+            map_batches_kwargs={"concurrency": 1, "num_cpus": settings.num_cpus_per_data_worker},
+            iter_batches_kwargs={
+                "prefetch_batches": 1,
+                "local_shuffle_buffer_size": batch_size,
+                "local_shuffle_seed": cfg.seed,
+            },
             # Map (episodes -> learner batches) once and keep the result: with Monte-Carlo
             # returns nothing in the mapped batch depends on the module being trained.
             materialize_data=False,
@@ -219,9 +246,13 @@ def train_offline(
 
     ensure_ray()
     start = time.perf_counter()
-    algo = build_marwil_config(cfg, data, settings, env).build_algo()
+    quiet = _quiet_ray_data()
+    # The value net starts near 0, so the first advantages are the returns themselves.
+    scale = max(float(np.mean(returns_to_go(table, cfg.ppo.gamma) ** 2)), 1e-8)
+    algo = build_marwil_config(cfg, data, settings, env, adv_norm_start=scale).build_algo()
     iterations = settings.iterations or cfg.iterations
     log = out / "progress.jsonl"
+    log.write_text("")
     try:
         for _ in range(iterations):
             result = algo.train()
@@ -239,6 +270,7 @@ def train_offline(
         # would try to report stats to a stopped Ray and print a traceback).
         del algo
         gc.collect()
+        quiet()
     stats = agreement(load_policy(policy_dir), table)
     summary = {
         "algorithm": "MARWIL" if settings.beta > 0 else "BC (MARWIL beta=0)",
@@ -261,6 +293,14 @@ def train_offline(
     return policy_dir
 
 
+def _quiet_ray_data() -> Callable[[], None]:
+    """Ray Data logs every (tiny) dataset execution at INFO; keep it to warnings while we train."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    return lambda: logger.setLevel(level)
+
+
 def _summarize(result: dict[str, Any]) -> dict[str, float]:
     from ray.rllib.core import DEFAULT_MODULE_ID
 
@@ -269,10 +309,8 @@ def _summarize(result: dict[str, Any]) -> dict[str, float]:
     for key in ("policy_loss", "vf_loss", "vf_explained_variance", "num_module_steps_trained"):
         value = learner.get(key)
         if value is not None:
-            try:
+            with contextlib.suppress(TypeError, ValueError):
                 row[key] = float(value)
-            except (TypeError, ValueError):
-                pass
     return row
 
 

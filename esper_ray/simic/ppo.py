@@ -67,6 +67,8 @@ def build_ppo_config(cfg: SimicConfig):
             num_gpus_per_env_runner=cfg.num_gpus_per_env_runner,
             num_envs_per_env_runner=cfg.num_envs_per_env_runner,
             rollout_fragment_length="auto",
+            # An env step trains a host epoch: a fragment can take minutes on a busy machine.
+            sample_timeout_s=cfg.sample_timeout_s,
         )
         .training(
             lr=p.lr,

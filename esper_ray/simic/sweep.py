@@ -53,9 +53,7 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
                 node = node[key]
             node[leaf] = tune.grid_search(values)
         else:
-            raise EsperError(
-                f"sweep search key {dotted!r}: use ppo.<{'|'.join(sorted(_PPO_KEYS))}> or env.<key>"
-            )
+            raise EsperError(f"sweep search key {dotted!r}: use ppo.<{'|'.join(sorted(_PPO_KEYS))}> or env.<key>")
     space["env_config"] = env_config
     return space
 

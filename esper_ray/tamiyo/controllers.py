@@ -73,7 +73,10 @@ class HeuristicController:
        is above ``cull_below``; cull a HOLDING seed at or below it.
     2. If no seed is live and validation accuracy has not improved for
        ``plateau_patience`` epochs, germinate at the open slot with the strongest
-       bottleneck signal: the gradient norm of the layer reading the slot (relative to
+       bottleneck signal (``bottleneck_scores``): the slot's ``grad_predictability``
+       (how much of the loss gradient there a smooth function of the slot's input
+       predicts out of sample), or, when no open slot reads at least
+       ``SIGNAL_FLOOR``, the gradient norm of the layer reading the slot (relative to
        the other slots) plus how collapsed its activations are (1 - effective rank).
        The blueprint is the first candidate in catalogue order that fits the slot and
        has not been tried there yet (so repeated plateaus try alternatives).
@@ -94,11 +97,7 @@ class HeuristicController:
                 return a
         for a in legal:
             s = by_slot.get(a.slot) if a.slot else None
-            if (
-                a.kind is ActionKind.CULL
-                and s.stage is SeedStage.HOLDING
-                and s.contribution <= self.cull_below
-            ):
+            if a.kind is ActionKind.CULL and s.stage is SeedStage.HOLDING and s.contribution <= self.cull_below:
                 return a
         if any(s.stage.is_live for s in obs.slots) or obs.global_.plateau_epochs < self.plateau_patience:
             return ControllerAction.wait()
@@ -115,9 +114,22 @@ class HeuristicController:
         tried.append(choice.blueprint)
         return choice
 
+    SIGNAL_FLOOR = 0.02
+    """Below this everywhere, ``grad_predictability`` is noise and the old proxy ranks slots."""
+
     @staticmethod
     def bottleneck_scores(slots: list) -> dict[str, float]:
-        """Relative consumer gradient norm + activation collapse, per slot name."""
+        """Per slot name, higher = germinate there (only the ranking matters).
+
+        ``grad_predictability`` when some slot reaches ``SIGNAL_FLOOR``: on the bottleneck
+        tasks (damaged frozen host) its argmax is the ground-truth slot on every task of
+        ``benchmarks/bottleneck_study.py``. Otherwise (e.g. a host still training from
+        scratch, where gradients are mostly label noise) the older proxy: relative consumer
+        gradient norm + activation collapse (1 - effective rank), which picked the
+        ground-truth slot on only about a third of those tasks.
+        """
+        if slots and max(s.grad_predictability for s in slots) >= HeuristicController.SIGNAL_FLOOR:
+            return {s.name: s.grad_predictability for s in slots}
         mean_grad = sum(s.host_grad_norm for s in slots) / max(len(slots), 1) or 1.0
         return {s.name: s.host_grad_norm / mean_grad + (1.0 - s.act_effective_rank) for s in slots}
 

@@ -49,12 +49,8 @@ class TaskConfig(BaseModel):
     family: Literal["mnist1d", "digits", "bottleneck", "cifar10"] = "mnist1d"
     seed: int = Field(0, ge=0, le=_MAX_SEED, description="data generation / split seed")
     n_train: int | None = Field(None, ge=1, description="keep only this many training examples (None = all)")
-    val_fraction: float = Field(
-        0.2, gt=0.0, le=0.5, description="share of the non-test labelled data held out for val"
-    )
-    root: str | None = Field(
-        None, description="cifar10 only: folder holding cifar-10-batches-py/, or that folder"
-    )
+    val_fraction: float = Field(0.2, gt=0.0, le=0.5, description="share of the non-test labelled data held out for val")
+    root: str | None = Field(None, description="cifar10 only: folder holding cifar-10-batches-py/, or that folder")
     # bottleneck family only (ignored by the others)
     bottleneck_slot: int = Field(1, ge=0, description="0 = 'input', i + 1 = 'hidden{i}'")
     input_dim: int = Field(32, ge=1)
@@ -69,8 +65,7 @@ class TaskConfig(BaseModel):
         if self.bottleneck_slot > len(self.hidden):
             slots = ", ".join(f"{i}={name!r}" for i, name in enumerate(slot_names(self.hidden)))
             raise ValueError(
-                f"bottleneck_slot={self.bottleneck_slot} is out of range for "
-                f"hidden={self.hidden}; valid slots: {slots}"
+                f"bottleneck_slot={self.bottleneck_slot} is out of range for hidden={self.hidden}; valid slots: {slots}"
             )
         return self
 
