@@ -108,15 +108,22 @@ def _simic(args: argparse.Namespace) -> int:
     cfg = load_config(path, args.overrides, model=SimicConfig)
     if args.offline:
         from esper_ray.simic.offline import train_offline
+        from esper_ray.simic.record import read_recording
 
-        out = train_offline(cfg, args.offline, args.out or Path(cfg.out_dir) / f"{cfg.name}-offline")
+        read_recording(args.offline)  # a bad path fails in one line before Ray starts
+        ensure_ray(args.address)
+        out = train_offline(
+            cfg, args.offline, args.out or Path(cfg.out_dir) / f"{cfg.name}-offline", progress=not args.no_progress
+        )
         print(f"offline policy: {out}")
         return 0
     if args.resume is not None and not (args.resume / "rllib_checkpoint.json").exists():
         raise EsperError(f"no RLlib checkpoint at {args.resume} (rllib_checkpoint.json missing)")
     ensure_ray(args.address)
     out = args.out or Path(cfg.out_dir) / cfg.name
-    checkpoint = train_simic(cfg, out, resume=args.resume, progress=not args.no_progress)
+    checkpoint = train_simic(
+        cfg, out, resume=args.resume, warm_start=args.warm_start, progress=not args.no_progress
+    )
     print(f"checkpoint: {checkpoint}\nexported policy: {Path(out) / 'policy'}")
     return 0
 
@@ -234,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     simic.add_argument("--out", type=Path, help="output folder (default <out_dir>/<name>)")
     simic.add_argument("--resume", type=Path, help="an RLlib checkpoint folder to continue from")
     simic.add_argument("--offline", type=Path, help="train from recorded episodes (Parquet) instead")
+    simic.add_argument("--warm-start", type=Path, help="an offline checkpoint whose weights start PPO")
     simic.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
     simic.add_argument("--no-progress", action="store_true")
     simic.add_argument("overrides", nargs="*", metavar="KEY=VALUE")

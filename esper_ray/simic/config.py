@@ -26,6 +26,29 @@ class PPOSettings(StrictModel):
     model_config = {"extra": "forbid", "populate_by_name": True}
 
 
+class OfflineSettings(StrictModel):
+    """MARWIL settings; ``None`` falls back to the SimicConfig's PPO values (noted per field)."""
+
+    beta: float = Field(1.0, ge=0, le=1, description="advantage weighting; 0 is behaviour cloning")
+    iterations: int | None = Field(None, ge=1, description="RLlib iterations (default cfg.iterations)")
+    batch_size: int | None = Field(None, ge=1, description="rows per update (default ppo.minibatch_size)")
+    updates_per_iteration: int | None = Field(
+        None, ge=1, description="gradient updates per iteration (default ppo.num_epochs)"
+    )
+    lr: float | None = Field(None, gt=0, description="learning rate (default ppo.lr)")
+    vf_coeff: float = Field(1.0, ge=0, description="weight of the value loss (beta > 0)")
+    adv_norm_start: float | None = Field(
+        None, gt=0, description="initial c^2 of exp(beta * A / c) (default: mean squared return-to-go)"
+    )
+    adv_norm_update_rate: float = Field(
+        1e-2, ge=0, le=1, description="moving-average rate of c^2 towards the mean squared advantage"
+    )
+    monte_carlo_returns: bool = Field(True, description="value targets = discounted returns-to-go")
+    num_cpus_per_data_worker: float = Field(
+        0.5, gt=0, description="CPUs of the Ray Data read tasks and the OfflinePreLearner map actor"
+    )
+
+
 class SimicConfig(StrictModel):
     """``esper-ray simic --config configs/controller_ppo.yaml``."""
 
@@ -41,6 +64,7 @@ class SimicConfig(StrictModel):
     checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints")
     seed: int = 0
     out_dir: str = "runs"
+    offline: OfflineSettings = OfflineSettings()
 
 
 class SweepConfig(StrictModel):

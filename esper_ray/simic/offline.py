@@ -27,9 +27,25 @@ which each row's reward is its discounted return-to-go and the row is terminal, 
 value target is exactly the Monte-Carlo return MARWIL is defined with. The recording
 itself is never modified.
 
+Advantage scale: MARWIL weights by ``exp(beta * A / c)`` with ``c^2`` a moving average of
+``A^2``. RLlib's default start (100, moving at 1e-8) suits returns of order 10; ours are
+accuracy gains of order 0.1, so every weight would be ~1 (BC in disguise). We start
+``c^2`` at the mean squared return-to-go (the value net starts near 0) and let it track.
+
+Warm start: ``warm_start(ppo_algo, out / "checkpoint")`` loads the offline RLModule (policy
+and value net) into a built online PPO algorithm (RLlib's component restore, env runners
+synced), e.g. in ``train_simic`` right after ``build_algo()``.
+
 Outputs in ``out``: ``checkpoint/`` (RLlib), ``policy/`` (torch-only export),
-``progress.jsonl`` (per iteration), ``summary.json`` (settings, data size, agreement of
-the exported policy with the recorded actions).
+``data/`` (the prepared copy RLlib reads), ``progress.jsonl`` (per iteration),
+``summary.json`` (settings, data size, agreement of the exported policy with the
+recorded actions).
+
+Usage::
+
+    esper-ray record --controller heuristic --seeds 3 --out runs/decisions
+    esper-ray simic --offline runs/decisions --out runs/tamiyo-offline iterations=10 ppo.num_epochs=200
+    esper-ray evaluate --policy runs/tamiyo-offline/policy --policy runs/tamiyo-ppo/policy
 """
 
 from __future__ import annotations
@@ -47,40 +63,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
 
-from esper_ray.config import StrictModel, validate_model
+from esper_ray.config import validate_model
 from esper_ray.contracts import EsperError
-from esper_ray.simic.config import SimicConfig
+from esper_ray.simic.config import OfflineSettings, SimicConfig
 from esper_ray.simic.record import decision_arrays, read_recording
-
-
-class OfflineSettings(StrictModel):
-    """MARWIL settings; ``None`` falls back to the SimicConfig's PPO values (noted per field)."""
-
-    beta: float = Field(1.0, ge=0, le=1, description="advantage weighting; 0 is behaviour cloning")
-    iterations: int | None = Field(None, ge=1, description="RLlib iterations (default cfg.iterations)")
-    batch_size: int | None = Field(None, ge=1, description="rows per update (default ppo.minibatch_size)")
-    updates_per_iteration: int | None = Field(
-        None, ge=1, description="gradient updates per iteration (default ppo.num_epochs)"
-    )
-    lr: float | None = Field(None, gt=0, description="learning rate (default ppo.lr)")
-    vf_coeff: float = Field(1.0, ge=0, description="weight of the value loss (beta > 0)")
-    adv_norm_start: float | None = Field(
-        None, gt=0, description="initial c^2 of exp(beta * A / c) (default: mean squared return-to-go)"
-    )
-    adv_norm_update_rate: float = Field(
-        1e-2, ge=0, le=1, description="moving-average rate of c^2 towards the mean squared advantage"
-    )
-    monte_carlo_returns: bool = Field(True, description="value targets = discounted returns-to-go")
-    num_cpus_per_data_worker: float = Field(
-        0.5, gt=0, description="CPUs of the Ray Data read tasks and the OfflinePreLearner map actor"
-    )
 
 
 def _settings(cfg: SimicConfig, settings: OfflineSettings | dict[str, Any] | None) -> OfflineSettings:
     if settings is None:
-        settings = getattr(cfg, "offline", None) or {}  # a future SimicConfig.offline section
+        settings = cfg.offline
     if not isinstance(settings, OfflineSettings):
         settings = validate_model(OfflineSettings, dict(settings), "offline settings")
     return settings
@@ -246,38 +238,40 @@ def train_offline(
 
     ensure_ray()
     start = time.perf_counter()
-    quiet = _quiet_ray_data()
     # The value net starts near 0, so the first advantages are the returns themselves.
     scale = max(float(np.mean(returns_to_go(table, cfg.ppo.gamma) ** 2)), 1e-8)
-    algo = build_marwil_config(cfg, data, settings, env, adv_norm_start=scale).build_algo()
     iterations = settings.iterations or cfg.iterations
     log = out / "progress.jsonl"
     log.write_text("")
+    checkpoint = out / "checkpoint"
+    quiet = _quiet_ray_data()
+    algo = None
     try:
+        algo = build_marwil_config(cfg, data, settings, env, adv_norm_start=scale).build_algo()
         for _ in range(iterations):
-            result = algo.train()
-            row = _summarize(result)
+            row = _summarize(algo.train())
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             if progress:
                 print("[simic offline] " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
-        checkpoint = out / "checkpoint"
         algo.save_to_path(str(checkpoint.absolute()))
         policy_dir = export_rl_module(learner_module(algo), env, out / "policy")
     finally:
-        algo.stop()
-        # Close Ray Data's batch generators now, while Ray is up (at interpreter exit they
-        # would try to report stats to a stopped Ray and print a traceback).
-        del algo
-        gc.collect()
+        if algo is not None:
+            algo.stop()
+            # Close Ray Data's batch generators now, while Ray is up (at interpreter exit they
+            # would try to report stats to a stopped Ray and print a traceback).
+            del algo
+            gc.collect()
         quiet()
     stats = agreement(load_policy(policy_dir), table)
     summary = {
         "algorithm": "MARWIL" if settings.beta > 0 else "BC (MARWIL beta=0)",
         "recording": str(path),
-        "episodes": len({e for e in table.column("eps_id").to_pylist()}),
+        "episodes": len(set(table.column("eps_id").to_pylist())),
         "settings": settings.model_dump(),
         "iterations": iterations,
+        "updates": iterations * (settings.updates_per_iteration or cfg.ppo.num_epochs),
         "train_seconds": round(time.perf_counter() - start, 2),
         "checkpoint": str(checkpoint),
         "policy": str(policy_dir),

@@ -124,6 +124,7 @@ def train_simic(
     out: str | Path,
     *,
     resume: str | Path | None = None,
+    warm_start: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
     """Train for ``cfg.iterations`` (counting those before ``resume``); return the final checkpoint."""
@@ -142,6 +143,10 @@ def train_simic(
             ) from None
     else:
         algo = build_ppo_config(cfg).build_algo()
+        if warm_start is not None:  # an offline (MARWIL/BC) checkpoint of the same module
+            from esper_ray.simic.offline import warm_start as load_offline
+
+            load_offline(algo, warm_start)
     log = out / "progress.jsonl"
     checkpoint = out / "checkpoint"
     try:
