@@ -367,6 +367,59 @@ def test_standard_blueprints_come_through_the_pipeline(pipeline) -> None:
         pipeline.client.resolve("no_such_blueprint")
 
 
+class _GrowThenCull:
+    """Germinates ``lowrank`` at hidden0 at the first decision and culls it two decisions later."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def act(self, obs, legal):
+        from esper_ray.contracts import ControllerAction
+
+        self.calls += 1
+        wanted = {1: ControllerAction.germinate("hidden0", "lowrank"), 3: ControllerAction.cull("hidden0")}
+        action = wanted.get(self.calls, ControllerAction.wait())
+        return action if action in legal else ControllerAction.wait()
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+@ray_mark
+def test_a_training_run_germinates_from_the_pipeline_and_reports_back(pipeline, tmp_path, monkeypatch) -> None:
+    """The trainer uses the catalogue the actors serve, and its field reports reach Urza for Karn."""
+    import ray
+
+    from esper_ray.config import RunConfig
+    from esper_ray.tolaria.run import run_training
+
+    monkeypatch.setenv("ESPER_RAY_LINEAGE_KEY", str(tmp_path / "key.pem"))
+    before = len(ray.get(pipeline.urza.field_reports.remote()))
+    cfg = RunConfig(
+        training={"epochs": 5},
+        task={"n_train": 400},
+        blueprints={"source": "urza"},
+        lifecycle={"min_training_epochs": 1},
+    )
+    result = run_training(
+        cfg, out=tmp_path / "run", controller=_GrowThenCull(), catalogue=pipeline.client, progress=False
+    )
+    assert result.summary["germinations"] == 1 and result.summary["culls"] == 1
+    germinated = next(e for e in result.trainer.events if e["kind"] == "germinate")
+    assert germinated["blueprint_hash"] == STANDARD_BLUEPRINTS["lowrank"].content_hash
+    deadline = time.monotonic() + 30
+    while len(ray.get(pipeline.urza.field_reports.remote())) == before and time.monotonic() < deadline:
+        time.sleep(0.2)  # sent fire-and-forget
+    reports = ray.get(pipeline.urza.field_reports.remote())
+    assert len(reports) == before + 1
+    assert reports[-1].blueprint_hash == germinated["blueprint_hash"] and reports[-1].outcome == "culled"
+
+
 HOSTILE = [
     ("garbage", "}{ not json", None),
     ("empty", "", None),

@@ -98,3 +98,30 @@ def test_bad_checkpoints_and_policies_are_one_line(tmp_path: Path) -> None:
     (bad / "policy.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(EsperError, match="unreadable"):
         load_policy(bad)
+
+
+def test_sweep_runs_a_grid_and_reports_the_best_trial(ray_session, tmp_path: Path) -> None:
+    from esper_ray.simic.config import SweepConfig
+    from esper_ray.simic.sweep import run_sweep
+
+    cfg = SweepConfig(
+        name="tiny-sweep",
+        storage_path=str(tmp_path / "tune"),
+        scheduler="fifo",
+        search={"ppo.lr": [1e-4, 1e-3]},
+        base=TINY.model_copy(update={"iterations": 1}),
+    )
+    result = run_sweep(cfg, progress=False)
+    assert len(result["trials"]) == 2
+    assert {t["lr"] for t in result["trials"]} == {1e-4, 1e-3}
+    assert all(not t["error"] for t in result["trials"]), result["trials"]
+    assert Path(result["summary_csv"]).read_text().count("\n") == 3  # header + 2 trials
+    assert result["best_checkpoint"] is not None and Path(result["best_checkpoint"]).exists()
+
+
+def test_sweep_rejects_unknown_search_keys(tmp_path: Path) -> None:
+    from esper_ray.simic.config import SweepConfig
+    from esper_ray.simic.sweep import param_space
+
+    with pytest.raises(EsperError, match="sweep search key 'ppo.nope'"):
+        param_space(SweepConfig(search={"ppo.nope": [1, 2]}, base=TINY))
