@@ -168,6 +168,9 @@ class CompileInfo:
     mode: str
     seconds: float
     error: str = ""
+    # torch.compile's cache artifacts (torch.compiler.save_cache_artifacts): what compiling
+    # produced, kept by Urza so another process can warm its compile caches from it.
+    artifacts: bytes = b""
 
 
 def compile_seed(
@@ -195,9 +198,10 @@ def compile_seed(
             expected = seed(h)
         if not torch.allclose(out.detach(), expected, rtol=1e-4, atol=1e-5):
             return CompileInfo("eager", time.perf_counter() - start, "compiled output differs from eager")
+        saved = torch.compiler.save_cache_artifacts()
     except Exception as err:  # inductor, a missing compiler, an op it cannot trace...
         return CompileInfo("eager", time.perf_counter() - start, f"compile failed: {_first_line(err)}")
-    return CompileInfo("compiled", time.perf_counter() - start)
+    return CompileInfo("compiled", time.perf_counter() - start, artifacts=saved[0] if saved else b"")
 
 
 # ---- the actor --------------------------------------------------------------------------------------
@@ -371,7 +375,7 @@ class Tezzeret:
         spec, shape = verdict.spec, verdict.shapes[0]
         template = template_bytes(spec, shape)
         info = asdict(self._compile_stage(spec, shape))
-        self._urza.call("mark_compiled", key, info)
+        self._urza.call("mark_compiled", key, {k: v for k, v in info.items() if k != "artifacts"})
         report = self._urabrask.call("benchmark", spec.to_json(), shape, timeout=600)
         status = self._urza.call("complete", spec.to_json(), template, shape, info, report)
         self._counts[status] += 1
@@ -385,7 +389,7 @@ class Tezzeret:
             # The test/benchmark knob: every compile takes this much longer (after the real
             # work, so a benchmark overlaps a training run with the compile's CPU load first).
             self._stop.wait(self.slow_compile_s)
-        info = CompileInfo(info.mode, time.perf_counter() - started, info.error)
+        info = replace(info, seconds=time.perf_counter() - started)
         self._counts[f"mode_{info.mode}"] += 1
         self._compiles.inc(1, tags={"mode": info.mode})
         self._compile_seconds.observe(info.seconds)

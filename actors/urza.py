@@ -80,6 +80,7 @@ class Entry:
     compile_error: str = ""
     slot_shape: str = ""  # JSON list: the reference slot shape of the template and the benchmark
     template_sha256: str = ""
+    compiled_sha256: str = ""  # of the torch.compile cache artifacts, "" when it ran eagerly
     report: BenchmarkReport | None = None
 
     @property
@@ -126,7 +127,8 @@ def row_to_entry(row: dict[str, Any]) -> Entry:
     report = None
     if row.get("report_blueprint_hash") is not None:
         report = BenchmarkReport(**{f.name: row["report_" + f.name] for f in _REPORT_FIELDS})
-    return Entry(**{f.name: row[f.name] for f in _ENTRY_COLUMNS}, report=report)
+    # Columns added later (compiled_sha256) take their default in older catalogues.
+    return Entry(**{f.name: row.get(f.name, f.default) for f in _ENTRY_COLUMNS}, report=report)
 
 
 def field_report_to_row(report: FieldReport) -> dict[str, Any]:
@@ -243,6 +245,19 @@ class UrzaLibrary:
         self.version = version
         atomic_write(self.root / META_FILE, json.dumps({"version": version}).encode())
 
+    def _compiled_path(self, key: str) -> Path:
+        return self._template_path(key).with_suffix(".compiled")
+
+    def compiled_bytes(self, key: str) -> bytes:
+        """The stored torch.compile cache artifacts of ``key`` (b"" when it ran eagerly)."""
+        entry = self.entries.get(key)
+        if entry is None or not entry.compiled_sha256:
+            return b""
+        data = self._compiled_path(key).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.compiled_sha256:
+            raise EsperError(f"compiled artifacts of {key[:12]} do not match their recorded digest")
+        return data
+
     def _template_path(self, key: str) -> Path:
         if not all(c in "0123456789abcdef" for c in key) or len(key) != 64:
             raise EsperError(f"not a content hash: {key[:80]!r}")
@@ -320,6 +335,10 @@ class UrzaLibrary:
         if report.passed:
             atomic_write(self._template_path(key), template)
             entry.template_sha256 = hashlib.sha256(template).hexdigest()
+            artifacts = compile_info.get("artifacts") or b""
+            if artifacts:
+                atomic_write(self._compiled_path(key), artifacts)
+                entry.compiled_sha256 = hashlib.sha256(artifacts).hexdigest()
             entry.status, entry.reason, entry.stage = READY, "", ""
         else:
             entry.status, entry.reason, entry.stage = REJECTED, report.reason, "benchmark"
@@ -417,6 +436,7 @@ class Urza:
         self._lock = threading.RLock()
         self._lib = UrzaLibrary(storage)
         self._templates: dict[str, ray.ObjectRef] = {}
+        self._compiled: dict[str, ray.ObjectRef] = {}
         self._counts = {"registered": 0, "completed": 0, "rejected": 0, "served": 0, "refused": 0}
         # Rejections are counted where they are decided (Tezzeret's esper_rejections).
         self._catalogue_size = Gauge("esper_catalogue_size", description="ready blueprints in Urza")
@@ -433,6 +453,9 @@ class Urza:
     def _put_template(self, key: str) -> None:
         # Urza owns these objects: they live as long as the library, not as long as a caller.
         self._templates[key] = ray.put(self._lib.template_bytes(key))
+        compiled = self._lib.compiled_bytes(key)
+        if compiled:
+            self._compiled[key] = ray.put(compiled)
 
     # ---- Tezzeret's side -------------------------------------------------------------------------
     def register(self, spec_json: str) -> tuple[str, str]:
@@ -518,6 +541,10 @@ class Urza:
                 return self._lib.version, None
             self._counts["served"] += 1
             return self._lib.version, self._lib.catalogue()
+
+    def compiled_ref(self, key: str) -> ray.ObjectRef | None:
+        """The ObjectRef of a ready blueprint's torch.compile cache artifacts, or None if eager."""
+        return self._compiled.get(key)
 
     def template_ref(self, key: str) -> ray.ObjectRef | None:
         """The ObjectRef of a ready blueprint's weight template (safetensors bytes), or None."""

@@ -11,6 +11,7 @@ its calls compared with the work it did not wait for).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 import uuid
@@ -692,9 +693,14 @@ def test_compile_mode_is_recorded(tmp_path) -> None:
             "the compile",
             every=0.5,
         )
+        compiled_ref = ray.get(p.urza.compiled_ref.remote(key))
+        artifacts = ray.get(compiled_ref) if compiled_ref is not None else b""
     finally:
         stop_pipeline(p, kill=True)
     assert row["status"] == READY, row["reason"]
     assert row["compile_mode"] == "compiled" or (row["compile_mode"] == "eager" and row["compile_error"])
+    if row["compile_mode"] == "compiled":  # the compile's cache artifacts are in the object store
+        assert artifacts and hashlib.sha256(artifacts).hexdigest() == row["compiled_sha256"]
+        assert (tmp_path / "templates" / f"{key}.compiled").read_bytes() == artifacts  # and persisted
     assert row["compile_seconds"] > 0
     assert asdict(BenchmarkReport(**row["report"]))["passed"]
