@@ -105,6 +105,9 @@ class EnvConfig(StrictModel):
     warmup_epochs: int = Field(1, ge=1, description="epochs trained before the first decision")
     reward: RewardConfig = RewardConfig()
     distill: dict[str, Any] | None = Field(None, description="distillation mode settings (tolaria.distill)")
+    task_hosts: bool = Field(
+        True, description="tasks that ship a pre-trained host (bottleneck) start from it, frozen"
+    )
 
     @property
     def tasks(self) -> list[TaskConfig]:
@@ -196,10 +199,13 @@ class MorphogenesisEnv(gym.Env):
         """A fresh Trainer for task ``task_index`` of the current split, seeded ``train_seed``."""
         self.task = self.config.tasks[task_index]
         base = self.config.run
-        run = base.model_copy(
-            update={"task": self.task, "training": base.training.model_copy(update={"seed": train_seed})}
-        )
         data = load_task(self.task)
+        training = {"seed": train_seed}
+        if data.host_init is not None and self.config.task_hosts:
+            # A task that ships a (damaged) pre-trained host: start from it, frozen, so the
+            # only way to the missing capacity is a seed in the right slot.
+            training.update(host_init="task", freeze_host=True)
+        run = base.model_copy(update={"task": self.task, "training": base.training.model_copy(update=training)})
         loss_fn = None
         if self.config.distill is not None:
             from esper_ray.tolaria.distill import make_distillation
