@@ -158,8 +158,9 @@ def summary_table(rows: list[dict[str, Any]], baseline: str | None = "heuristic"
 
 
 def format_table(table: list[dict[str, Any]], baseline: str = "heuristic") -> str:
+    width = max([24, *(len(t["controller"]) for t in table)])
     lines = [
-        f"{'controller':<24} {'n':>3}  {'test acc':>17}  {'seed params':>17}  {'germ.':>11}  "
+        f"{'controller':<{width}} {'n':>3}  {'test acc':>17}  {'seed params':>17}  {'germ.':>11}  "
         f"{'fidelity':>8}  {'diff vs ' + baseline:>19}"
     ]
     for t in table:
@@ -167,7 +168,7 @@ def format_table(table: list[dict[str, Any]], baseline: str = "heuristic") -> st
         diff_s = "" if math.isnan(diff) else f"{diff:+.4f} ± {t[f'diff_vs_{baseline}_ci95']:.4f}"
         fid = "" if math.isnan(t["fidelity"]) else f"{t['fidelity']:.2%}"
         lines.append(
-            f"{t['controller']:<24} {t['episodes']:>3}  {t['test_acc']:.4f} ± {t['test_acc_ci95']:.4f}  "
+            f"{t['controller']:<{width}} {t['episodes']:>3}  {t['test_acc']:.4f} ± {t['test_acc_ci95']:.4f}  "
             f"{t['seed_params']:>8.0f} ± {t['seed_params_ci95']:<6.0f}  "
             f"{t['germinations']:.2f} ± {t['germinations_ci95']:.2f}  {fid:>8}  {diff_s:>19}"
         )
