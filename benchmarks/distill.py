@@ -25,6 +25,9 @@ teacher, an MLP 40-64-64-10 student, 60 epochs), for each seed ``s`` in ``0..see
   For both: the accuracy gain (end - start test accuracy) and the trainable parameters
   (a: the student's; b: the seeds present at the end, culled ones not counted).
 
+``--quick`` (1 seed, 30 student epochs, E=20, a 20-epoch teacher) and ``--json PATH`` (the
+table and the ratios) are for benchmarks/run_all.py.
+
 Printed: one table, mean ± 95% CI (Student t) over seeds of test accuracy, the share of
 the teacher's test accuracy retained (per seed, student / its teacher), the gain for the
 fine-tuning rows, trainable and total parameters, and wall seconds; then the parameter
@@ -245,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", help="an exported Tamiyo policy folder (else the row says 'not given')")
     p.add_argument("--out", default="runs/bench-distill", help="folder for the CSV files")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. training.epochs=30")
+    p.add_argument("--quick", action="store_true", help="1 seed, 30 student epochs, E=20, a 20-epoch teacher")
+    p.add_argument("--json", help="also write the table and the ratios to this JSON file")
     args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.ft_epochs = 1, 20
+        args.overrides = ["training.epochs=30", "distill.teacher_epochs=20", *args.overrides]
     torch.set_num_threads(1)
 
     base, dcfg = load_distill_config(args.config, args.overrides)
@@ -287,6 +295,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "seeds": args.seeds,
+                    "ft_epochs": args.ft_epochs,
+                    "epochs": base.training.epochs,
+                    "quick": args.quick,
+                    "table": table,
+                    "param_ratio": ratio,
+                    "params_per_point": per_point,
+                    "params_per_point_ratio": per_point["full"] / per_point["seeds"]
+                    if math.isfinite(per_point["full"]) and math.isfinite(per_point["seeds"])
+                    else None,
+                    "seconds": round(time.perf_counter() - started, 1),
+                },
+                indent=2,
+                default=lambda v: None,
+            )
+        )
     _write_csv(table, out / "distill_table.csv")
     _write_csv(runs, out / "distill_runs.csv")
     print(f"\nwritten: {out}/distill_table.csv, {out}/distill_runs.csv ({time.perf_counter() - started:.0f} s)")

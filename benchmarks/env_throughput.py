@@ -13,8 +13,9 @@ What it measures, side by side in one run (one torch thread):
   * env+seed: the same with a conv1d seed germinated at the input at the first step
     (seeds add real compute; for information);
   * optionally, PPO seconds per iteration of the default Simic settings (small batch).
-Prints epochs/s of each and the ratio env/plain (target >= 0.9). Expect ~0.5-0.8 on the
-tiny default host: a decision point costs a few ms of telemetry against ~20 ms of training.
+Prints epochs/s of each and the ratio env/plain (target >= 0.9). ``--quick`` (1 episode of
+15 epochs) and ``--json PATH`` (the figures) are for benchmarks/run_all.py. Expect ~0.5-0.8
+on the tiny default host: a decision point costs a few ms of telemetry against ~20 ms of training.
 """
 
 from __future__ import annotations
@@ -104,7 +105,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--ppo-iterations", type=int, default=0, help="also time PPO (0: skip)")
+    parser.add_argument("--quick", action="store_true", help="1 episode of 15 epochs")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.quick:
+        args.episodes, args.epochs = 1, 15
     torch.set_num_threads(1)
     plain_loop(2, 0), env_loop(2, 0, False)  # warm caches and code paths
     plain, env, seeded = [], [], []
@@ -117,10 +122,32 @@ def main() -> None:
     print(f"env, wait only     : {args.epochs / e:7.1f} env steps/s ({e / args.epochs * 1e3:.1f} ms/step)")
     print(f"env, conv1d seed   : {args.epochs / s:7.1f} env steps/s ({s / args.epochs * 1e3:.1f} ms/step)")
     print(f"an episode of {args.epochs} epochs: {e:.2f} s (wait only), {s:.2f} s (with a seed)")
+    seconds = None
     if args.ppo_iterations:
         seconds = ppo_iteration_seconds(args.ppo_iterations)
         print(f"PPO (256 env steps/iteration, sampling in the driver): {seconds:.1f} s/iteration")
     print(f"throughput ratio env/plain = {p / e:.3f} (target >= 0.9)")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "epochs": args.epochs,
+                    "episodes": args.episodes,
+                    "plain_epochs_per_s": args.epochs / p,
+                    "env_steps_per_s": args.epochs / e,
+                    "env_seeded_steps_per_s": args.epochs / s,
+                    "episode_s": e,
+                    "episode_seeded_s": s,
+                    "ratio": p / e,
+                    "target": 0.9,
+                    "ppo_s_per_iteration": seconds,
+                    "quick": args.quick,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ Expect (measured on 2 shared CPU cores): appends at roughly 40-80k events/s; the
 flush in a process 0.3-0.5 s (pyarrow's one-time imports), then about 20-50 ms to
 rewrite all 10,000 events; verification of 10,000 events in about 0.13 s, well under
 the 1 s target. The script exits with status 1 if the target is missed or the ledger
-fails to verify.
+fails to verify. ``--quick`` (2 repeats) and ``--json PATH`` (the figures) are for
+benchmarks/run_all.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TARGET_S = 1.0  # 10,000 events must verify in under this
+
+
+build_figures: dict[str, float] = {}  # filled by build() for --json
 
 
 def build(run_dir: Path, key_path: Path, n: int) -> None:
@@ -81,6 +85,7 @@ def build(run_dir: Path, key_path: Path, n: int) -> None:
     warm = time.perf_counter()
     ledger.flush()
     warm_s = time.perf_counter() - warm
+    build_figures.update(append_events_per_s=n / append_s, flush_cold_s=cold_s, flush_warm_s=warm_s)
     print(f"append:  {n} events in {append_s:.3f} s ({n / append_s:,.0f} events/s)")
     print(
         f"flush:   {n - 1} events, first flush in the process {cold_s:.3f} s; "
@@ -95,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000, help="at least 2")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="2 repeats")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 2
     if args.events < 2 or args.repeats < 1:
         parser.error("--events must be at least 2 and --repeats at least 1")
 
@@ -120,6 +129,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"report:  {report.message}")
     scaled = best * 10_000 / max(1, args.events)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "events": args.events,
+                    "repeats": args.repeats,
+                    "verify_best_s": best,
+                    "verify_first_s": times[0],
+                    "verify_per_10k_s": scaled,
+                    "target_s": TARGET_S,
+                    "events_per_s": report.events / best,
+                    "ledger_kib": size / 1024,
+                    **build_figures,
+                    "quick": args.quick,
+                },
+                indent=2,
+            )
+        )
     return 0 if scaled < TARGET_S else 1
 
 

@@ -6,7 +6,8 @@ Run:
 
 ``--steps`` is the number of training steps per timed block (default 200), ``--blocks`` the
 number of alternating blocks per host (default 20); ``--pretrain`` and ``--epoch-steps`` size
-part (b). Single-threaded torch on the CPU; about 1.5 minutes in all.
+part (b). Single-threaded torch on the CPU; about 1.5 minutes in all. ``--quick`` times
+50 steps x 8 blocks; ``--json PATH`` also writes the summary figures (for run_all.py).
 
 What it measures, all in one run:
 
@@ -244,7 +245,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=20, help="alternating blocks per host")
     parser.add_argument("--pretrain", type=int, default=300, help="host steps before the seed")
     parser.add_argument("--epoch-steps", type=int, default=50, help="steps per lifecycle epoch")
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps (--steps 50 --blocks 8)")
+    parser.add_argument("--json", help="also write the summary figures to this JSON file")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.blocks = 50, 8
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU")
 
@@ -252,10 +257,10 @@ def main() -> None:
           f"{args.steps} steps after warm-up; median per-step time")
     print(f"{'host':6s} {'clock':5s} {'dormant (3 slots)':>18s} {'plain (slots=[])':>17s} "
           f"{'ratio':>6s} {'paired':>7s}")
-    ratios = {}
+    ratios, timings = {}, {}
     for kind in ("mlp", "cnn1d"):
         r = step_time(kind, args.steps, args.blocks)
-        ratios[kind] = r["cpu"]["ratio"]
+        ratios[kind], timings[kind] = r["cpu"]["ratio"], r
         for clock in ("cpu", "wall"):
             c = r[clock]
             print(f"{kind:6s} {clock:5s} {c['dormant'] * 1e3:15.4f} ms {c['plain'] * 1e3:14.4f} ms "
@@ -291,6 +296,20 @@ def main() -> None:
           f"{max(training[f'between:{k}'] for k in keys):.1e}"
           f"{' (bitwise equal)' if training['between_exact'] else ''}, final {final_between:.1e} "
           f"(target < 0.05; ordinary training drift {final_twin:.1e})")
+    if args.json:
+        import json
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps({
+            "steps": args.steps, "blocks": args.blocks, "pretrain": args.pretrain, "epoch_steps": args.epoch_steps,
+            "step_time": timings,  # per host and clock: dormant, plain (s/step), ratio, paired
+            "dormant_ratio_cpu": ratios, "dormant_target": 1.02,
+            "drift_training_between": max(training[f"between:{k}"] for k in keys),
+            "drift_training_bitwise_equal": training["between_exact"],
+            "drift_final_between": final_between, "drift_final_twin": final_twin, "drift_target": 0.05,
+            "drift_rows": rows, "final_stage": info["stage"], "lifecycle_steps": info["lifecycle_steps"],
+            "accuracy": info["accuracy"],
+        }, indent=2))
 
 
 if __name__ == "__main__":
