@@ -391,13 +391,26 @@ class _GrowThenCull:
         self.calls = state["calls"]
 
 
+@pytest.fixture
+def own_pipeline(ray_session, tmp_path):
+    """A pipeline of its own (its field reports must not steer the shared one's top_specs)."""
+    from actors.launch import start_pipeline, stop_pipeline, wait_until_ready
+
+    p = start_pipeline(make_cfg(tmp_path / "urza"), with_karn=False)
+    wait_until_ready(p, len(STANDARD_BLUEPRINTS), timeout=120)
+    yield p
+    stop_pipeline(p, kill=True)
+
+
 @ray_mark
-def test_a_training_run_germinates_from_the_pipeline_and_reports_back(pipeline, tmp_path, monkeypatch) -> None:
+def test_a_training_run_germinates_from_the_pipeline_and_reports_back(own_pipeline, tmp_path, monkeypatch) -> None:
     """The trainer uses the catalogue the actors serve, and its field reports reach Urza for Karn."""
     import ray
 
     from esper_ray.config import RunConfig
     from esper_ray.tolaria.run import run_training
+
+    pipeline = own_pipeline
 
     monkeypatch.setenv("ESPER_RAY_LINEAGE_KEY", str(tmp_path / "key.pem"))
     before = len(ray.get(pipeline.urza.field_reports.remote()))
