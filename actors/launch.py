@@ -124,15 +124,26 @@ def start_pipeline(
     karn_cls = _karn_class() if with_karn else None
     missing = {n: getattr(cfg, n) for n in names if _existing(n, cfg.namespace) is None}
     check_resources(missing)
-    urza = Urza.options(**_options(cfg, URZA)).remote(cfg.storage, seed_standard)
-    urabrask = Urabrask.options(**_options(cfg, URABRASK)).remote()
-    tezzeret = Tezzeret.options(**_options(cfg, TEZZERET)).remote(
-        cfg, urza, urabrask, max_params=max_seed_params, slow_compile_s=slow_compile_s
-    )
-    karn = None
-    if karn_cls is not None:
-        karn = karn_cls.options(**_options(cfg, KARN)).remote(cfg, urza, tezzeret, seed)
-        karn.start.remote()  # non-blocking; Karn's loop runs in the actor
+    created: list[tuple[str, Any]] = []
+    try:
+        urza = Urza.options(**_options(cfg, URZA)).remote(cfg.storage, seed_standard)
+        created.append((URZA, urza))
+        urabrask = Urabrask.options(**_options(cfg, URABRASK)).remote()
+        created.append((URABRASK, urabrask))
+        tezzeret = Tezzeret.options(**_options(cfg, TEZZERET)).remote(
+            cfg, urza, urabrask, max_params=max_seed_params, slow_compile_s=slow_compile_s
+        )
+        created.append((TEZZERET, tezzeret))
+        karn = None
+        if karn_cls is not None:
+            karn = karn_cls.options(**_options(cfg, KARN)).remote(cfg, urza, tezzeret, seed)
+            karn.start.remote()  # non-blocking; Karn's loop runs in the actor
+    except Exception:
+        # Detached actors outlive this job: do not leave a half-started pipeline holding resources.
+        for name, handle in created:
+            if name in missing:  # created by this call, not found running
+                ray.kill(handle, no_restart=True)
+        raise
     client = UrzaCatalogue(urza, namespace=cfg.namespace, karn=karn)
     log.info("pipeline up in namespace %s (%s)", cfg.namespace, ", ".join(names))
     return Pipeline(cfg, urza, tezzeret, urabrask, karn, client)

@@ -22,6 +22,7 @@ so that it can be tested without Ray.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
 import re
@@ -223,8 +224,11 @@ class Tezzeret:
         slow_compile_s: float = 0.0,
         threads: int = 1,
     ):
-        import torch._inductor.config as inductor_config  # here: Ray cannot pickle this module object
         from ray.util.metrics import Counter, Histogram
+
+        # By name, not an import statement: cloudpickle would then try to ship the (unpicklable)
+        # config module object with this method whenever the driver has already imported it.
+        inductor_config = importlib.import_module("torch._inductor.config")
 
         torch.set_num_threads(threads)  # share the machine with the trainer...
         inductor_config.compile_threads = threads  # ...also while inductor builds kernels
