@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -47,3 +49,21 @@ def ray_session() -> Iterator[None]:
         )
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_services_outlive_their_module() -> Iterator[None]:
+    """After each test module, kill any esper service actor still alive in the shared Ray.
+
+    The services are detached (they outlive jobs by design), so one a test forgot, or a
+    half-failed start left behind, would keep computing and holding CPUs for the rest of
+    the session. Module-scoped pipelines are torn down before this runs (set up after it).
+    """
+    yield
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"] in ("urza", "karn", "tezzeret", "urabrask"):
+            with contextlib.suppress(ValueError):  # gone meanwhile
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
