@@ -27,7 +27,9 @@ def test_cluster_config_places_services_on_distinct_logical_gpus(ray_session, tm
     cfg = load_config(CONFIG).actors
     # The test session has 2 CPUs and 4 logical GPUs: keep the GPUs, shrink the CPUs to fit.
     small = {n: getattr(cfg, n).model_copy(update={"num_cpus": 0.1}) for n in ("urza", "karn", "tezzeret", "urabrask")}
-    cfg = cfg.model_copy(update={**small, "namespace": "esper-cluster-gpu", "storage": str(tmp_path), "karn_interval_s": 60.0})
+    cfg = cfg.model_copy(
+        update={**small, "namespace": "esper-cluster-gpu", "storage": str(tmp_path), "karn_interval_s": 60.0}
+    )
     pipeline = start_pipeline(cfg, seed_standard=False)
     try:
         placed = {name: ray.get(h.gpu_ids.remote(), timeout=60) for name, h in pipeline.handles().items()}
