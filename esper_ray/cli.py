@@ -29,6 +29,11 @@ SWEEP_CONFIG = Path("configs/sweep_ppo.yaml")
 BASELINES = ("static", "random", "heuristic")
 
 
+def _config_path(args: argparse.Namespace, default: Path) -> Path | None:
+    """``--config``, else the command's default file when run from the repository, else None (defaults)."""
+    return args.config or (default if default.exists() else None)
+
+
 def _pipeline_catalogue(cfg, address: str | None, progress: bool):
     """With ``blueprints.source: urza``: join or start Ray, start or find the actors, and
     return the trainer's non-blocking client. ``None`` (the local catalogue) otherwise."""
@@ -66,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
         catalogue = _pipeline_catalogue(cfg, args.address, progress=not args.no_progress)
         result = run_training(cfg, resume=args.resume, catalogue=catalogue, progress=not args.no_progress)
     else:
-        path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+        path = _config_path(args, DEFAULT_CONFIG)
         cfg = load_config(path, overrides)
         catalogue = _pipeline_catalogue(cfg, args.address, progress=not args.no_progress)
         result = run_training(cfg, out=args.out, catalogue=catalogue, progress=not args.no_progress)
@@ -84,7 +89,7 @@ def _distill(args: argparse.Namespace) -> int:
     from esper_ray.tolaria.distill import load_distill_config, run_distillation
 
     default = Path("configs/distill.yaml")
-    path = args.config or (default if default.exists() else None)
+    path = _config_path(args, default)
     run_cfg, distill_cfg = load_distill_config(path, args.overrides)
     result, loss = run_distillation(run_cfg, distill_cfg, out=args.out, progress=not args.no_progress)
     s, teacher = result.summary, loss.teacher
@@ -104,7 +109,7 @@ def _simic(args: argparse.Namespace) -> int:
     from esper_ray.simic.config import SimicConfig
     from esper_ray.simic.ppo import ensure_ray, train_simic
 
-    path = args.config or (SIMIC_CONFIG if SIMIC_CONFIG.exists() else None)
+    path = _config_path(args, SIMIC_CONFIG)
     cfg = load_config(path, args.overrides, model=SimicConfig)
     if args.offline:
         from esper_ray.simic.offline import train_offline
@@ -121,9 +126,7 @@ def _simic(args: argparse.Namespace) -> int:
         raise EsperError(f"no RLlib checkpoint at {args.resume} (rllib_checkpoint.json missing)")
     ensure_ray(args.address)
     out = args.out or Path(cfg.out_dir) / cfg.name
-    checkpoint = train_simic(
-        cfg, out, resume=args.resume, warm_start=args.warm_start, progress=not args.no_progress
-    )
+    checkpoint = train_simic(cfg, out, resume=args.resume, warm_start=args.warm_start, progress=not args.no_progress)
     print(f"checkpoint: {checkpoint}\nexported policy: {Path(out) / 'policy'}")
     return 0
 
@@ -135,7 +138,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from esper_ray.tamiyo.controllers import HeuristicController, RandomController, StaticController
     from esper_ray.tamiyo.policy import load_policy
 
-    path = args.config or (SIMIC_CONFIG if SIMIC_CONFIG.exists() else None)
+    path = _config_path(args, SIMIC_CONFIG)
     cfg = load_config(path, args.overrides, model=SimicConfig)
     factories = {
         "static": lambda seed: StaticController(),
@@ -168,7 +171,7 @@ def _record(args: argparse.Namespace) -> int:
     from esper_ray.simic.config import SimicConfig
     from esper_ray.simic.record import record_episodes
 
-    path = args.config or (SIMIC_CONFIG if SIMIC_CONFIG.exists() else None)
+    path = _config_path(args, SIMIC_CONFIG)
     cfg = load_config(path, args.overrides, model=SimicConfig)
     out = args.out or Path(cfg.out_dir) / "decisions"
     file = record_episodes(
@@ -188,7 +191,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from esper_ray.simic.ppo import ensure_ray
     from esper_ray.simic.sweep import run_sweep
 
-    path = args.config or (SWEEP_CONFIG if SWEEP_CONFIG.exists() else None)
+    path = _config_path(args, SWEEP_CONFIG)
     cfg = load_config(path, args.overrides, model=SweepConfig)
     ensure_ray(args.address)
     result = run_sweep(cfg, progress=not args.no_progress)

@@ -254,6 +254,10 @@ class Trainer:
                 self._fits[key] = None
         return self._fits[key]
 
+    def _candidate(self, name_or_hash: str | None) -> CatalogueEntry | None:
+        """The ready candidate with this name or content hash, or None."""
+        return next((e for e in self.candidates if name_or_hash in (e.name, e.content_hash)), None)
+
     def why_illegal(self, action: ControllerAction) -> str:
         """'' if ``action`` may be applied now, else the reason."""
         if action.kind is ActionKind.WAIT:
@@ -264,7 +268,7 @@ class Trainer:
         if action.kind is ActionKind.GERMINATE:
             if not slot.is_open:
                 return f"slot {slot.name} is {slot.stage.name}, not DORMANT"
-            entry = next((e for e in self.candidates if action.blueprint in (e.name, e.content_hash)), None)
+            entry = self._candidate(action.blueprint)
             if entry is None:
                 return f"blueprint {action.blueprint!r} is not among the ready candidates"
             cost = self.seed_cost(entry, slot)
@@ -303,7 +307,7 @@ class Trainer:
         if why:
             raise EsperError(f"illegal action {action}: {why}")
         if action.kind is ActionKind.GERMINATE:
-            entry = next(e for e in self.candidates if action.blueprint in (e.name, e.content_hash))
+            entry = self._candidate(action.blueprint)
             slot = self.host.germinate(
                 action.slot,
                 entry.spec,
