@@ -16,13 +16,13 @@ standard ``residual_mlp`` blueprint (width 64):
     from the start (``trainer.graft_fossilized``).
 
 It prints, per task, the final test accuracy of each run and the telemetry at the first
-decision point (``grad_predictability`` per slot, the signal HeuristicController.bottleneck_scores
-ranks slots by), then the summary: the share of tasks where the true slot gives the best run
-and by what margin over the best other slot, the share "resolved" (the germinated true-slot
-run ends within 1 point of the reference), and the share where the slot chosen from telemetry
-is the ground truth: argmax(grad_predictability), HeuristicController.bottleneck_scores, the
-old heuristic score (consumer grad norm + activation collapse) and the
-``gradient_information_deficit`` rule (first slot whose next slot has a positive deficit).
+decision point (``grad_predictability`` per slot), then the summary: the share of tasks where
+the true slot gives the best run and by what margin over the best other slot, the share
+"resolved" (the germinated true-slot run ends within 1 point of the reference), and the share
+where the slot chosen from telemetry is the ground truth: HeuristicController.choose_slot (the
+slot the heuristic germinates at), and as diagnostics argmax(grad_predictability), the old
+heuristic score (consumer grad norm + activation collapse) and the deficit rule alone (first
+slot with a positive downstream ``grad_deficit``, else the last).
 
 Run (about 3 minutes on one CPU thread with the defaults; ``--signal-only`` ~0.3 s per task)::
 
@@ -52,7 +52,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,7 +60,6 @@ from esper_ray.config import RunConfig  # noqa: E402
 from esper_ray.contracts import ControllerAction, SeedStage  # noqa: E402
 from esper_ray.tamiyo.controllers import HeuristicController  # noqa: E402
 from esper_ray.tasks import TaskConfig, TaskData, load_task  # noqa: E402
-from esper_ray.tolaria.telemetry import gradient_information_deficit  # noqa: E402
 from esper_ray.tolaria.trainer import Trainer  # noqa: E402
 
 BLUEPRINT = "residual_mlp"
@@ -93,17 +91,10 @@ def old_heuristic_scores(slots: list) -> dict[str, float]:
     return {s.name: s.host_grad_norm / mean_grad + (1.0 - s.act_effective_rank) for s in slots}
 
 
-def deficit_choice(trainer: Trainer) -> str:
-    """The first slot whose next slot shows a positive ``gradient_information_deficit``
-    (information the loss needs was lost in the layer between), else the last slot."""
-    x = trainer.probe_x.clone().requires_grad_(True)
-    logits, acts = trainer.host.forward_with_activations(x)
-    loss = F.cross_entropy(logits, trainer.probe_y)
-    grads = dict(zip(SLOTS, torch.autograd.grad(loss, [acts[n] for n in SLOTS]), strict=True))
-    for prev, slot in zip(SLOTS, SLOTS[1:], strict=False):
-        if gradient_information_deficit(acts[prev], acts[slot], grads[slot]) > 0:
-            return prev
-    return SLOTS[-1]
+def deficit_choice(slots: list) -> str:
+    """The first slot whose downstream ``grad_deficit`` is positive (the layer after it lost
+    information the loss needs), else the last slot."""
+    return next((s.name for s in slots if s.grad_deficit > 0), slots[-1].name)
 
 
 def germinated_run(cfg: RunConfig, data: TaskData, slot: str | None) -> tuple[float, dict | None]:
@@ -118,9 +109,9 @@ def germinated_run(cfg: RunConfig, data: TaskData, slot: str | None) -> tuple[fl
         obs = trainer.observe()
         signals = {
             "signal": {s.name: s.grad_predictability for s in obs.slots},
-            "heuristic": HeuristicController.bottleneck_scores(obs.slots),
+            "heuristic": HeuristicController.choose_slot(obs.slots),
             "old": old_heuristic_scores(obs.slots),
-            "deficit_choice": deficit_choice(trainer),
+            "deficit_choice": deficit_choice(obs.slots),
         }
         if cfg.training.freeze_host:  # nothing can change any more: skip the remaining epochs
             return trainer.last["test_acc"], signals
@@ -156,7 +147,7 @@ def argmax(d: dict[str, float]) -> str:
 def signal_only(args: argparse.Namespace) -> int:
     """Slot choice at the first decision point on many tasks, without training any seed."""
     torch.set_num_threads(1)
-    hits = {"signal": 0, "deficit": 0, "old": 0}
+    hits = {"signal": 0, "deficit": 0, "old": 0, "heuristic": 0}
     misses: list[str] = []
     n = 0
     for k, truth in enumerate(SLOTS):
@@ -169,13 +160,14 @@ def signal_only(args: argparse.Namespace) -> int:
             signal = {s.name: s.grad_predictability for s in obs.slots}
             hits["signal"] += argmax(signal) == truth
             hits["old"] += argmax(old_heuristic_scores(obs.slots)) == truth
-            hits["deficit"] += deficit_choice(trainer) == truth
+            hits["deficit"] += deficit_choice(obs.slots) == truth
+            hits["heuristic"] += HeuristicController.choose_slot(obs.slots) == truth
             n += 1
             if argmax(signal) != truth:
                 misses.append(f"{trainer.data.name} {signal}")
     print(
         f"{n} tasks: argmax(grad_predictability) {hits['signal']}/{n}, deficit rule {hits['deficit']}/{n}, "
-        f"old heuristic score {hits['old']}/{n}"
+        f"HeuristicController.choose_slot {hits['heuristic']}/{n}, old heuristic score {hits['old']}/{n}"
     )
     for line in misses:
         print("  argmax miss:", line)
@@ -229,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 "margin": margin,
                 "resolved": resolved,
                 "signal_hit": argmax(sig["signal"]) == truth,
-                "heuristic_hit": argmax(sig["heuristic"]) == truth,
+                "heuristic_hit": sig["heuristic"] == truth,
                 "old_hit": argmax(sig["old"]) == truth,
                 "deficit_hit": sig["deficit_choice"] == truth,
             }
@@ -263,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"resolved (within 1 point): {share('resolved'):.0%}")
     print(
         f"argmax(grad_predictability) == truth: {share('signal_hit'):.0%}; "
-        f"HeuristicController.bottleneck_scores: {share('heuristic_hit'):.0%}; "
+        f"HeuristicController.choose_slot: {share('heuristic_hit'):.0%}; "
         f"old heuristic score: {share('old_hit'):.0%}; "
         f"deficit rule (gradient_information_deficit): {share('deficit_hit'):.0%}"
     )

@@ -7,15 +7,24 @@ What it measures, side by side in one run (one torch thread):
   * plain: a hand-written PyTorch loop that trains the same MLP host (40-64-64-10, Adam,
     batch 100) on the same MNIST-1D split for the same epochs, evaluating on the
     validation set each epoch (what any training script does);
-  * env: the same training driven through the env, one step per epoch, always "wait"
-    (so both train the same network), including everything a decision point costs:
-    test evaluation, slot telemetry, the legal-action mask and the observation vector;
-  * env+seed: the same with a conv1d seed germinated at the input at the first step
+  * env: the same training driven through the env's default config, one step per epoch,
+    always "wait" (so both train the same network), including everything a decision point
+    costs: slot telemetry (the probe signals refreshed every ``SIGNAL_EVERY`` = 4 epochs), the
+    legal-action mask, the observation vector, the governor's rollback point;
+  * env, fresh telemetry: the same with ``signal_every: 1`` (the kernel gradient signals and
+    activation statistics measured at every step: ~7 ms each time);
+  * env+seed: the default env with a conv1d seed germinated at the input at the first step
     (seeds add real compute; for information);
   * optionally, PPO seconds per iteration of the default Simic settings (small batch).
 Prints epochs/s of each and the ratio env/plain (target >= 0.9). ``--quick`` (1 episode of
-15 epochs) and ``--json PATH`` (the figures) are for benchmarks/run_all.py. Expect ~0.5-0.8
-on the tiny default host: a decision point costs a few ms of telemetry against ~20 ms of training.
+15 epochs) and ``--json PATH`` (the figures) are for benchmarks/run_all.py.
+
+Expect (2 CPU cores, one torch thread, 3 episodes of 30 epochs, measured on an idle box):
+plain ~19 ms/epoch; env ~21-22 ms/step, ratio 0.86-0.93; fresh telemetry ~28 ms/step, ratio
+~0.70; with a conv1d seed ~3x slower than plain (the seed's compute, not the env). What is left
+between env and plain at signal_every 4: ~1 ms of framework per epoch in Trainer.train_epoch
+(governor check, per-slot gradient norms, slot bookkeeping; ~5%), ~0.2 ms for the rollback
+point, ~0.6 ms for mask and observation, and the amortised probe (~7 ms / 4).
 """
 
 from __future__ import annotations
@@ -60,11 +69,12 @@ def plain_loop(epochs: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def env_loop(epochs: int, seed: int, germinate: bool) -> float:
+def env_loop(epochs: int, seed: int, germinate: bool, signal_every: int = envs.SIGNAL_EVERY) -> float:
     """Seconds for an episode of ``epochs`` env steps (after reset)."""
+    training = {"epochs": epochs + 1, "signal_every": signal_every}
     env = envs.MorphogenesisEnv(
         {
-            "run": {"training": {"epochs": epochs + 1}, "lineage": {"enabled": False}},
+            "run": {"training": training, "lineage": {"enabled": False}},
             "train_tasks": [{"family": "mnist1d", "seed": 0}],
         }
     )
@@ -112,20 +122,23 @@ def main() -> None:
         args.episodes, args.epochs = 1, 15
     torch.set_num_threads(1)
     plain_loop(2, 0), env_loop(2, 0, False)  # warm caches and code paths
-    plain, env, seeded = [], [], []
+    plain, env, fresh, seeded = [], [], [], []
     for ep in range(args.episodes):  # interleaved, so drift on a shared machine hits all alike
         plain.append(plain_loop(args.epochs, ep))
         env.append(env_loop(args.epochs, ep, germinate=False))
+        fresh.append(env_loop(args.epochs, ep, germinate=False, signal_every=1))
         seeded.append(env_loop(args.epochs, ep, germinate=True))
-    p, e, s = (float(np.median(v)) for v in (plain, env, seeded))
+    p, e, f, s = (float(np.median(v)) for v in (plain, env, fresh, seeded))
     print(f"plain PyTorch loop : {args.epochs / p:7.1f} epochs/s ({p / args.epochs * 1e3:.1f} ms/epoch)")
     print(f"env, wait only     : {args.epochs / e:7.1f} env steps/s ({e / args.epochs * 1e3:.1f} ms/step)")
+    print(f"env, fresh signals : {args.epochs / f:7.1f} env steps/s ({f / args.epochs * 1e3:.1f} ms/step)")
     print(f"env, conv1d seed   : {args.epochs / s:7.1f} env steps/s ({s / args.epochs * 1e3:.1f} ms/step)")
     print(f"an episode of {args.epochs} epochs: {e:.2f} s (wait only), {s:.2f} s (with a seed)")
     seconds = None
     if args.ppo_iterations:
         seconds = ppo_iteration_seconds(args.ppo_iterations)
         print(f"PPO (256 env steps/iteration, sampling in the driver): {seconds:.1f} s/iteration")
+    print(f"fresh telemetry every step: ratio env/plain = {p / f:.3f}")
     print(f"throughput ratio env/plain = {p / e:.3f} (target >= 0.9)")
     if args.json:
         import json
@@ -137,6 +150,9 @@ def main() -> None:
                     "episodes": args.episodes,
                     "plain_epochs_per_s": args.epochs / p,
                     "env_steps_per_s": args.epochs / e,
+                    "env_fresh_steps_per_s": args.epochs / f,
+                    "ratio_fresh": p / f,
+                    "signal_every": envs.SIGNAL_EVERY,
                     "env_seeded_steps_per_s": args.epochs / s,
                     "episode_s": e,
                     "episode_seeded_s": s,

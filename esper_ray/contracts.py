@@ -128,9 +128,12 @@ class SlotTelemetry:
     seed_grad_norm: float  # gradient norm of the live seed's parameters (0 if none)
     contribution: float  # val accuracy with seed - without (ablation), 0 if no seed
     grad_rms: float  # RMS of the loss gradient at the slot on the probe batch
-    grad_predictability: float  # R^2 of that gradient from nonlinear features of the slot input
+    grad_predictability: float  # out-of-sample share of that gradient a smooth f(slot input) predicts
     kind: str  # "vector" | "seq" | "image"
     width: int  # channels at the slot
+    # How much better the *next* slot's gradient is predicted from this slot's input than from
+    # its own (> 0: the layer in between loses what the loss needs; grow here). 0 for the last slot.
+    grad_deficit: float = 0.0
 
 
 @dataclass

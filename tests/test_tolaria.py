@@ -297,9 +297,7 @@ def test_resume_with_scripted_controller_is_exact(tmp_path: Path, data: TaskData
     a = run_training(cfg, out=tmp_path / "a", controller=Scripted(scripted_plan()), progress=False)
     assert a.summary["germinations"] == 2 and a.summary["culls"] >= 1
 
-    first = run_training(
-        cfg, out=tmp_path / "b", controller=Scripted(scripted_plan()), progress=False, stop_after=6
-    )
+    first = run_training(cfg, out=tmp_path / "b", controller=Scripted(scripted_plan()), progress=False, stop_after=6)
     assert first.trainer.epoch == 6
     # The checkpoint is taken mid-blend: seeds, blend snapshots and Adam state all exist.
     state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
@@ -335,6 +333,40 @@ def test_resume_with_random_controller_is_exact(tmp_path: Path, data: TaskData, 
     assert [r["action"] for r in b.trainer.history] == actions
     _compare_runs(a, b, tmp_path / "a", tmp_path / "b")
     assert verify_run(tmp_path / "b", key_path).ok
+
+
+def test_resume_with_cached_probe_signals_is_exact(tmp_path: Path, data: TaskData, key_path) -> None:
+    # signal_every=4: observations between refreshes reuse signals measured epochs ago; a resume at
+    # epoch 6 must reuse the same ones (they travel in the checkpoint), or decisions would differ.
+    cfg = make_cfg(*RESUME_OVERRIDES, "controller.kind=heuristic", "training.signal_every=4")
+    a = run_training(cfg, out=tmp_path / "a", progress=False)
+    run_training(cfg, out=tmp_path / "b", progress=False, stop_after=6)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+    assert state["probe_epoch"] in (4, 5) and set(state["probe_signals"]) == {"input", "hidden0", "hidden1"}
+    b = run_training(RunConfig(), resume=tmp_path / "b", progress=False)
+    assert [r["action"] for r in b.trainer.history] == [r["action"] for r in a.trainer.history]
+    _compare_runs(a, b, tmp_path / "a", tmp_path / "b")
+
+
+def test_probe_signals_are_refreshed_every_signal_every_epochs(data: TaskData) -> None:
+    trainer = Trainer(make_cfg("training.signal_every=3"), data)
+    measured = []
+    for _ in range(8):
+        trainer.train_epoch()
+        trainer.end_epoch(WAIT)
+        before = trainer._probe_epoch
+        obs = trainer.observe()
+        if trainer._probe_epoch != before:
+            measured.append(trainer.epoch)
+        by = {s.name: s for s in obs.slots}
+        assert by["hidden1"].grad_deficit == 0.0  # the last slot has no downstream layer to judge
+        assert 0.0 <= by["hidden0"].grad_predictability <= 1.0 and -1.0 <= by["input"].grad_deficit <= 1.0
+    assert measured == [1, 4, 7]
+    every = Trainer(make_cfg(), data)  # the default: fresh at every observation
+    for _ in range(3):
+        every.train_epoch()
+        every.observe()
+        assert every._probe_epoch == every.epoch
 
 
 def test_resume_from_a_mid_run_checkpoint_after_a_crash_keeps_a_valid_lineage(
@@ -418,17 +450,13 @@ def _drop(key: str) -> Callable[[dict], None]:
     ("damage", "says"),
     [
         pytest.param(_truncate_model, "unreadable", id="truncated-model"),
-        pytest.param(
-            lambda c: (c / "optimizer.safetensors").write_bytes(b"junk"), "unreadable", id="junk-opt"
-        ),
+        pytest.param(lambda c: (c / "optimizer.safetensors").write_bytes(b"junk"), "unreadable", id="junk-opt"),
         pytest.param(lambda c: (c / "trainer.safetensors").unlink(), "unreadable", id="missing-trainer"),
         pytest.param(lambda c: (c / "state.json").write_text("{not json"), "unreadable", id="state-not-json"),
         pytest.param(_edit_state(_set(["format"], "esper-ray-checkpoint/0")), "format", id="wrong-format"),
         pytest.param(_edit_state(_set(["config", "host", "hidden"], [32, 32])), "", id="host-widths"),
         pytest.param(_edit_state(_set(["config", "host", "kind"], "cnn1d")), "", id="host-kind"),
-        pytest.param(
-            _edit_state(_set(["config", "training", "epochs"], -1)), "training.epochs", id="bad-cfg"
-        ),
+        pytest.param(_edit_state(_set(["config", "training", "epochs"], -1)), "training.epochs", id="bad-cfg"),
     ],
 )
 def test_damaged_checkpoint_is_one_line_esper_error_naming_it(
@@ -452,9 +480,7 @@ def test_checkpoint_of_a_host_with_other_slots_names_the_checkpoint(
     assert str(ckpt) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_checkpoint_state_missing_a_key_is_esper_error(
-    saved_run: Path, tmp_path: Path, data: TaskData
-) -> None:
+def test_checkpoint_state_missing_a_key_is_esper_error(saved_run: Path, tmp_path: Path, data: TaskData) -> None:
     ckpt = _damaged_copy(saved_run, tmp_path, _edit_state(_drop("config")))
     with pytest.raises(EsperError) as info:
         load_checkpoint(ckpt, data)
@@ -825,6 +851,26 @@ def test_heuristic_germinates_at_the_strongest_bottleneck_on_a_plateau() -> None
     assert HeuristicController(3, 0.0).act(_obs(slots), [WAIT]) == WAIT
 
 
+def test_heuristic_grows_before_the_first_layer_that_loses_information() -> None:
+    # input's downstream deficit > 0: the layer after it drops what the loss needs, so the seed
+    # belongs at input even though hidden1's predictability reads highest (the input-slot case).
+    slots = [
+        _slot("input", 0, grad_predictability=0.05, grad_deficit=0.02),
+        _slot("hidden0", 1, grad_predictability=0.08, grad_deficit=0.03),
+        _slot("hidden1", 2, grad_predictability=0.09),
+    ]
+    legal = [WAIT, *_germinations("input", "hidden0", "hidden1")]
+    assert HeuristicController.choose_slot(slots) == "input"
+    assert HeuristicController(3, 0.0).act(_obs(slots), legal) == ControllerAction.germinate("input", "residual_mlp")
+    # input closed: the first *open* slot with a positive deficit.
+    assert HeuristicController(3, 0.0).act(_obs(slots), [WAIT, *_germinations("hidden0", "hidden1")]) == (
+        ControllerAction.germinate("hidden0", "residual_mlp")
+    )
+    # No positive deficit anywhere: the strongest predictability (above the signal floor).
+    flat = [_slot(s.name, s.index, grad_predictability=s.grad_predictability, grad_deficit=-0.01) for s in slots]
+    assert HeuristicController.choose_slot(flat) == "hidden1"
+
+
 def test_heuristic_fossilizes_or_culls_holding_seeds() -> None:
     ctl = HeuristicController(plateau_patience=3, cull_below=0.01)
     good = [_slot("input", 0), _slot("hidden0", 1, SeedStage.HOLDING, contribution=0.05)]
@@ -835,9 +881,7 @@ def test_heuristic_fossilizes_or_culls_holding_seeds() -> None:
     for contribution in (0.01, 0.0, -0.2):  # at or below cull_below: cull
         weak = [_slot("input", 0), _slot("hidden0", 1, SeedStage.HOLDING, contribution=contribution)]
         assert ctl.act(_obs(weak), legal) == ControllerAction.cull("hidden0")
-        assert ctl.act(_obs(weak), [WAIT, ControllerAction.cull("hidden0")]) == ControllerAction.cull(
-            "hidden0"
-        )
+        assert ctl.act(_obs(weak), [WAIT, ControllerAction.cull("hidden0")]) == ControllerAction.cull("hidden0")
     # A weak seed still blending is given time.
     blending = [_slot("input", 0), _slot("hidden0", 1, SeedStage.BLENDING, contribution=-0.1)]
     assert ctl.act(_obs(blending), [WAIT, ControllerAction.cull("hidden0")]) == WAIT

@@ -34,7 +34,8 @@ def _callbacks_class():
             if metrics_logger is None or not info:
                 return
             metrics_logger.log_value("esper_final_val_acc", info["val_acc"])
-            metrics_logger.log_value("esper_final_test_acc", info["test_acc"])
+            if info["test_acc"] is not None:  # None unless the host run finished
+                metrics_logger.log_value("esper_final_test_acc", info["test_acc"])
             metrics_logger.log_value("esper_acc_gain", info["val_acc"] - info["start_val_acc"])
             metrics_logger.log_value("esper_seed_params", info["seed_params"])
             metrics_logger.log_value("esper_germinations", len(info["germinated_slots"]))

@@ -72,12 +72,10 @@ class HeuristicController:
     1. Fossilize any seed whose fossilize gate is open and whose ablation contribution
        is above ``cull_below``; cull a HOLDING seed at or below it.
     2. If no seed is live and validation accuracy has not improved for
-       ``plateau_patience`` epochs, germinate at the open slot with the strongest
-       bottleneck signal (``bottleneck_scores``): the slot's ``grad_predictability``
-       (how much of the loss gradient there a smooth function of the slot's input
-       predicts out of sample), or, when no open slot reads at least
-       ``SIGNAL_FLOOR``, the gradient norm of the layer reading the slot (relative to
-       the other slots) plus how collapsed its activations are (1 - effective rank).
+       ``plateau_patience`` epochs, germinate at the open slot ``choose_slot`` names:
+       the first open slot (in host order) whose downstream ``grad_deficit`` is above
+       ``DEFICIT_FLOOR`` (the layer after it loses information the loss needs), else the
+       open slot with the strongest bottleneck signal (``bottleneck_scores``).
        The blueprint is the first candidate in catalogue order that fits the slot and
        has not been tried there yet (so repeated plateaus try alternatives).
     3. Otherwise wait.
@@ -105,14 +103,34 @@ class HeuristicController:
         if not germinations:
             return ControllerAction.wait()
         open_slots = {a.slot for a in germinations}
-        scores = self.bottleneck_scores([by_slot[n] for n in open_slots])
-        slot = max(sorted(open_slots), key=lambda n: scores[n])
+        slot = self.choose_slot([s for s in obs.slots if s.name in open_slots])
         options = [a for a in germinations if a.slot == slot]
         tried = self.tried.setdefault(slot, [])
         fresh = [a for a in options if a.blueprint not in tried] or options
         choice = fresh[0]
         tried.append(choice.blueprint)
         return choice
+
+    DEFICIT_FLOOR = 0.0
+    """A downstream ``grad_deficit`` above this marks the slot before an information-losing layer."""
+
+    @classmethod
+    def choose_slot(cls, open_slots: list) -> str:
+        """Where to germinate among ``open_slots`` (SlotTelemetry, in host order).
+
+        The first slot with a positive downstream deficit, else ``bottleneck_scores``' argmax.
+        On the bottleneck tasks (damaged frozen host, ``benchmarks/bottleneck_study.py
+        --signal-only``) the deficit rule alone picks the ground-truth slot on 78/78 tasks and
+        the argmax of ``grad_predictability`` on 76/78 (its misses are input-slot tasks, where
+        the next layer has already dropped what the loss needs, so the gradient further down
+        is best explained from the input). On a host training from scratch (MNIST-1D) the
+        deficit is mostly negative and the rule falls through to the scores.
+        """
+        for s in open_slots:
+            if s.grad_deficit > cls.DEFICIT_FLOOR:
+                return s.name
+        scores = cls.bottleneck_scores(open_slots)
+        return max(sorted(scores), key=lambda n: scores[n])
 
     SIGNAL_FLOOR = 0.02
     """Below this everywhere, ``grad_predictability`` is noise and the old proxy ranks slots."""

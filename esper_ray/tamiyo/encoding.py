@@ -22,7 +22,7 @@ from esper_ray.blueprints.features import FEATURE_NAMES as BLUEPRINT_FEATURES
 from esper_ray.contracts import ActionKind, ControllerAction, EsperError, Observation, SeedStage
 
 GLOBAL_FEATURES = 9
-SLOT_FEATURES = len(SeedStage) + 19
+SLOT_FEATURES = len(SeedStage) + 20
 
 
 def _log(x: float) -> float:
@@ -162,5 +162,6 @@ class ObsEncoder:
             max(min(s.contribution * 10.0, 1.0), -1.0),
             _log(s.grad_rms),
             s.grad_predictability,
+            math.tanh(10.0 * s.grad_deficit),  # typical |deficit| 0.005-0.1
             math.log10(1 + s.seed_params) / 5.0,
         ]

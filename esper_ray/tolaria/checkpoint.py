@@ -92,6 +92,8 @@ def save_checkpoint(trainer: Trainer, path: str | Path, controller_state: dict |
         "field_reports": [r.__dict__ for r in trainer.field_reports],
         "births": trainer._births,
         "host_grad": trainer._host_grad,
+        "probe_signals": trainer._probe_signals,
+        "probe_epoch": trainer._probe_epoch,
         "governor": trainer.governor.state_dict(),
         "param_groups": opt_sd["param_groups"],
         "blend_slots": sorted(trainer._blend_snapshots),
@@ -190,5 +192,7 @@ def _restore(trainer: Trainer, state: dict, model: dict, opt_tensors: dict, extr
     trainer.field_reports = [FieldReport(**r) for r in state["field_reports"]]
     trainer._births = state["births"]
     trainer._host_grad = state["host_grad"]
+    trainer._probe_signals = state.get("probe_signals", {})
+    trainer._probe_epoch = state.get("probe_epoch", -1)
     trainer.governor.load_state_dict(state["governor"])
     trainer._remember_good()
