@@ -113,6 +113,11 @@ class EnvConfig(StrictModel):
     warmup_epochs: int = Field(1, ge=1, description="epochs trained before the first decision")
     reward: RewardConfig = RewardConfig()
     distill: dict[str, Any] | None = Field(None, description="distillation mode settings (tolaria.distill)")
+    shuffle_candidates: bool = Field(
+        False,
+        description="train split: show the K candidates in a random order, fixed per episode, so a policy "
+        "learns to judge blueprints by their features rather than by their place in the catalogue",
+    )
     task_hosts: bool = Field(True, description="tasks that ship a pre-trained host (bottleneck) start from it, frozen")
 
     @property
@@ -160,6 +165,7 @@ class MorphogenesisEnv(gym.Env):
         index = options.get("task_index", int(self.np_random.integers(len(tasks))))
         train_seed = options.get("train_seed", int(self.np_random.integers(2**31)))
         self.trainer = self.make_trainer(index, train_seed)
+        self._order: dict[str, float] = {}  # content hash -> sort key (shuffle_candidates)
         for _ in range(self.config.warmup_epochs):
             self.trainer.train_epoch()
             self.trainer.end_epoch(_WAIT)
@@ -223,6 +229,10 @@ class MorphogenesisEnv(gym.Env):
     def _observe(self) -> dict[str, np.ndarray]:
         trainer = self.trainer
         trainer.refresh_candidates()
+        if self.config.shuffle_candidates and self.config.split == "train":
+            for entry in trainer.candidates:  # a newcomer mid-episode gets a random place too
+                self._order.setdefault(entry.content_hash, float(self.np_random.random()))
+            trainer.candidates.sort(key=lambda e: self._order[e.content_hash])
         obs = trainer.observe()
         self._candidates = obs.candidates
         self._mask = self.space.mask(trainer.legal_actions(), obs.candidates).astype(np.float32)

@@ -134,3 +134,26 @@ def test_action_codec_layout_and_errors() -> None:
         SPACE.decode(SPACE.n, CANDIDATES)
     with pytest.raises(EsperError, match="not among"):
         SPACE.encode(ControllerAction.germinate("input", "zzz"), CANDIDATES)
+
+
+def test_shuffled_candidates_keep_one_order_per_episode_and_vary_between_episodes() -> None:
+    plain = envs.MorphogenesisEnv(SMALL)
+    plain.reset(seed=0)
+    env = envs.MorphogenesisEnv({**SMALL, "shuffle_candidates": True})
+    orders = []
+    for episode in range(4):
+        env.reset(seed=episode)
+        first = list(env._candidates)
+        assert sorted(first) == sorted(plain._candidates)  # the same blueprints, another order
+        for _ in range(2):
+            obs, *_ = env.step(0)
+            assert env._candidates == first  # fixed within the episode
+        # the mask and the codec follow the shown order: conv1d at input is legal wherever it sits
+        k = first.index("conv1d")
+        assert obs["action_mask"][env.space.encode(ControllerAction.germinate("input", "conv1d"), first)] == 1.0
+        assert env.space.decode(1 + k, first) == ControllerAction.germinate("input", "conv1d")
+        orders.append(tuple(first))
+    assert len(set(orders)) > 1
+    held = envs.MorphogenesisEnv({**SMALL, "shuffle_candidates": True, "split": "heldout"})
+    held.reset(seed=0)
+    assert held._candidates == plain._candidates  # evaluation shows the catalogue order
