@@ -66,6 +66,9 @@ class ControllerConfig(StrictModel):
     plateau_patience: int = Field(3, ge=1, description="heuristic: epochs without improvement")
     cull_below: float = Field(0.0, description="heuristic: cull a holding seed whose contribution is <= this")
     p_act: float = Field(0.2, ge=0, le=1, description="random: chance of a non-wait action")
+    max_germinations: int | None = Field(
+        None, ge=0, description="germinations allowed per run, whoever decides (None: no limit; a cull does not refund)"
+    )
 
 
 class BlueprintsConfig(StrictModel):

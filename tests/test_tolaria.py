@@ -652,6 +652,17 @@ def test_illegal_actions_are_refused_with_the_reason(data: TaskData) -> None:
     _expect_illegal(only, ControllerAction.germinate("input", "conv1d"), "conv1d", "candidates")
 
 
+def test_germination_budget_is_spent_by_germinations_and_not_refunded_by_culls(data: TaskData) -> None:
+    tr = Trainer(make_cfg("controller.max_germinations=2"), data)
+    epoch(tr, ControllerAction.germinate("input", "conv1d"))
+    epoch(tr, ControllerAction.cull("input"))
+    assert tr.germinations == 1
+    epoch(tr, ControllerAction.germinate("hidden0", "residual_mlp"))
+    assert not any(a.kind is ActionKind.GERMINATE for a in tr.legal_actions())  # open slots, no budget
+    _expect_illegal(tr, ControllerAction.germinate("hidden1", "lowrank"), "germination budget (2) is spent")
+    assert ControllerAction.cull("hidden0") in tr.legal_actions()  # the budget limits only germination
+
+
 def test_every_legal_action_applies(data: TaskData) -> None:
     """For a few epochs, every action legal_actions() offers applies cleanly (on a copy)."""
     tr = Trainer(make_cfg("training.epochs=10", "lifecycle.min_improvement=-1.0"), data)

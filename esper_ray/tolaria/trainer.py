@@ -278,6 +278,9 @@ class Trainer:
         if action.kind is ActionKind.GERMINATE:
             if not slot.is_open:
                 return f"slot {slot.name} is {slot.stage.name}, not DORMANT"
+            budget = self.cfg.controller.max_germinations
+            if budget is not None and self.germinations >= budget:
+                return f"the run's germination budget ({budget}) is spent"
             entry = self._candidate(action.blueprint)
             if entry is None:
                 return f"blueprint {action.blueprint!r} is not among the ready candidates"
@@ -534,6 +537,11 @@ class Trainer:
             )
         )
 
+    @property
+    def germinations(self) -> int:
+        """Germinations so far in this run (culled ones included)."""
+        return sum(e.get("kind") == "germinate" for e in self.events)
+
     def summary(self) -> dict[str, Any]:
         counts = self.host.param_count()
         return {
@@ -542,7 +550,7 @@ class Trainer:
             "final_test_acc": self.last.get("test_acc", 0.0),
             "best_val_acc": self.best_val,
             **{f"{k}_params": v for k, v in counts.items()},
-            "germinations": sum(e.get("kind") == "germinate" for e in self.events),
+            "germinations": self.germinations,
             "fossilizations": sum(e.get("kind") == "fossilize" for e in self.events),
             "culls": sum(e.get("kind") == "cull" for e in self.events),
             "rollbacks": sum(e.get("kind") == "rollback" for e in self.events),
