@@ -232,7 +232,7 @@ class Page:
         n = f.get("tasks")
         tasks = f" ({n} tasks)" if n else ""
         for key, label in (
-            ("placed", "germinations placed at the ground-truth slot (heuristic's slot score at the first decision)"),
+            ("placed", "germinations placed at the ground-truth slot (heuristic's slot choice at the first decision)"),
             ("resolved", "bottlenecks resolved (true-slot seed ends within 1 point of the unbottlenecked reference)"),
             ("true_slot_best", "the ground-truth slot is the best place to grow (of the 3 single-slot runs)"),
             ("signal", "argmax of the grad-predictability signal is the ground-truth slot"),
@@ -686,8 +686,9 @@ class Page:
             rows.append(
                 [
                     f"env throughput: env steps/s / plain PyTorch epochs/s ({f['env_steps_per_s']:.1f} / "
-                    f"{f['plain_epochs_per_s']:.1f}; with a conv1d seed {f['env_seeded_steps_per_s']:.1f} "
-                    f"steps/s)",
+                    f"{f['plain_epochs_per_s']:.1f}; probe signals every {f.get('signal_every', 1)} epochs"
+                    + (f"; fresh at every step: {f['ratio_fresh']:.2f}" if f.get("ratio_fresh") is not None else "")
+                    + f"; with a conv1d seed {f['env_seeded_steps_per_s']:.1f} steps/s)",
                     f"{f['ratio']:.2f}",
                     "≥ 0.9",
                     met(f["ratio"] >= 0.9),
@@ -873,7 +874,7 @@ def fidelity_figures(rec: dict[str, Any]) -> dict[str, Any]:
         "true_slot_best": r"true slot best:\s*(\d+(?:\.\d+)?)% of (\d+) tasks",
         "resolved": r"resolved \(within 1 point\):\s*(\d+(?:\.\d+)?)%",
         "signal": r"argmax\(grad_predictability\) == truth:\s*(\d+(?:\.\d+)?)%",
-        "placed": r"HeuristicController\.bottleneck_scores:\s*(\d+(?:\.\d+)?)%",
+        "placed": r"HeuristicController\.(?:choose_slot|bottleneck_scores):\s*(\d+(?:\.\d+)?)%",
     }
     for key, pattern in patterns.items():
         m = re.search(pattern, text)
@@ -894,15 +895,15 @@ FIDELITY_PROTOCOL = """\
 Protocol (`benchmarks/bottleneck_study.py`, its docstring has the details): synthetic bottleneck
 tasks with a known ground-truth slot (labels from a teacher MLP that is wide at one slot; the host
 is that teacher with the wide map cut out, frozen), for every ground-truth slot and several task
-seeds. *Placed*: at the first decision point the heuristic controller's slot score
-(`HeuristicController.bottleneck_scores`, the slot where it germinates) is highest at the
-ground-truth slot. *Resolved*: a seed germinated at the ground-truth slot takes the run to within
-1 point of the unbottlenecked reference (the same seed present from the start). The other rows
-are diagnostics: whether the ground-truth slot really is the best of the three places to grow,
-and whether the raw telemetry signal alone points at it. These are the heuristic's figures at its
-first decision. Where an `esper-ray evaluate` summary on held-out bottleneck tasks exists, its
-fidelity column (every germination of whole episodes, per controller) is added as a row and
-shown under "Tamiyo against the baselines"."""
+seeds. *Placed*: at the first decision point the heuristic controller's slot choice
+(`HeuristicController.choose_slot`: the first slot whose downstream `grad_deficit` is positive,
+else the strongest `grad_predictability`) is the ground-truth slot. *Resolved*: a seed germinated
+at the ground-truth slot takes the run to within 1 point of the unbottlenecked reference (the same
+seed present from the start). The other rows are diagnostics: whether the ground-truth slot really
+is the best of the three places to grow, and whether the predictability signal alone points at it.
+These are the heuristic's figures at its first decision. Where an `esper-ray evaluate` summary on
+held-out bottleneck tasks exists, its fidelity column (every germination of whole episodes, per
+controller) is added as a row and shown under "Tamiyo against the baselines"."""
 
 STABILITY_PROTOCOL = """\
 Protocol (`benchmarks/stability.py`, its docstring has the details): an MLP 40-64-64-10 host
