@@ -148,7 +148,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     controllers = {name: factories[name] for name in args.baselines.split(",") if name}
     for policy_path in args.policy or []:
         policy = load_policy(policy_path)  # fail now, not after the baselines ran
-        controllers[f"policy:{Path(policy_path).parent.name or policy_path}"] = lambda seed, p=policy: p
+        controllers[f"policy:{policy_label(policy_path)}"] = lambda seed, p=policy: p
     if not controllers:
         raise EsperError("nothing to evaluate: give --baselines and/or --policy")
     big_static_of = next((n for n in controllers if n.startswith("policy:")), "heuristic")
@@ -285,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_dir")
     lin.set_defaults(func=_lineage)
     return parser
+
+
+def policy_label(path: str | Path) -> str:
+    """A policy's name in tables: its run's name for ``<run>/policy``, else the folder's own name."""
+    path = Path(path).resolve()
+    return path.parent.name if path.name == "policy" else path.name
 
 
 def main(argv: list[str] | None = None) -> int:
