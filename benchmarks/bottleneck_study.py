@@ -34,9 +34,11 @@ What to expect with the defaults (frozen host, 30 epochs, seed_lr 1e-3 as in the
 settings: input_dim 40, hidden [64, 64], 6000 samples), as measured: the damaged host scores
 10-18 %; the seed at the true slot 39-71 % (mean 41 / 53 / 69 % for input / hidden0 / hidden1);
 the best other slot 7.7-19.8 points lower; the true slot is best on 15/15 tasks, resolved on
-14/15 (the miss: 1.2 points); argmax(grad_predictability) and the heuristic pick the true slot
-on 15/15, the old heuristic score on 5/15. ``--signal-only --seeds 30``: argmax 89/90, deficit
-rule 90/90. With ``--trainable-host`` (3 seeds) the damaged host alone repairs itself to
+14/15 (the miss: 1.2 points); HeuristicController.choose_slot, the deficit rule and
+argmax(grad_predictability) pick the true slot on 15/15, the old heuristic score on 5/15.
+``--signal-only --seeds 30``: choose_slot 90/90, deficit rule 90/90, argmax 85/90 (on the
+256 probe rows the signals use; 89/90 on all 512); ``--signal-only --seeds 6 --first-seed 100``:
+18/18 for all three. With ``--trainable-host`` (3 seeds) the damaged host alone repairs itself to
 43-57 %, seeds add 0-4 points and the slots blur (true slot best on 8/9 by -1.7 to +3.7
 points), while the signal still points at the true slot on 9/9. With seed_lr 3e-3 the
 germinated seed overshoots in isolated training and lags the reference for ~20 epochs
