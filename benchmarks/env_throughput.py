@@ -128,17 +128,17 @@ def main() -> None:
         env.append(env_loop(args.epochs, ep, germinate=False))
         fresh.append(env_loop(args.epochs, ep, germinate=False, signal_every=1))
         seeded.append(env_loop(args.epochs, ep, germinate=True))
-    p, e, f, s = (float(np.median(v)) for v in (plain, env, fresh, seeded))
+    p, e, fr, s = (float(np.median(v)) for v in (plain, env, fresh, seeded))
     print(f"plain PyTorch loop : {args.epochs / p:7.1f} epochs/s ({p / args.epochs * 1e3:.1f} ms/epoch)")
     print(f"env, wait only     : {args.epochs / e:7.1f} env steps/s ({e / args.epochs * 1e3:.1f} ms/step)")
-    print(f"env, fresh signals : {args.epochs / f:7.1f} env steps/s ({f / args.epochs * 1e3:.1f} ms/step)")
+    print(f"env, fresh signals : {args.epochs / fr:7.1f} env steps/s ({fr / args.epochs * 1e3:.1f} ms/step)")
     print(f"env, conv1d seed   : {args.epochs / s:7.1f} env steps/s ({s / args.epochs * 1e3:.1f} ms/step)")
     print(f"an episode of {args.epochs} epochs: {e:.2f} s (wait only), {s:.2f} s (with a seed)")
     seconds = None
     if args.ppo_iterations:
         seconds = ppo_iteration_seconds(args.ppo_iterations)
         print(f"PPO (256 env steps/iteration, sampling in the driver): {seconds:.1f} s/iteration")
-    print(f"fresh telemetry every step: ratio env/plain = {p / f:.3f}")
+    print(f"fresh telemetry every step: ratio env/plain = {p / fr:.3f}")
     print(f"throughput ratio env/plain = {p / e:.3f} (target >= 0.9)")
     if args.json:
         import json
@@ -150,8 +150,8 @@ def main() -> None:
                     "episodes": args.episodes,
                     "plain_epochs_per_s": args.epochs / p,
                     "env_steps_per_s": args.epochs / e,
-                    "env_fresh_steps_per_s": args.epochs / f,
-                    "ratio_fresh": p / f,
+                    "env_fresh_steps_per_s": args.epochs / fr,
+                    "ratio_fresh": p / fr,
                     "signal_every": envs.SIGNAL_EVERY,
                     "env_seeded_steps_per_s": args.epochs / s,
                     "episode_s": e,
