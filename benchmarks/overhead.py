@@ -110,7 +110,8 @@ def step_time(kind: str, steps: int, blocks: int) -> dict[str, float]:
         d = [t[i] for t in per_step["dormant"]]
         p = [t[i] for t in per_step["plain"]]
         out[clock] = {
-            "dormant": statistics.median(d), "plain": statistics.median(p),
+            "dormant": statistics.median(d),
+            "plain": statistics.median(p),
             "ratio": statistics.median(d) / statistics.median(p),
             "paired": statistics.median(a / b for a, b in zip(d, p, strict=True)),
         }
@@ -144,8 +145,10 @@ class SyntheticTask:
 def _upstream(host: MorphoHost, probe: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         _, acts = host.forward_with_activations(probe)
-    return {"block0 out (slot hidden0)": acts["hidden0"].clone(),
-            "block1 out (read by the seed)": acts["hidden1"].clone()}
+    return {
+        "block0 out (slot hidden0)": acts["hidden0"].clone(),
+        "block1 out (read by the seed)": acts["hidden1"].clone(),
+    }
 
 
 def _train_step(host, opt, x, y) -> None:
@@ -156,7 +159,10 @@ def _train_step(host, opt, x, y) -> None:
 def drift_experiment(pretrain: int, epoch_steps: int) -> tuple[list[dict], dict]:
     task = SyntheticTask()
     lifecycle = LifecycleConfig(
-        min_training_epochs=2, min_holding_epochs=1, min_improvement=0.0, embargo_epochs=1,
+        min_training_epochs=2,
+        min_holding_epochs=1,
+        min_improvement=0.0,
+        embargo_epochs=1,
         alpha=AlphaSchedule(kind="sigmoid", steps=2 * epoch_steps),
     )
     cfg = HostConfig(kind="mlp", slots="all")
@@ -191,21 +197,28 @@ def drift_experiment(pretrain: int, epoch_steps: int) -> tuple[list[dict], dict]
 
     def record(name: str, steps: int, alpha: float) -> None:
         a, b = _upstream(seeded, task.probe), _upstream(twin, task.probe)
-        rows.append({
-            "phase": name, "steps": steps, "alpha": alpha,
-            **{f"seeded:{k}": cosine_drift(a[k], start[k]) for k in start},
-            **{f"twin:{k}": cosine_drift(b[k], start[k]) for k in start},
-            **{f"between:{k}": cosine_drift(a[k], b[k]) for k in start},
-            "between_exact": all(torch.equal(a[k], b[k]) for k in start),
-        })
+        rows.append(
+            {
+                "phase": name,
+                "steps": steps,
+                "alpha": alpha,
+                **{f"seeded:{k}": cosine_drift(a[k], start[k]) for k in start},
+                **{f"twin:{k}": cosine_drift(b[k], start[k]) for k in start},
+                **{f"between:{k}": cosine_drift(a[k], b[k]) for k in start},
+                "between_exact": all(torch.equal(a[k], b[k]) for k in start),
+            }
+        )
 
     while step < max_steps and slot.stage is not SeedStage.FOSSILIZED:
         x, y = task.batch(step)
         _train_step(seeded, seeded_opt, x, y)
         if slot.seed is not None:
             grads = [p.grad for p in slot.seed.parameters() if p.grad is not None]
-            slot.seed_grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+            slot.seed_grad_norm = (
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+                if grads
+                else 0.0
+            )
         seeded_opt.step()
         slot.on_step()
         _train_step(twin, twin_opt, x, y)
@@ -235,8 +248,12 @@ def drift_experiment(pretrain: int, epoch_steps: int) -> tuple[list[dict], dict]
         with torch.no_grad():
             correct = sum(int((host(x).argmax(1) == y).sum()) for x, y in task.batches)
         accuracy[name] = correct / (len(task.batches) * BATCH)
-    return rows, {"pretrain": pretrain, "lifecycle_steps": step - pretrain, "accuracy": accuracy,
-                  "stage": slot.stage.name}
+    return rows, {
+        "pretrain": pretrain,
+        "lifecycle_steps": step - pretrain,
+        "accuracy": accuracy,
+        "stage": slot.stage.name,
+    }
 
 
 def main() -> None:
@@ -253,24 +270,31 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU")
 
-    print(f"\n(a) training step time, batch {BATCH}, Adam; {args.blocks} alternating blocks x "
-          f"{args.steps} steps after warm-up; median per-step time")
-    print(f"{'host':6s} {'clock':5s} {'dormant (3 slots)':>18s} {'plain (slots=[])':>17s} "
-          f"{'ratio':>6s} {'paired':>7s}")
+    print(
+        f"\n(a) training step time, batch {BATCH}, Adam; {args.blocks} alternating blocks x "
+        f"{args.steps} steps after warm-up; median per-step time"
+    )
+    print(f"{'host':6s} {'clock':5s} {'dormant (3 slots)':>18s} {'plain (slots=[])':>17s} {'ratio':>6s} {'paired':>7s}")
     ratios, timings = {}, {}
     for kind in ("mlp", "cnn1d"):
         r = step_time(kind, args.steps, args.blocks)
         ratios[kind], timings[kind] = r["cpu"]["ratio"], r
         for clock in ("cpu", "wall"):
             c = r[clock]
-            print(f"{kind:6s} {clock:5s} {c['dormant'] * 1e3:15.4f} ms {c['plain'] * 1e3:14.4f} ms "
-                  f"{c['ratio']:6.3f} {c['paired']:7.3f}")
-    print("ratio = median dormant / median plain per-step time; paired = median over blocks of the "
-          "per-block ratio.\ncpu = process CPU time (robust on a shared machine), wall = wall clock. "
-          "Target <= 1.02.")
+            print(
+                f"{kind:6s} {clock:5s} {c['dormant'] * 1e3:15.4f} ms {c['plain'] * 1e3:14.4f} ms "
+                f"{c['ratio']:6.3f} {c['paired']:7.3f}"
+            )
+    print(
+        "ratio = median dormant / median plain per-step time; paired = median over blocks of the "
+        "per-block ratio.\ncpu = process CPU time (robust on a shared machine), wall = wall clock. "
+        "Target <= 1.02."
+    )
 
-    print(f"\n(b) cosine drift of the host upstream of a seed at hidden1 (MLP 40-64-64-10, "
-          f"{args.pretrain} pretraining steps, 1 epoch = {args.epoch_steps} steps)")
+    print(
+        f"\n(b) cosine drift of the host upstream of a seed at hidden1 (MLP 40-64-64-10, "
+        f"{args.pretrain} pretraining steps, 1 epoch = {args.epoch_steps} steps)"
+    )
     print("drift = 1 - mean per-example cosine similarity on a fixed 256-example probe batch.")
     print("  seeded: seeded run vs. the pre-seed activations;  twin: seedless twin vs. the same;")
     print("  between: seeded run vs. twin at the same step (same data order, same start).")
@@ -278,38 +302,56 @@ def main() -> None:
     keys = [k.split(":", 1)[1] for k in rows[0] if k.startswith("between:")]
     for key in keys:
         print(f"\n  section: {key}")
-        print(f"  {'phase ended':28s} {'steps':>5s} {'alpha':>6s} {'seeded':>10s} {'twin':>10s} "
-              f"{'between':>10s}")
+        print(f"  {'phase ended':28s} {'steps':>5s} {'alpha':>6s} {'seeded':>10s} {'twin':>10s} {'between':>10s}")
         for row in rows:
             exact = "  (bitwise equal)" if row["between_exact"] else ""
-            print(f"  {row['phase']:28s} {row['steps']:5d} {row['alpha']:6.3f} "
-                  f"{row['seeded:' + key]:10.2e} {row['twin:' + key]:10.2e} "
-                  f"{row['between:' + key]:10.2e}{exact}")
-    print(f"\n  final stage {info['stage']} after {info['lifecycle_steps']} steps; train accuracy "
-          f"seeded {info['accuracy']['seeded']:.3f}, twin {info['accuracy']['twin']:.3f}")
+            print(
+                f"  {row['phase']:28s} {row['steps']:5d} {row['alpha']:6.3f} "
+                f"{row['seeded:' + key]:10.2e} {row['twin:' + key]:10.2e} "
+                f"{row['between:' + key]:10.2e}{exact}"
+            )
+    print(
+        f"\n  final stage {info['stage']} after {info['lifecycle_steps']} steps; train accuracy "
+        f"seeded {info['accuracy']['seeded']:.3f}, twin {info['accuracy']['twin']:.3f}"
+    )
     training = next(r for r in rows if r["phase"] == "TRAINING")
     final = rows[-1]
     final_between = max(final[f"between:{k}"] for k in keys)
     final_twin = max(final[f"twin:{k}"] for k in keys)
-    print(f"\nSUMMARY: dormant/plain step time (cpu) mlp {ratios['mlp']:.3f}, cnn1d {ratios['cnn1d']:.3f} "
-          f"(target <= 1.02); upstream seeded-vs-twin cosine drift: end of TRAINING "
-          f"{max(training[f'between:{k}'] for k in keys):.1e}"
-          f"{' (bitwise equal)' if training['between_exact'] else ''}, final {final_between:.1e} "
-          f"(target < 0.05; ordinary training drift {final_twin:.1e})")
+    print(
+        f"\nSUMMARY: dormant/plain step time (cpu) mlp {ratios['mlp']:.3f}, cnn1d {ratios['cnn1d']:.3f} "
+        f"(target <= 1.02); upstream seeded-vs-twin cosine drift: end of TRAINING "
+        f"{max(training[f'between:{k}'] for k in keys):.1e}"
+        f"{' (bitwise equal)' if training['between_exact'] else ''}, final {final_between:.1e} "
+        f"(target < 0.05; ordinary training drift {final_twin:.1e})"
+    )
     if args.json:
         import json
         from pathlib import Path
 
-        Path(args.json).write_text(json.dumps({
-            "steps": args.steps, "blocks": args.blocks, "pretrain": args.pretrain, "epoch_steps": args.epoch_steps,
-            "step_time": timings,  # per host and clock: dormant, plain (s/step), ratio, paired
-            "dormant_ratio_cpu": ratios, "dormant_target": 1.02,
-            "drift_training_between": max(training[f"between:{k}"] for k in keys),
-            "drift_training_bitwise_equal": training["between_exact"],
-            "drift_final_between": final_between, "drift_final_twin": final_twin, "drift_target": 0.05,
-            "drift_rows": rows, "final_stage": info["stage"], "lifecycle_steps": info["lifecycle_steps"],
-            "accuracy": info["accuracy"],
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "steps": args.steps,
+                    "blocks": args.blocks,
+                    "pretrain": args.pretrain,
+                    "epoch_steps": args.epoch_steps,
+                    "step_time": timings,  # per host and clock: dormant, plain (s/step), ratio, paired
+                    "dormant_ratio_cpu": ratios,
+                    "dormant_target": 1.02,
+                    "drift_training_between": max(training[f"between:{k}"] for k in keys),
+                    "drift_training_bitwise_equal": training["between_exact"],
+                    "drift_final_between": final_between,
+                    "drift_final_twin": final_twin,
+                    "drift_target": 0.05,
+                    "drift_rows": rows,
+                    "final_stage": info["stage"],
+                    "lifecycle_steps": info["lifecycle_steps"],
+                    "accuracy": info["accuracy"],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

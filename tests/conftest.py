@@ -44,9 +44,7 @@ def ray_session() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False, namespace="esper-ray-tests"
-        )
+        ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False, namespace="esper-ray-tests")
     yield
     ray.shutdown()
 

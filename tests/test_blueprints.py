@@ -34,9 +34,13 @@ pytestmark = pytest.mark.usefixtures("torch_seed")
 
 # Every slot shape the three standard hosts have (mlp 40-64-64, cnn1d on (40,), cnn2d on (1,8,8)).
 SLOT_SHAPES: list[tuple[int, ...]] = [
-    (40,), (64,),  # vector
-    (64, 20), (64, 10),  # seq
-    (1, 8, 8), (64, 4, 4), (64, 2, 2),  # image
+    (40,),
+    (64,),  # vector
+    (64, 20),
+    (64, 10),  # seq
+    (1, 8, 8),
+    (64, 4, 4),
+    (64, 2, 2),  # image
 ]
 # Which slot kinds a blueprint of each kind fits.
 FITS = {
@@ -66,9 +70,14 @@ def _spec(kind: str, *nodes: dict, name: str = "t") -> BlueprintSpec:
 # ---- the standard library -------------------------------------------------------------------
 def test_standard_library_names_and_kinds():
     assert {name: spec.kind for name, spec in STANDARD_BLUEPRINTS.items()} == {
-        "residual_mlp": "vector", "lowrank": "vector", "norm": "vector",
-        "conv1d": "seq", "conv2d": "image", "dwconv2d": "image",
-        "se1d": "seq", "se2d": "image",
+        "residual_mlp": "vector",
+        "lowrank": "vector",
+        "norm": "vector",
+        "conv1d": "seq",
+        "conv2d": "image",
+        "dwconv2d": "image",
+        "se1d": "seq",
+        "se2d": "image",
     }
     assert all(spec.name == name for name, spec in STANDARD_BLUEPRINTS.items())
     assert len({spec.content_hash for spec in STANDARD_BLUEPRINTS.values()}) == len(STANDARD_BLUEPRINTS)
@@ -207,7 +216,10 @@ def test_json_round_trip(name):
 
 def test_json_round_trip_keeps_arg_types_and_metadata():
     spec = BlueprintSpec(
-        name="x.y-z_1", kind="seq", origin="karn", parents=("ab" * 32,),
+        name="x.y-z_1",
+        kind="seq",
+        origin="karn",
+        parents=("ab" * 32,),
         nodes=(
             {"id": "a", "op": "conv", "args": {"width": None, "kernel": 3, "groups": None}},
             {"id": "b", "op": "act", "inputs": ("a",), "args": {"fn": "tanh"}},
@@ -247,8 +259,12 @@ MALFORMED = [
     ("add-one-input", "vector", [_n("a", "add")], "op add takes 2 input(s), got 1"),
     ("act-two-inputs", "vector", [_n("a", "act", ("input", "input"))], "takes 1 input(s), got 2"),
     ("no-inputs", "vector", [_n("a", "linear", ())], "takes 1 input(s), got 0"),
-    ("forward-ref", "vector", [_n("a", "act", ("b",)), _n("b", "linear", ("a",))],
-     "node a reads 'b': cycle or undefined input"),
+    (
+        "forward-ref",
+        "vector",
+        [_n("a", "act", ("b",)), _n("b", "linear", ("a",))],
+        "node a reads 'b': cycle or undefined input",
+    ),
     ("self-loop", "vector", [_n("a", "act", ("a",))], "node a reads 'a': cycle or undefined input"),
     ("undefined", "vector", [_n("a", "act", ("nope",))], "cycle or undefined input"),
     ("duplicate-id", "vector", [_n("a", "linear"), _n("a", "act", ("a",))], "duplicate node id 'a'"),
@@ -259,8 +275,12 @@ MALFORMED = [
     ("unknown-act", "vector", [_n("a", "act", fn="swish")], "unknown activation 'swish'"),
     ("bad-node-id", "vector", [_n("Bad id", "linear")], "String should match pattern"),
     ("no-nodes", "vector", [], "at least 1 item"),
-    ("too-many-nodes", "vector", [_n(f"n{i}", "act", (f"n{i - 1}" if i else "input",))
-                                  for i in range(MAX_NODES + 1)], f"at most {MAX_NODES} items"),
+    (
+        "too-many-nodes",
+        "vector",
+        [_n(f"n{i}", "act", (f"n{i - 1}" if i else "input",)) for i in range(MAX_NODES + 1)],
+        f"at most {MAX_NODES} items",
+    ),
     ("bad-kind", "graph", [_n("a", "linear")], "'vector', 'seq' or 'image'"),
 ]
 
@@ -292,8 +312,11 @@ def test_builder_shape_errors_are_one_line_esper_errors():
         # body ends with the wrong channel count
         (_spec("vector", _n("a", "linear", width=8)), (64,), "ends with 8 channels"),
         # add of incompatible widths
-        (_spec("vector", _n("a", "linear", width=8), _n("b", "add", ("input", "a"))), (64,),
-         "inputs have 64 and 8 channels"),
+        (
+            _spec("vector", _n("a", "linear", width=8), _n("b", "add", ("input", "a"))),
+            (64,),
+            "inputs have 64 and 8 channels",
+        ),
         # conv groups that do not divide
         (_spec("seq", _n("a", "conv", groups=3)), (64, 10), "groups 3 must divide 64"),
         # vector norm with groups
@@ -357,8 +380,7 @@ def test_contract_rejects_a_dead_branch():
     assert result.reason == "no finite gradient reaches parameter ops.a.weight"
     assert result.params == 8 * 16 + 8 + 16
     # The same body with the branch joined in passes.
-    joined = _spec("vector", _n("a", "linear", width=16), _n("b", "act", fn="tanh"),
-                   _n("c", "add", ("a", "b")))
+    joined = _spec("vector", _n("a", "linear", width=16), _n("b", "act", fn="tanh"), _n("c", "add", ("a", "b")))
     assert check_contract(joined, (16,)).ok
 
 
@@ -417,13 +439,22 @@ _BAD_ARGS = {
     "fn": st.sampled_from(["swish", None, 3]),
     "bogus": st.just(1),
 }
-_OP_KEYS = {"linear": ["width"], "conv": ["width", "kernel", "groups"], "act": ["fn"],
-            "norm": ["groups"], "pool": [], "add": [], "mul": [], "softmax": []}
+_OP_KEYS = {
+    "linear": ["width"],
+    "conv": ["width", "kernel", "groups"],
+    "act": ["fn"],
+    "norm": ["groups"],
+    "pool": [],
+    "add": [],
+    "mul": [],
+    "softmax": [],
+}
 
 
 @st.composite
 def _spec_dicts(draw) -> dict:
     """Chains of nodes, most with one or more mutations: ids, inputs, arity, args, kind."""
+
     def rarely() -> bool:
         return draw(st.sampled_from(range(25))) == 24
 
@@ -449,11 +480,13 @@ def _spec_dicts(draw) -> dict:
     }
 
 
-@settings(max_examples=200, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                 HealthCheck.function_scoped_fixture])
-@given(d=_spec_dicts(), shape=st.sampled_from([(8,), (4, 6), (2, 4, 4), (1, 5)]),
-       budget=st.sampled_from([None, 200]))
+@settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+)
+@given(d=_spec_dicts(), shape=st.sampled_from([(8,), (4, 6), (2, 4, 4), (1, 5)]), budget=st.sampled_from([None, 200]))
 def test_property_specs_fail_cleanly(d, shape, budget):
     try:
         spec = BlueprintSpec.model_validate(d)
@@ -478,10 +511,14 @@ def test_property_specs_fail_cleanly(d, shape, budget):
 
 
 # ---- regressions (bugs found by these tests, fixed in spec.py) ---------------------------------
-@pytest.mark.parametrize("node", [
-    _n("a", "conv", kernel=None),
-    _n("a", "norm", groups=None),
-], ids=["conv-kernel-null", "norm-groups-null"])
+@pytest.mark.parametrize(
+    "node",
+    [
+        _n("a", "conv", kernel=None),
+        _n("a", "norm", groups=None),
+    ],
+    ids=["conv-kernel-null", "norm-groups-null"],
+)
 def test_null_kernel_or_norm_groups_rejected(node):
     # Used to pass validation and then crash the builder with a TypeError inside check_contract.
     with pytest.raises(pydantic.ValidationError, match="cannot be null"):

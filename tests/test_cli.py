@@ -58,9 +58,7 @@ def _tree(folder: Path) -> dict[Path, tuple[bytes, int]]:
         pytest.param(["training.epochs"], ["'training.epochs'", "KEY=VALUE"], id="no-equals"),
         pytest.param(["=3"], ["'=3'", "KEY=VALUE"], id="no-key"),
         pytest.param(["training.epochs=3", "host.slots=[hidden9]"], ["hidden9", "unknown slot"], id="slot"),
-        pytest.param(
-            ["training.epochs=3", "blueprints.names=[nope]"], ["'nope'", "blueprint"], id="blueprint"
-        ),
+        pytest.param(["training.epochs=3", "blueprints.names=[nope]"], ["'nope'", "blueprint"], id="blueprint"),
         pytest.param(
             ["training.epochs=3", "task.family=cifar10", "task.root=/nonexistent"],
             ["/nonexistent", "CIFAR-10"],
@@ -137,9 +135,7 @@ def test_train_into_a_non_empty_out_is_refused_and_keeps_files(
         pytest.param("task.family=cifar10 task.root=/nonexistent", id="cifar"),
     ],
 )
-def test_failed_start_leaves_out_free_for_a_retry(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
-) -> None:
+def test_failed_start_leaves_out_free_for_a_retry(tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str) -> None:
     out = tmp_path / "run"
     _one_error_line(capsys, main(["train", "--out", str(out), "--no-progress", *bad.split()]))
     assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
@@ -162,9 +158,7 @@ def _subprocess(args: list[str], cwd: Path, key: Path) -> subprocess.CompletedPr
     [("training.epochs=-1", "training.epochs"), ("host.slots=[hidden9]", "hidden9")],
 )
 def test_real_command_bad_input(tmp_path: Path, _isolated: Path, override: str, says: str) -> None:
-    proc = _subprocess(
-        ["train", "--out", str(tmp_path / "run"), "--no-progress", override], tmp_path, _isolated
-    )
+    proc = _subprocess(["train", "--out", str(tmp_path / "run"), "--no-progress", override], tmp_path, _isolated)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, f"stderr should be exactly one line: {proc.stderr!r}"

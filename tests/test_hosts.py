@@ -61,7 +61,8 @@ def test_mlp_is_40_64_64_10():
     linears = [m for m in host.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(40, 64), (64, 64), (64, 10)]
     assert host.param_count() == {
-        "host": 40 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10, "seeds": 0,
+        "host": 40 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10,
+        "seeds": 0,
         "total": 40 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10,
     }
 
@@ -115,12 +116,17 @@ def test_host_config_validation():
 def test_deeper_and_unpooled_hosts():
     host = build_host(HostConfig(kind="mlp", hidden=[32, 16, 8]), (1, 8, 8), 3)
     assert {n: s.shape for n, s in host.slots.items()} == {
-        "input": (1, 8, 8), "hidden0": (32,), "hidden1": (16,), "hidden2": (8,),
+        "input": (1, 8, 8),
+        "hidden0": (32,),
+        "hidden1": (16,),
+        "hidden2": (8,),
     }
     assert host(torch.randn(2, 1, 8, 8)).shape == (2, 3)
     cnn = build_host(HostConfig(kind="cnn1d", hidden=[8, 8], pool=False, kernel=3), (40,), 4)
     assert {n: s.shape for n, s in cnn.slots.items()} == {
-        "input": (40,), "hidden0": (8, 40), "hidden1": (8, 40),
+        "input": (40,),
+        "hidden0": (8, 40),
+        "hidden1": (8, 40),
     }
 
 
@@ -147,22 +153,24 @@ def test_germinate_places_a_seed_in_germinated(kind):
         s.name: {"stage": "GERMINATED", "blueprint_hash": s.blueprint_hash} for s in host.iter_slots()
     }
     assert not (
-        {id(p) for s in host.iter_slots() for p in s.seed.parameters()}
-        & {id(p) for p in host.host_parameters()}
+        {id(p) for s in host.iter_slots() for p in s.seed.parameters()} & {id(p) for p in host.host_parameters()}
     )
 
 
 def test_germinate_accepts_a_spec_and_is_reproducible_with_a_generator_seed():
-    spec = BlueprintSpec(name="custom", kind="vector", nodes=(
-        {"id": "a", "op": "linear", "args": {"width": 8}},
-        {"id": "b", "op": "linear", "inputs": ("a",)},
-    ))
+    spec = BlueprintSpec(
+        name="custom",
+        kind="vector",
+        nodes=(
+            {"id": "a", "op": "linear", "args": {"width": 8}},
+            {"id": "b", "op": "linear", "inputs": ("a",)},
+        ),
+    )
     one, two = make_host("mlp"), make_host("mlp")
     s1 = one.germinate("hidden0", spec, generator_seed=11)
     s2 = two.germinate("hidden0", spec, generator_seed=11)
     assert s1.blueprint_hash == spec.content_hash and s1.blueprint_name == "custom"
-    for (k1, v1), (k2, v2) in zip(s1.seed.state_dict().items(), s2.seed.state_dict().items(),
-                                  strict=True):
+    for (k1, v1), (k2, v2) in zip(s1.seed.state_dict().items(), s2.seed.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2)
 
 
@@ -176,10 +184,16 @@ def test_germinate_unknown_blueprint_raises_listing_known():
     assert host.slot("hidden0").stage is SeedStage.DORMANT
 
 
-@pytest.mark.parametrize(("kind", "slot", "bp"), [
-    ("mlp", "hidden0", "conv2d"), ("mlp", "input", "se2d"), ("cnn1d", "hidden1", "dwconv2d"),
-    ("cnn2d", "hidden0", "conv1d"), ("cnn2d", "input", "se1d"),
-])
+@pytest.mark.parametrize(
+    ("kind", "slot", "bp"),
+    [
+        ("mlp", "hidden0", "conv2d"),
+        ("mlp", "input", "se2d"),
+        ("cnn1d", "hidden1", "dwconv2d"),
+        ("cnn2d", "hidden0", "conv1d"),
+        ("cnn2d", "input", "se1d"),
+    ],
+)
 def test_germinate_blueprint_that_does_not_fit(kind, slot, bp):
     host = make_host(kind)
     with pytest.raises(BlueprintShapeError) as info:
@@ -199,14 +213,16 @@ def test_germinate_over_budget_leaves_slot_dormant():
     assert host.slot("hidden1").stage is SeedStage.GERMINATED
 
 
-@pytest.mark.parametrize("stage", [SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.CULLED,
-                                   SeedStage.EMBARGOED])
+@pytest.mark.parametrize("stage", [SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.CULLED, SeedStage.EMBARGOED])
 def test_germinate_in_occupied_slot_raises(stage):
     host = make_host("mlp")
     slot = host.germinate("hidden0", "lowrank")
-    path = {SeedStage.GERMINATED: [], SeedStage.TRAINING: [SeedStage.TRAINING],
-            SeedStage.CULLED: [SeedStage.CULLED],
-            SeedStage.EMBARGOED: [SeedStage.CULLED, SeedStage.EMBARGOED]}[stage]
+    path = {
+        SeedStage.GERMINATED: [],
+        SeedStage.TRAINING: [SeedStage.TRAINING],
+        SeedStage.CULLED: [SeedStage.CULLED],
+        SeedStage.EMBARGOED: [SeedStage.CULLED, SeedStage.EMBARGOED],
+    }[stage]
     for nxt in path:
         slot.transition(nxt)
     seed = slot.seed

@@ -95,9 +95,7 @@ def test_mutations_differ_from_their_parent_and_record_it() -> None:
             assert child.spec.content_hash != parent.content_hash
             # Different in structure, not just in node names (canonical forms differ).
             assert from_spec(child.spec) != from_spec(parent)
-    assert {f"mutate:{op}" for op in ("tweak", "insert", "delete", "residual", "gate", "swap")} <= set(
-        operators
-    )
+    assert {f"mutate:{op}" for op in ("tweak", "insert", "delete", "residual", "gate", "swap")} <= set(operators)
 
 
 def test_crossover_keeps_the_kind_and_records_both_parents() -> None:
@@ -283,9 +281,7 @@ def ray_ready(request: pytest.FixtureRequest) -> Iterator[None]:
         request.getfixturevalue("ray_session")
     except pytest.FixtureLookupError:
         if not ray.is_initialized():
-            ray.init(
-                num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True
-            )
+            ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield
 
 
@@ -331,9 +327,9 @@ def test_karn_actor_submits_at_its_rate_and_survives_a_failing_urza(ray_ready: N
 
     cfg = ActorsConfig(karn_interval_s=0.25, karn_batch=3, namespace="karn-test")
     urza, tez = FakeUrza.remote(), FakeTezzeret.remote()
-    karn = Karn.options(
-        num_cpus=cfg.karn.num_cpus, num_gpus=cfg.karn.num_gpus, max_restarts=cfg.max_restarts
-    ).remote(cfg, urza, tez, 0)
+    karn = Karn.options(num_cpus=cfg.karn.num_cpus, num_gpus=cfg.karn.num_gpus, max_restarts=cfg.max_restarts).remote(
+        cfg, urza, tez, 0
+    )
     try:
         assert ray.get(karn.start.remote(), timeout=60)
         assert ray.get(karn.gpu_ids.remote()) == []

@@ -90,10 +90,14 @@ def perturb_seed(seed: torch.nn.Module, gen_seed: int) -> None:
 def to_stage(slot: SeedSlot, stage: SeedStage, blueprint: str = "residual_mlp") -> None:
     """Drive a DORMANT slot legally (via germinate and legal edges, gates bypassed) to ``stage``."""
     path = {
-        S.DORMANT: [], S.GERMINATED: [], S.TRAINING: [S.TRAINING],
-        S.BLENDING: [S.TRAINING, S.BLENDING], S.HOLDING: [S.TRAINING, S.BLENDING, S.HOLDING],
+        S.DORMANT: [],
+        S.GERMINATED: [],
+        S.TRAINING: [S.TRAINING],
+        S.BLENDING: [S.TRAINING, S.BLENDING],
+        S.HOLDING: [S.TRAINING, S.BLENDING, S.HOLDING],
         S.FOSSILIZED: [S.TRAINING, S.BLENDING, S.HOLDING, S.FOSSILIZED],
-        S.CULLED: [S.CULLED], S.EMBARGOED: [S.CULLED, S.EMBARGOED],
+        S.CULLED: [S.CULLED],
+        S.EMBARGOED: [S.CULLED, S.EMBARGOED],
     }[stage]
     if stage is not S.DORMANT:
         slot.germinate(build_seed(STANDARD_BLUEPRINTS[blueprint], slot.shape, generator_seed=0))
@@ -192,9 +196,7 @@ def test_isolated_training_leaves_host_exactly_unchanged(kind, slot_name, bp):
     for p in seed_params:
         assert p.grad is not None and torch.isfinite(p.grad).all()
         assert p.grad.abs().sum() > 0, "a seed parameter got no gradient"
-    expected = torch.autograd.grad(
-        slot.seed(captured["h"].detach()), seed_params, captured["out"].grad
-    )
+    expected = torch.autograd.grad(slot.seed(captured["h"].detach()), seed_params, captured["out"].grad)
     for p, e in zip(seed_params, expected, strict=True):
         assert torch.allclose(p.grad, e, rtol=1e-5, atol=1e-7)
 
@@ -311,11 +313,15 @@ def test_fossilized_seed_is_part_of_the_host():
 
 
 # ---- 4. blending formula and schedules ---------------------------------------------------------
-@pytest.mark.parametrize("schedule", [
-    AlphaSchedule(kind="linear", steps=10),
-    AlphaSchedule(kind="sigmoid", steps=10),
-    AlphaSchedule(kind="sigmoid", steps=10, t_mid=3.0, temperature=0.7),
-], ids=["linear", "sigmoid", "sigmoid-custom"])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        AlphaSchedule(kind="linear", steps=10),
+        AlphaSchedule(kind="sigmoid", steps=10),
+        AlphaSchedule(kind="sigmoid", steps=10, t_mid=3.0, temperature=0.7),
+    ],
+    ids=["linear", "sigmoid", "sigmoid-custom"],
+)
 @pytest.mark.parametrize("kind", HOST_KINDS)
 def test_blend_output_formula(kind, schedule):
     host = make_host(kind, LifecycleConfig(alpha=schedule))
@@ -370,8 +376,7 @@ def test_sigmoid_schedule_values(steps):
     assert all(a <= b for a, b in itertools.pairwise(values))
 
 
-@settings(max_examples=100, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     steps=st.integers(1, 300),
     kind=st.sampled_from(["linear", "sigmoid"]),
@@ -379,9 +384,9 @@ def test_sigmoid_schedule_values(steps):
     temperature=st.none() | st.floats(0.01, 100),
 )
 def test_schedules_monotone_and_end_at_one(steps, kind, mid_frac, temperature):
-    sched = AlphaSchedule(kind=kind, steps=steps,
-                          t_mid=None if mid_frac is None else mid_frac * steps,
-                          temperature=temperature)
+    sched = AlphaSchedule(
+        kind=kind, steps=steps, t_mid=None if mid_frac is None else mid_frac * steps, temperature=temperature
+    )
     values = [sched(t) for t in range(0, steps + 3)]
     assert all(0.0 <= v <= 1.0 for v in values)
     assert all(a <= b for a, b in itertools.pairwise(values))
@@ -519,8 +524,12 @@ def test_cull(stage):
 # ---- 6. gates ------------------------------------------------------------------------------------
 def test_gates_through_a_whole_life():
     cfg = LifecycleConfig(
-        min_training_epochs=3, max_seed_grad_norm=10.0, min_holding_epochs=2,
-        min_improvement=0.01, embargo_epochs=2, alpha=AlphaSchedule(kind="linear", steps=4),
+        min_training_epochs=3,
+        max_seed_grad_norm=10.0,
+        min_holding_epochs=2,
+        min_improvement=0.01,
+        embargo_epochs=2,
+        alpha=AlphaSchedule(kind="linear", steps=4),
     )
     slot = lone_slot(cfg)
     assert slot.advance() is None  # DORMANT: germination is never automatic
@@ -618,8 +627,9 @@ def test_embargo_gate():
 
 
 def test_zero_gates_pass_immediately():
-    cfg = LifecycleConfig(min_training_epochs=0, min_holding_epochs=0, embargo_epochs=0,
-                          alpha=AlphaSchedule(kind="linear", steps=1))
+    cfg = LifecycleConfig(
+        min_training_epochs=0, min_holding_epochs=0, embargo_epochs=0, alpha=AlphaSchedule(kind="linear", steps=1)
+    )
     slot = lone_slot(cfg)
     slot.germinate(build_seed(STANDARD_BLUEPRINTS["lowrank"], slot.shape))
     assert slot.advance() is S.TRAINING
@@ -645,8 +655,9 @@ def test_stage_counters_reset_and_cull_clears_signals():
 
 # ---- 7. listeners and host bookkeeping ---------------------------------------------------------
 def test_listeners_see_every_transition():
-    cfg = LifecycleConfig(min_training_epochs=0, embargo_epochs=0, min_holding_epochs=0,
-                          alpha=AlphaSchedule(kind="linear", steps=1))
+    cfg = LifecycleConfig(
+        min_training_epochs=0, embargo_epochs=0, min_holding_epochs=0, alpha=AlphaSchedule(kind="linear", steps=1)
+    )
     host = make_host("mlp", cfg)
     host_events: list[tuple[str, Transition]] = []
     slot_events: list[Transition] = []
@@ -702,8 +713,7 @@ def test_listener_sees_new_state_during_callback():
     seen = []
     slot.add_listener(lambda s, e: seen.append((s.stage, e.new, s.epochs_in_stage)))
     to_stage(slot, S.BLENDING)
-    assert seen == [(S.GERMINATED, S.GERMINATED, 0), (S.TRAINING, S.TRAINING, 0),
-                    (S.BLENDING, S.BLENDING, 0)]
+    assert seen == [(S.GERMINATED, S.GERMINATED, 0), (S.TRAINING, S.TRAINING, 0), (S.BLENDING, S.BLENDING, 0)]
 
 
 @pytest.mark.parametrize("kind", HOST_KINDS)
@@ -753,8 +763,12 @@ def test_lifecycle_state_round_trip_needs_refresh():
     perturb_seed(slot.seed, 1)
     state = slot.lifecycle_state()
     assert state == {
-        "stage": "BLENDING", "epochs_in_stage": 1, "blend_steps": 1, "seed_grad_norm": 2.5,
-        "contribution": 0.125, "blueprint_hash": STANDARD_BLUEPRINTS["residual_mlp"].content_hash,
+        "stage": "BLENDING",
+        "epochs_in_stage": 1,
+        "blend_steps": 1,
+        "seed_grad_norm": 2.5,
+        "contribution": 0.125,
+        "blueprint_hash": STANDARD_BLUEPRINTS["residual_mlp"].content_hash,
         "spec": STANDARD_BLUEPRINTS["residual_mlp"].to_json(),
     }
 

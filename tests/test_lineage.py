@@ -54,9 +54,7 @@ def _write_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], slots: di
     # Shaped like the trainer's state.json: extra keys per slot and elsewhere are ignored.
     state = {
         "format": "esper-ray-checkpoint/1",
-        "slots": {
-            name: {"stage": s, "blueprint_hash": h, "epochs_in_stage": 2} for name, (s, h) in slots.items()
-        },
+        "slots": {name: {"stage": s, "blueprint_hash": h, "epochs_in_stage": 2} for name, (s, h) in slots.items()},
     }
     (ckpt / "state.json").write_text(json.dumps(state))
 
@@ -256,9 +254,7 @@ def test_swapped_checkpoint_weights(run: Path, key_path: Path) -> None:
     ("slot", "entry"),
     [("hidden1", ("HOLDING", BP_A)), ("hidden1", ("FOSSILIZED", BP_B)), ("hidden3", ("TRAINING", BP_B))],
 )
-def test_swapped_checkpoint_architecture(
-    run: Path, key_path: Path, slot: str, entry: tuple[str, str]
-) -> None:
+def test_swapped_checkpoint_architecture(run: Path, key_path: Path, slot: str, entry: tuple[str, str]) -> None:
     _write_checkpoint(run, _weights(), {**FINAL_SLOTS, slot: entry})
     _check(run, key_path, CKPT_SEQ, f"slot {slot}", "state.json")
 
@@ -278,9 +274,7 @@ def test_signature_made_with_another_key(run: Path, key_path: Path, tmp_path: Pa
     path = run / "lineage.sig.json"
     sig = json.loads(path.read_text())
     other = Ed25519PrivateKey.generate()
-    sig["signature"] = other.sign(
-        f"esper-ray-lineage:v1:{RUN_ID}:{sig['count']}:{sig['head']}".encode()
-    ).hex()
+    sig["signature"] = other.sign(f"esper-ray-lineage:v1:{RUN_ID}:{sig['count']}:{sig['head']}".encode()).hex()
     sig["public_key"] = (
         other.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
     )

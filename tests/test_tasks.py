@@ -204,9 +204,7 @@ def test_bottleneck_label_change_is_measured_not_assumed() -> None:
     pre = off.penultimate(x_cal) @ teacher.weights[-1].T
     mu, sd = pre.mean(0), pre.std(0)
     w_out, b_out = teacher.weights[-1] / sd[:, None], -mu / sd
-    off = dataclasses.replace(
-        off, weights=(*teacher.weights[:-1], w_out), biases=(*teacher.biases[:-1], b_out)
-    )
+    off = dataclasses.replace(off, weights=(*teacher.weights[:-1], w_out), biases=(*teacher.biases[:-1], b_out))
     assert label_change_if_removed(off, x_cal) < 0.001
 
 
