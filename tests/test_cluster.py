@@ -147,13 +147,15 @@ def test_job_submit_runs_train_and_the_actors_and_metrics_show(head) -> None:
     alive = {a["name"] for a in json.loads(listed.stdout) if a["state"] == "ALIVE"}
     assert {"urza", "karn", "tezzeret", "urabrask"} <= alive  # detached: they outlive the job
 
+    # Each actor's metrics reach the export port on its own reporting cycle: wait for all of them.
+    wanted = ("ray_esper_catalogue_size", "ray_esper_benchmarks", "ray_esper_compiles")
     text = ""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and "ray_esper_catalogue_size" not in text:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not all(m in text for m in wanted):
         with urllib.request.urlopen(f"http://127.0.0.1:{head['ports']['metrics']}/metrics", timeout=5) as r:
             text = r.read().decode()
         time.sleep(2)
-    for metric in ("ray_esper_catalogue_size", "ray_esper_benchmarks", "ray_esper_compiles"):
+    for metric in wanted:
         assert metric in text, metric
 
 
