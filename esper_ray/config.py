@@ -35,11 +35,11 @@ class TrainingConfig(StrictModel):
     signal_every: int = Field(
         1,
         ge=1,
-        description="probe telemetry (activation statistics, gradient signals: ~8 ms for 3 slots) is measured "
+        description="probe telemetry (activation statistics, gradient signals: ~7 ms for 3 slots) is measured "
         "every N epochs and reused in between; 1: fresh at every decision point",
     )
     eval_test: bool = Field(
-        True, description="evaluate the test split every epoch (metrics, report); false: only at the end of a run"
+        True, description="evaluate the test split every epoch (metrics, report); false: only in the run's last epoch"
     )
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N epochs (0: only at the end)")
     device: str = Field("cpu", description='"cpu", "cuda", "cuda:N", or "auto" (cuda when available)')
