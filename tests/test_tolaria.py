@@ -348,6 +348,26 @@ def test_resume_with_cached_probe_signals_is_exact(tmp_path: Path, data: TaskDat
     _compare_runs(a, b, tmp_path / "a", tmp_path / "b")
 
 
+def test_probe_refits_only_slots_whose_activations_moved(data: TaskData) -> None:
+    # The input slot sees the fixed probe rows: its kernel fit is kept for the whole run. A frozen
+    # host keeps every slot's fit; a training host refits its hidden slots at each refresh.
+    trainer = Trainer(make_cfg(), data)
+    frozen = Trainer(make_cfg("training.freeze_host=true"), data)
+    for tr in (trainer, frozen):
+        tr.train_epoch()
+        tr.observe()
+    first = {tr: {n: kept[1] for n, kept in tr._slot_probe._kept.items()} for tr in (trainer, frozen)}
+    for tr in (trainer, frozen):
+        tr.train_epoch()
+        tr.observe()
+    assert [trainer._slot_probe._kept[n][1] is first[trainer][n] for n in ("input", "hidden0", "hidden1")] == [
+        True,
+        False,
+        False,
+    ]
+    assert all(frozen._slot_probe._kept[n][1] is first[frozen][n] for n in ("input", "hidden0", "hidden1"))
+
+
 def test_probe_signals_are_refreshed_every_signal_every_epochs(data: TaskData) -> None:
     trainer = Trainer(make_cfg("training.signal_every=3"), data)
     measured = []

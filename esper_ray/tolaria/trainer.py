@@ -48,7 +48,7 @@ from esper_ray.kasmina import SeedSlot, Transition
 from esper_ray.tasks import TaskData, load_task
 from esper_ray.tolaria import optim
 from esper_ray.tolaria.governor import Governor
-from esper_ray.tolaria.telemetry import activation_stats, grad_norm, slot_signals
+from esper_ray.tolaria.telemetry import SlotProbe, grad_norm
 
 # A loss function gets (logits, labels, batch indices) and returns a scalar loss. One that also
 # has ``slot_gaps(trainer) -> {slot: float}`` (distillation) feeds Observation.distill.
@@ -112,6 +112,7 @@ class Trainer:
         self._host_grad: dict[str, float] = {}
         self._probe_signals: dict[str, dict[str, float]] = {}  # per slot, see _measure_probe
         self._probe_epoch = -1  # the epoch they were measured at (-1: never)
+        self._slot_probe = SlotProbe()  # keeps the kernel fits of slots whose activations did not move
         self._good: tuple[dict, dict, dict] | None = None
         self.probe_x = self.data.x_val[: cfg.training.probe_size]
         self.probe_y = self.data.y_val[: cfg.training.probe_size]
@@ -280,19 +281,13 @@ class Trainer:
         if action.kind is ActionKind.GERMINATE:
             if not slot.is_open:
                 return f"slot {slot.name} is {slot.stage.name}, not DORMANT"
-            budget = self.cfg.controller.max_germinations
-            if budget is not None and self.germinations >= budget:
-                return f"the run's germination budget ({budget}) is spent"
+            spent = self._budget_spent()
+            if spent:
+                return spent
             entry = self._candidate(action.blueprint)
             if entry is None:
                 return f"blueprint {action.blueprint!r} is not among the ready candidates"
-            cost = self.seed_cost(entry, slot)
-            if cost is None:
-                return f"blueprint {entry.name} ({entry.spec.kind}) does not fit slot {slot.name} {slot.shape}"
-            budget = self.cfg.blueprints.max_seed_params
-            if cost > budget:
-                return f"blueprint {entry.name} costs {cost} params, over the budget {budget}"
-            return ""
+            return self._why_not_fits(entry, slot)
         if action.kind is ActionKind.FOSSILIZE:
             if slot.stage is not SeedStage.HOLDING:
                 return f"slot {slot.name} is {slot.stage.name}, not HOLDING"
@@ -301,15 +296,37 @@ class Trainer:
             return f"slot {slot.name} has no live seed ({slot.stage.name})"
         return ""
 
+    def _budget_spent(self) -> str:
+        """Why no germination is allowed any more in this run ('' while the budget lasts)."""
+        budget = self.cfg.controller.max_germinations
+        if budget is not None and self.germinations >= budget:
+            return f"the run's germination budget ({budget}) is spent"
+        return ""
+
+    def _why_not_fits(self, entry: CatalogueEntry, slot: SeedSlot) -> str:
+        """Why ``entry`` cannot grow in ``slot`` ('' if it can): its shape or its size."""
+        cost = self.seed_cost(entry, slot)
+        if cost is None:
+            return f"blueprint {entry.name} ({entry.spec.kind}) does not fit slot {slot.name} {slot.shape}"
+        budget = self.cfg.blueprints.max_seed_params
+        if cost > budget:
+            return f"blueprint {entry.name} costs {cost} params, over the budget {budget}"
+        return ""
+
     def legal_actions(self) -> list[ControllerAction]:
-        """Every action ``apply`` accepts right now; WAIT is always first."""
+        """Every action ``apply`` accepts right now; WAIT is always first.
+
+        The same checks as ``why_illegal`` (a property test holds them together), with the
+        run-wide germination budget looked at once instead of once per (slot, candidate).
+        """
         actions = [ControllerAction.wait()]
+        may_germinate = not self._budget_spent()
         for slot in self.host.slots.values():
             if slot.is_open:
-                for entry in self.candidates:
-                    action = ControllerAction.germinate(slot.name, entry.name)
-                    if not self.why_illegal(action):
-                        actions.append(action)
+                if may_germinate:
+                    for entry in self.candidates:
+                        if not self._why_not_fits(entry, slot):
+                            actions.append(ControllerAction.germinate(slot.name, entry.name))
             elif slot.stage is SeedStage.HOLDING and not slot.gate(SeedStage.FOSSILIZED):
                 actions.append(ControllerAction.fossilize(slot.name))
             if slot.stage.is_live:
@@ -411,22 +428,19 @@ class Trainer:
 
     def _measure_probe(self) -> None:
         """Per slot, the probe-batch signals of SlotTelemetry: activation statistics, gradient RMS,
-        ``grad_predictability`` and the downstream ``grad_deficit`` (``telemetry.slot_signals``).
+        ``grad_predictability`` and the downstream ``grad_deficit`` (``telemetry.SlotProbe``).
 
-        The costly part of a decision point (~7 ms for three 64-wide slots on one CPU thread, a
-        third of a 19 ms MNIST-1D epoch), so ``training.signal_every`` > 1 reuses them for that
-        many epochs. Deterministic: they are measured at the first observation and then whenever
-        ``signal_every`` epochs have passed, and a checkpoint carries them.
+        The costly part of a decision point (~4 ms for three 64-wide slots on one CPU thread, a
+        fifth of a 19 ms MNIST-1D epoch; ~1 ms on a frozen host, whose fits are kept), so
+        ``training.signal_every`` > 1 reuses them for that many epochs. Deterministic: they are
+        measured at the first observation and then whenever ``signal_every`` epochs have passed,
+        and a checkpoint carries them.
         """
         acts, grads = self._probe()
-        signals = slot_signals(acts, grads)
+        signals = self._slot_probe.measure(acts, grads)
+        scale = len(self.probe_x)
         self._probe_signals = {
-            name: {
-                "grad_rms": float(grads[name].square().mean().sqrt()) * len(self.probe_x),
-                "grad_predictability": signals[name][0],
-                "grad_deficit": signals[name][1],
-                **activation_stats(acts[name]),
-            }
+            name: {"grad_rms": float(grads[name].square().mean().sqrt()) * scale, **signals[name]}
             for name in self.host.slots
         }
         self._probe_epoch = self.epoch
