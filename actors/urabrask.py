@@ -4,7 +4,8 @@ For one spec in one reference slot shape it measures, on its own device (CPU her
 when the actor was given a GPU):
 
 - forward+backward latency, p50 and p95 over ``iters`` timed iterations;
-- peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU an *estimate*
+- peak memory: measured on a GPU (``torch.cuda.max_memory_allocated`` during the step, less
+  what the process held before it, plus the seed's parameters and input); on a CPU an *estimate*
   (parameters and their gradients, plus the input, the output and every tensor autograd
   saves for backward), and the report's ``reason`` says it is an estimate;
 - FLOPs (``flops_per_example``) and the parameter count;
@@ -81,12 +82,22 @@ def latency_ms(seed: SeedModule, h: torch.Tensor, iters: int, warmup: int = 3) -
 
 
 def peak_memory_bytes(seed: SeedModule, h: torch.Tensor) -> tuple[int, bool]:
-    """(peak bytes of one forward+backward, whether it was measured rather than estimated)."""
+    """(peak bytes of one forward+backward, whether it was measured rather than estimated).
+
+    On a GPU: the seed's parameters and the input, plus the most the step allocated on top of
+    what was allocated before it (gradients, activations, the output). Whatever else the
+    process holds on the device (a trainer's data, cuBLAS's workspace) is not the seed's and
+    is left out, as the CPU estimate leaves it out.
+    """
     if h.device.type == "cuda":
+        seed.zero_grad(set_to_none=True)  # the gradients are counted when the step makes them
+        _sync(h.device)
+        before = torch.cuda.memory_allocated(h.device)
         torch.cuda.reset_peak_memory_stats(h.device)
         _step(seed, h)
         _sync(h.device)
-        return int(torch.cuda.max_memory_allocated(h.device)), True
+        resident = sum(p.numel() * p.element_size() for p in seed.parameters()) + h.numel() * h.element_size()
+        return int(torch.cuda.max_memory_allocated(h.device) - before + resident), True
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
