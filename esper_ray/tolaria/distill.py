@@ -188,11 +188,11 @@ class DistillationLoss:
         """Per student slot, the teacher's unexplained share at matching depth (see module doc)."""
         started = time.perf_counter()
         host: MorphoHost = trainer.host
-        x = self.teacher.probe_x
-        own = trainer.data.x_val
-        if len(own) < len(x) or not torch.equal(own[: len(x)], x):
+        x = self.teacher.probe_x  # on the CPU, like the teacher; the Trainer's data may be on a GPU
+        own = trainer.data.x_val[: len(x)]
+        if len(own) < len(x) or not torch.equal(own.to(x.device), x):
             raise EsperError("distillation: the Trainer's data is not the data the teacher was set up for")
-        outs = slot_outputs(host, x)
+        outs = slot_outputs(host, own)  # the same examples, already on the student's device
         n_s, n_t = len(host.blocks), len(self.teacher.probe_stages) - 1
         gaps = {}
         for name, slot in host.slots.items():
@@ -238,8 +238,11 @@ def teacher_stages(host: MorphoHost, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def ridge_gap(a: torch.Tensor, z: torch.Tensor, ridge: float) -> float:
-    """Held-out relative residual of a ridge read-out ``z ~ a W + b`` (fit: 1st half, score: 2nd)."""
-    a, z = a.double(), z.double()
+    """Held-out relative residual of a ridge read-out ``z ~ a W + b`` (fit: 1st half, score: 2nd).
+
+    Solved on the CPU in float64 (a student on a GPU hands its activations over as they are).
+    """
+    a, z = a.detach().cpu().double(), z.detach().cpu().double()
     n = len(a) // 2
     a1, a2, z1, z2 = a[:n], a[n:], z[:n], z[n:]
     ma, mz = a1.mean(0), z1.mean(0)
