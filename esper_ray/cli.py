@@ -1,7 +1,7 @@
 """The ``esper-ray`` command.
 
     esper-ray train [--config configs/quickstart.yaml] [--out DIR] [--controller KIND|PATH]
-                    [--resume RUN_DIR] [KEY=VALUE ...]
+                    [--resume RUN_DIR] [--device DEVICE] [KEY=VALUE ...]
     esper-ray distill [--config configs/distill.yaml] [--out DIR] [KEY=VALUE ...]
     esper-ray simic [--config configs/controller_ppo.yaml] [--out DIR] [--resume CKPT] [KEY=VALUE ...]
     esper-ray evaluate [--config configs/controller_ppo.yaml] [--policy DIR ...] [--seeds N] [--out DIR]
@@ -69,8 +69,12 @@ def _train(args: argparse.Namespace) -> int:
 
         cfg = read_config(args.resume / "checkpoint")
         catalogue = _pipeline_catalogue(cfg, args.address, progress=not args.no_progress)
-        result = run_training(cfg, resume=args.resume, catalogue=catalogue, progress=not args.no_progress)
+        result = run_training(
+            cfg, resume=args.resume, device=args.device, catalogue=catalogue, progress=not args.no_progress
+        )
     else:
+        if args.device:
+            overrides.append(f"training.device={args.device}")
         path = _config_path(args, DEFAULT_CONFIG)
         cfg = load_config(path, overrides)
         catalogue = _pipeline_catalogue(cfg, args.address, progress=not args.no_progress)
@@ -227,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run folder (default <out_dir>/<name>-<time>)")
     train.add_argument("--controller", help=f"{', '.join(BASELINES)} or an exported Tamiyo policy folder")
     train.add_argument("--resume", type=Path, help="continue the run in this folder from its checkpoint")
+    train.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:N or auto (training.device); with --resume, continue a run on another device",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     train.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.epochs=10")

@@ -114,6 +114,24 @@ def test_resume_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--resume" in line
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_line_fresh_or_resumed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fresh"
+    line = _one_error_line(capsys, main(["train", "--out", str(out), "--device", "cuda", "training.epochs=2"]))
+    assert "training.device=cuda" in line and "CUDA is not available" in line
+    assert not out.exists()
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", "training.epochs=2"]) == 0
+    capsys.readouterr()
+    before = _tree(run)
+    line = _one_error_line(capsys, main(["train", "--resume", str(run), "--device", "cuda", "--no-progress"]))
+    assert "CUDA is not available" in line
+    assert _tree(run) == before
+
+
 def test_train_into_a_non_empty_out_is_refused_and_keeps_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -284,12 +283,21 @@ def test_probe_telemetry_on_cuda_equals_the_cpu_computation(data: TaskData, kind
     assert any(s.grad_predictability > 0 for s in obs.slots), "every kernel fit read 0: did it run?"
 
     # The same model on the CPU (a twin with the GPU host's weights): same activations and
-    # gradients up to float rounding, and so the same signals up to a small tolerance.
+    # gradients up to float rounding, and so the same signals up to a small tolerance. cuDNN runs
+    # convolutions in TF32 by default (measured on an H200: the cnn1d input gradient then differs
+    # from the CPU's by more than 1e-3 relative), so the GPU side of this comparison runs in full
+    # float32.
     twin = Trainer(make_cfg("training.epochs=4", f"host.kind={kind}", device="cpu", fast=False), data)
     twin.apply(ControllerAction.germinate("hidden0", blueprint))
     twin.host.load_state_dict({k: v.cpu() for k, v in tr.host.state_dict().items()})
     twin_acts, twin_grads = probe(twin)
     twin_signals = slot_signals(twin_acts, twin_grads)
+    if DEVICE.type == "cuda":
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+            acts, grads = probe(tr)
+        cpu_acts = {n: a.cpu() for n, a in acts.items()}
+        cpu_grads = {n: g.cpu() for n, g in grads.items()}
+        reference = slot_signals(cpu_acts, cpu_grads)
     for name in acts:
         assert torch.allclose(twin_acts[name], cpu_acts[name], rtol=1e-4, atol=1e-5), name
         scale = float(cpu_grads[name].abs().max())
@@ -329,12 +337,10 @@ def test_checkpoint_resumes_exactly_on_cuda_and_moves_between_devices(
             with pytest.raises(EsperError, match="CUDA is not available"):
                 load_checkpoint(ckpt, data)
 
-    # load_checkpoint has no device override (and `esper-ray train --resume` takes no overrides),
-    # but the tensors do not care: with training.device edited in state.json the same checkpoint
-    # resumes on the other device and continues the run up to float rounding.
+    # load_checkpoint(device=...) (`esper-ray train --resume RUN --device cpu`) resumes the same
+    # checkpoint on the other device and continues the run up to float rounding.
     other = "cpu" if ON_GPU else DEVICE.type
-    moved = _with_device(ckpt, tmp_path / "ckpt-moved", other)
-    there, state = load_checkpoint(moved, data)
+    there, state = load_checkpoint(ckpt, data, device=other)
     assert all(p.device.type == other for p in there.host.parameters())
     assert all(t.device.type == other for s in there.opt.state.values() for t in s.values() if t.dim() > 0)
     cont = GrowAt(1)
@@ -351,7 +357,7 @@ def test_checkpoint_resumes_exactly_on_cuda_and_moves_between_devices(
     run_epochs(cpu_tr, cpu_grow, 3)
     cpu_ckpt = save_checkpoint(cpu_tr, tmp_path / "ckpt-cpu", cpu_grow.state_dict())
     cpu_rest = run_epochs(cpu_tr, cpu_grow, 2)
-    up, state = load_checkpoint(_with_device(cpu_ckpt, tmp_path / "ckpt-up", DEVICE.type), data)
+    up, state = load_checkpoint(cpu_ckpt, data, device=DEVICE.type)
     assert_on_device(up)
     up_grow = GrowAt(1)
     up_grow.load_state_dict(state)
@@ -391,14 +397,6 @@ def test_distillation_student_on_cuda_with_its_teacher_on_the_cpu(data: TaskData
     on_cpu = loss.slot_gaps(twin)
     print(f"\n[distill] slot gaps on {DEVICE}: {gaps}; the CPU twin's: {on_cpu}")
     assert on_cpu == pytest.approx(loss.slot_gaps(student), abs=1e-4)
-
-
-def _with_device(ckpt: Path, dest: Path, device: str) -> Path:
-    shutil.copytree(ckpt, dest)
-    state = json.loads((dest / "state.json").read_text())
-    state["config"]["training"]["device"] = device
-    (dest / "state.json").write_text(json.dumps(state))
-    return dest
 
 
 # ---- d. Tezzeret: torch.compile on the GPU ----------------------------------------------------------------

@@ -134,14 +134,23 @@ def read_config(path: str | Path) -> RunConfig:
     return validate_model(RunConfig, state.get("config", {}), f"{path}/state.json config")
 
 
-def load_checkpoint(path: str | Path, data: TaskData | None = None, **trainer_kwargs: Any) -> tuple[Trainer, dict]:
-    """Rebuild a Trainer exactly as it was saved; returns it with the controller's state."""
+def load_checkpoint(
+    path: str | Path, data: TaskData | None = None, *, device: str | None = None, **trainer_kwargs: Any
+) -> tuple[Trainer, dict]:
+    """Rebuild a Trainer exactly as it was saved; returns it with the controller's state.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) resumes on another device than the run's
+    ``training.device``, e.g. a GPU run on a machine without one: the same state, continued up to
+    float rounding (bit-exact only on the device it was saved on).
+    """
     path = Path(path)
     state, model, opt_tensors, extra = _read(path)
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise EsperError(f"checkpoint at {path} is incomplete: state.json lacks {', '.join(missing)}")
     cfg = validate_model(RunConfig, state["config"], f"{path}/state.json config")
+    if device is not None:
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"device": device})})
     trainer = Trainer(cfg, data, run_id=state["run_id"], **trainer_kwargs)
     try:
         _restore(trainer, state, model, opt_tensors, extra)
@@ -175,13 +184,16 @@ def _restore(trainer: Trainer, state: dict, model: dict, opt_tensors: dict, extr
     trainer.gen.set_state(extra["rng.data"])
     torch.set_rng_state(extra["rng.torch"])
     for slot in state["blend_slots"]:
-        weights = {k.split(".", 3)[3]: v for k, v in extra.items() if k.startswith(f"blend.{slot}.w.")}
+        # On the trainer's device, as take_host_snapshot keeps them (safetensors loads to the CPU);
+        # Adam's scalar ``step`` stays on the CPU, as Adam keeps it.
+        device = trainer.device
+        weights = {k.split(".", 3)[3]: v.to(device) for k, v in extra.items() if k.startswith(f"blend.{slot}.w.")}
         n_host = len(trainer.opt.param_groups[0]["params"])
         opt_st: list[dict[str, torch.Tensor]] = [{} for _ in range(n_host)]
         for k, v in extra.items():
             if k.startswith(f"blend.{slot}.o."):
                 _, _, _, i, name = k.split(".", 4)
-                opt_st[int(i)][name] = v
+                opt_st[int(i)][name] = v.to(device) if v.dim() > 0 else v
         trainer._blend_snapshots[slot] = optim.HostSnapshot(weights, opt_st)
 
     trainer.epoch, trainer.step = state["epoch"], state["step"]

@@ -173,15 +173,18 @@ class DistillationLoss:
         self.temperature = cfg.temperature
         self.weight = cfg.weight
         self.gap_seconds = 0.0  # time spent in slot_gaps (last call)
+        self._logits = teacher.train_logits  # the teacher's logits, moved once to the student's device
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        t = self.teacher.train_logits
+        t = self._logits
         if idx.numel() and int(idx.max()) >= len(t):
             raise EsperError(
                 f"distillation: batch index {int(idx.max())} beyond the {len(t)} training examples "
                 "the teacher's logits were computed for (was the Trainer given other data?)"
             )
-        return kd_loss(logits, y, t[idx].to(logits.device), self.temperature, self.weight)
+        if t.device != logits.device:
+            t = self._logits = t.to(logits.device)
+        return kd_loss(logits, y, t[idx.to(t.device)], self.temperature, self.weight)
 
     @torch.no_grad()
     def slot_gaps(self, trainer) -> dict[str, float]:

@@ -132,16 +132,20 @@ def run_training(
     data: TaskData | None = None,
     loss_fn: LossFn | None = None,
     resume: str | Path | None = None,
+    device: str | None = None,
     progress: bool = True,
     stop_after: int | None = None,
 ) -> RunResult:
     """Train to ``cfg.training.epochs`` (or ``stop_after`` epochs, for tests), writing the run folder.
 
-    ``resume`` is a run folder whose ``checkpoint/`` continues exactly where it stopped.
+    ``resume`` is a run folder whose ``checkpoint/`` continues exactly where it stopped (on
+    ``device`` instead of the run's own ``training.device`` when given).
     """
     if resume is not None:
         run_dir = Path(resume)
-        trainer, controller_state = load_checkpoint(run_dir / "checkpoint", data, catalogue=catalogue, loss_fn=loss_fn)
+        trainer, controller_state = load_checkpoint(
+            run_dir / "checkpoint", data, device=device, catalogue=catalogue, loss_fn=loss_fn
+        )
         cfg = trainer.cfg
     else:
         check_run_dir(cfg, out)

@@ -140,7 +140,9 @@ class Trainer:
         started = time.perf_counter()
         x, y = self.data.x_train, self.data.y_train
         bs = self.cfg.training.batch_size
-        perm = torch.randperm(len(x), generator=self.gen)
+        # Drawn on the CPU (one generator, the same order on every device), then moved once, so
+        # on a GPU each batch indexes on the device instead of copying its indices there.
+        perm = torch.randperm(len(x), generator=self.gen).to(x.device)
         self.host.train()
         total, n_seen, rolled_back = 0.0, 0, ""
         n_batches = (len(x) + bs - 1) // bs
@@ -574,13 +576,17 @@ class Trainer:
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; EsperError for a device this machine lacks."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise EsperError(f"training.device: unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EsperError(f"training.device={name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:  # "cuda" is the current GPU: name it, so that
+        device = torch.device("cuda", torch.cuda.current_device())  # tensor.device == device holds
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise EsperError(f"training.device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
