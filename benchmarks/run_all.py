@@ -689,7 +689,12 @@ class Page:
                     f"{f['plain_epochs_per_s']:.1f}; probe signals every {f.get('signal_every', 1)} epochs"
                     + (f"; fresh at every step: {f['ratio_fresh']:.2f}" if f.get("ratio_fresh") is not None else "")
                     + f"; with a conv1d seed {f['env_seeded_steps_per_s']:.1f} steps/s)",
-                    f"{f['ratio']:.2f}",
+                    f"{f['ratio']:.2f}"
+                    + (
+                        f" (rounds {min(f['ratio_per_round']):.2f}-{max(f['ratio_per_round']):.2f})"
+                        if f.get("ratio_per_round")
+                        else ""
+                    ),
                     "≥ 0.9",
                     met(f["ratio"] >= 0.9),
                     self.cmd("env_throughput"),
