@@ -9,22 +9,28 @@ What it measures, side by side in one run (one torch thread):
     validation set each epoch (what any training script does);
   * env: the same training driven through the env's default config, one step per epoch,
     always "wait" (so both train the same network), including everything a decision point
-    costs: slot telemetry (the probe signals refreshed every ``SIGNAL_EVERY`` = 4 epochs), the
-    legal-action mask, the observation vector, the governor's rollback point;
+    costs: slot telemetry (the probe signals, refreshed every ``SIGNAL_EVERY`` = 8 epochs and
+    after every lifecycle transition; a wait-only episode has none), the legal-action mask, the
+    observation vector, the governor's rollback point;
   * env, fresh telemetry: the same with ``signal_every: 1`` (the kernel gradient signals and
-    activation statistics measured at every step: ~7 ms each time);
+    activation statistics measured at every step: ~6.5 ms each time);
+  * env, probe kept: ``signal_every`` past the episode (measured once, at reset): what the env's
+    own machinery costs (for information);
   * env+seed: the default env with a conv1d seed germinated at the input at the first step
     (seeds add real compute; for information);
   * optionally, PPO seconds per iteration of the default Simic settings (small batch).
-Prints epochs/s of each and the ratio env/plain (target >= 0.9). ``--quick`` (1 episode of
-15 epochs) and ``--json PATH`` (the figures) are for benchmarks/run_all.py.
+Prints epochs/s of each, the ratio env/plain (target >= 0.9) as the ratio of the medians, and
+the range of the per-round ratios (plain and env of the same round ran back to back). The
+rounds alternate which runs first. ``--quick`` (1 episode of 15 epochs) and ``--json PATH``
+(the figures) are for benchmarks/run_all.py.
 
-Expect (2 CPU cores, one torch thread, 3 episodes of 30 epochs, measured on an idle box):
-plain ~19 ms/epoch; env ~21-22 ms/step, ratio 0.86-0.93; fresh telemetry ~28 ms/step, ratio
-~0.70; with a conv1d seed ~3x slower than plain (the seed's compute, not the env). What is left
-between env and plain at signal_every 4: ~1 ms of framework per epoch in Trainer.train_epoch
-(governor check, per-slot gradient norms, slot bookkeeping; ~5%), ~0.2 ms for the rollback
-point, ~0.6 ms for mask and observation, and the amortised probe (~7 ms / 4).
+Expect (2 CPU cores, one torch thread, 5 rounds of 30 epochs, measured 2026-11-26; this box is
+shared, and a round can swing by +-5%): plain ~18.5-21 ms/epoch; env ratio ~0.90-0.92 (0.86 at
+the old cadence of 4); fresh telemetry ratio ~0.68; probe kept ~0.97; with a conv1d seed ~4x
+slower than plain (the seed's compute, not the env). What is left between env and plain: the
+probe (~6.5 ms for a training host, 3-4 times in 30 epochs), ~0.4 ms of Trainer.train_epoch
+framework (governor check, per-slot gradient norms, validation loss), ~0.2 ms for the rollback
+point and ~0.3 ms for mask and observation.
 """
 
 from __future__ import annotations
@@ -122,16 +128,22 @@ def main() -> None:
         args.episodes, args.epochs = 1, 15
     torch.set_num_threads(1)
     plain_loop(2, 0), env_loop(2, 0, False)  # warm caches and code paths
-    plain, env, fresh, seeded = [], [], [], []
+    plain, env, fresh, kept, seeded = [], [], [], [], []
     for ep in range(args.episodes):  # interleaved, so drift on a shared machine hits all alike
-        plain.append(plain_loop(args.epochs, ep))
-        env.append(env_loop(args.epochs, ep, germinate=False))
+        if ep % 2 == 0:  # which of the pair runs first alternates
+            plain.append(plain_loop(args.epochs, ep))
+            env.append(env_loop(args.epochs, ep, germinate=False))
+        else:
+            env.append(env_loop(args.epochs, ep, germinate=False))
+            plain.append(plain_loop(args.epochs, ep))
         fresh.append(env_loop(args.epochs, ep, germinate=False, signal_every=1))
+        kept.append(env_loop(args.epochs, ep, germinate=False, signal_every=10**6))
         seeded.append(env_loop(args.epochs, ep, germinate=True))
-    p, e, fr, s = (float(np.median(v)) for v in (plain, env, fresh, seeded))
+    p, e, fr, k, s = (float(np.median(v)) for v in (plain, env, fresh, kept, seeded))
     print(f"plain PyTorch loop : {args.epochs / p:7.1f} epochs/s ({p / args.epochs * 1e3:.1f} ms/epoch)")
     print(f"env, wait only     : {args.epochs / e:7.1f} env steps/s ({e / args.epochs * 1e3:.1f} ms/step)")
     print(f"env, fresh signals : {args.epochs / fr:7.1f} env steps/s ({fr / args.epochs * 1e3:.1f} ms/step)")
+    print(f"env, probe kept    : {args.epochs / k:7.1f} env steps/s ({k / args.epochs * 1e3:.1f} ms/step)")
     print(f"env, conv1d seed   : {args.epochs / s:7.1f} env steps/s ({s / args.epochs * 1e3:.1f} ms/step)")
     print(f"an episode of {args.epochs} epochs: {e:.2f} s (wait only), {s:.2f} s (with a seed)")
     seconds = None
@@ -139,7 +151,7 @@ def main() -> None:
         seconds = ppo_iteration_seconds(args.ppo_iterations)
         print(f"PPO (256 env steps/iteration, sampling in the driver): {seconds:.1f} s/iteration")
     paired = sorted(a / b for a, b in zip(plain, env, strict=True))  # round by round, same conditions
-    print(f"fresh telemetry every step: ratio env/plain = {p / fr:.3f}")
+    print(f"fresh telemetry every step: ratio env/plain = {p / fr:.3f}; probe kept: {p / k:.3f}")
     print(f"throughput ratio env/plain = {p / e:.3f} (target >= 0.9); per round {paired[0]:.3f}-{paired[-1]:.3f}")
     if args.json:
         import json
@@ -153,6 +165,7 @@ def main() -> None:
                     "env_steps_per_s": args.epochs / e,
                     "env_fresh_steps_per_s": args.epochs / fr,
                     "ratio_fresh": p / fr,
+                    "ratio_probe_kept": p / k,
                     "signal_every": envs.SIGNAL_EVERY,
                     "env_seeded_steps_per_s": args.epochs / s,
                     "episode_s": e,

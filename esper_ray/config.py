@@ -35,8 +35,9 @@ class TrainingConfig(StrictModel):
     signal_every: int = Field(
         1,
         ge=1,
-        description="probe telemetry (activation statistics, gradient signals: ~7 ms for 3 slots) is measured "
-        "every N epochs and reused in between; 1: fresh at every decision point",
+        description="probe telemetry (activation statistics, gradient signals: ~4-6 ms for 3 slots) is measured "
+        "every N epochs, and at once whenever a seed changed stage or the governor rolled back since; reused "
+        "in between; 1: fresh at every decision point",
     )
     eval_test: bool = Field(
         True, description="evaluate the test split every epoch (metrics, report); false: only in the run's last epoch"

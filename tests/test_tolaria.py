@@ -389,6 +389,35 @@ def test_probe_signals_are_refreshed_every_signal_every_epochs(data: TaskData) -
         assert every._probe_epoch == every.epoch
 
 
+def test_probe_signals_are_refreshed_at_once_after_a_lifecycle_transition(data: TaskData) -> None:
+    # signal_every=100: only the first observation and a changed network (a transition or a
+    # rollback since the last measurement) measure again; a seed's life is seen stage by stage.
+    trainer = Trainer(make_cfg("training.signal_every=100", "training.epochs=12"), data)
+    measured: list[tuple[int, str]] = []
+    measure = trainer._measure_probe
+
+    def counting() -> None:
+        measured.append((trainer.epoch, trainer.host.slots["hidden0"].stage.name))
+        measure()
+
+    trainer._measure_probe = counting
+    actions = {2: ControllerAction.germinate("hidden0", "residual_mlp")}
+    for e in range(12):
+        trainer.observe()
+        epoch(trainer, actions.get(e, WAIT))
+    trainer.observe()
+    # Germinated at epoch 2 and blending by the end of that epoch (one isolated epoch), holding one
+    # epoch later; nothing changes after that, so nothing is measured again up to epoch 12.
+    assert [(e["epoch"], e["new"]) for e in trainer.events] == [
+        (2, "GERMINATED"),
+        (2, "TRAINING"),
+        (3, "BLENDING"),
+        (4, "HOLDING"),
+    ]
+    assert measured == [(0, "DORMANT"), (3, "BLENDING"), (4, "HOLDING")]
+    assert trainer._probe_events == len(trainer.events)
+
+
 def test_resume_from_a_mid_run_checkpoint_after_a_crash_keeps_a_valid_lineage(
     tmp_path: Path, data: TaskData, key_path
 ) -> None:

@@ -88,6 +88,7 @@ class MorphoHost(nn.Module):
         # _active[i] is the slot at boundary i if it computes anything, else None.
         self._active: list[SeedSlot | None] = [None] * len(positions)
         self._listeners: list[Listener] = []
+        self._counts: dict[str, int] | None = None  # param_count, until a slot's seed changes
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,11 +143,13 @@ class MorphoHost(nn.Module):
 
     def _on_transition(self, slot: SeedSlot, event: Transition) -> None:
         self._active[slot.index] = None if slot._mode == 0 else slot
+        self._counts = None
         for listener in self._listeners:
             listener(slot, event)
 
     def refresh(self) -> None:
         """Recompute which slots are active (after loading slot states silently)."""
+        self._counts = None
         for slot in self.slots.values():
             self._active[slot.index] = None if slot._mode == 0 else slot
 
@@ -196,9 +199,12 @@ class MorphoHost(nn.Module):
                 own[k].copy_(v)
 
     def param_count(self) -> dict[str, int]:
-        host = sum(p.numel() for p in self.host_parameters())
-        seeds = sum(s.seed_params for s in self.slots.values())
-        return {"host": host, "seeds": seeds, "total": host + seeds}
+        """Parameters of the host and of its seeds (kept until a transition or ``refresh``)."""
+        if self._counts is None:
+            host = sum(p.numel() for p in self.host_parameters())
+            seeds = sum(s.seed_params for s in self.slots.values())
+            self._counts = {"host": host, "seeds": seeds, "total": host + seeds}
+        return dict(self._counts)
 
     def architecture(self) -> dict[str, dict[str, str]]:
         """Each slot's stage and blueprint hash (what the lineage ledger replays to)."""

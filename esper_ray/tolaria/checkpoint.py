@@ -94,6 +94,7 @@ def save_checkpoint(trainer: Trainer, path: str | Path, controller_state: dict |
         "host_grad": trainer._host_grad,
         "probe_signals": trainer._probe_signals,
         "probe_epoch": trainer._probe_epoch,
+        "probe_events": trainer._probe_events,
         "governor": trainer.governor.state_dict(),
         "param_groups": opt_sd["param_groups"],
         "blend_slots": sorted(trainer._blend_snapshots),
@@ -206,5 +207,6 @@ def _restore(trainer: Trainer, state: dict, model: dict, opt_tensors: dict, extr
     trainer._host_grad = state["host_grad"]
     trainer._probe_signals = state.get("probe_signals", {})
     trainer._probe_epoch = state.get("probe_epoch", -1)
+    trainer._probe_events = state.get("probe_events", len(trainer.events))  # older checkpoints: no change seen
     trainer.governor.load_state_dict(state["governor"])
     trainer._remember_good()

@@ -24,7 +24,8 @@ def effective_rank(rows: torch.Tensor) -> float:
     width = rows.shape[1]
     if width == 1 or rows.shape[0] < 2:
         return 1.0
-    centered = rows.double() - rows.double().mean(0, keepdim=True)
+    rows = rows.double()
+    centered = rows - rows.mean(0, keepdim=True)
     # Singular values from the (width x width) Gram matrix: 3x cheaper than an SVD of the rows.
     # (In float64: a float32 Gram puts ~1e-7 * the largest eigenvalue of noise on every null
     # direction, which lifts the rank of a collapsed layer by a few tenths of a percent.)

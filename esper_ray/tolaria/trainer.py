@@ -112,6 +112,7 @@ class Trainer:
         self._host_grad: dict[str, float] = {}
         self._probe_signals: dict[str, dict[str, float]] = {}  # per slot, see _measure_probe
         self._probe_epoch = -1  # the epoch they were measured at (-1: never)
+        self._probe_events = 0  # len(self.events) then: a transition or rollback since makes them stale
         self._slot_probe = SlotProbe()  # keeps the kernel fits of slots whose activations did not move
         self._good: tuple[dict, dict, dict] | None = None
         self.probe_x = self.data.x_val[: cfg.training.probe_size]
@@ -236,6 +237,7 @@ class Trainer:
         for name, state in slots.items():  # counters such as the alpha ramp's step
             slot = self.host.slots[name]
             slot.load_lifecycle_state(state, slot.seed)
+        self.host.refresh()  # loaded silently: recompute which slots compute, and the counts
         self._record({"kind": "rollback", "slot": "", "reason": why})
         if culprit is not None:
             culprit.cull(f"governor: {why}")
@@ -367,7 +369,8 @@ class Trainer:
     def observe(self) -> Observation:
         """Global and per-slot telemetry at this decision point."""
         every = self.cfg.training.signal_every
-        if self._probe_epoch < 0 or self.epoch - self._probe_epoch >= every:
+        changed = len(self.events) != self._probe_events  # a seed changed stage, or a rollback
+        if self._probe_epoch < 0 or self.epoch - self._probe_epoch >= every or changed:
             self._measure_probe()
         counts = self.host.param_count()
         glob = GlobalTelemetry(
@@ -432,11 +435,13 @@ class Trainer:
         """Per slot, the probe-batch signals of SlotTelemetry: activation statistics, gradient RMS,
         ``grad_predictability`` and the downstream ``grad_deficit`` (``telemetry.SlotProbe``).
 
-        The costly part of a decision point (~4 ms for three 64-wide slots on one CPU thread, a
-        fifth of a 19 ms MNIST-1D epoch; ~1 ms on a frozen host, whose fits are kept), so
-        ``training.signal_every`` > 1 reuses them for that many epochs. Deterministic: they are
-        measured at the first observation and then whenever ``signal_every`` epochs have passed,
-        and a checkpoint carries them.
+        The costly part of a decision point (~4.5-6.5 ms for three 64-wide slots on one CPU thread,
+        a quarter to a third of a 19 ms MNIST-1D epoch; ~1.5 ms on a frozen host, whose fits are
+        kept), so ``training.signal_every`` > 1 reuses them for up to that many epochs: they are
+        measured at the first observation, whenever ``signal_every`` epochs have passed, and at
+        once after any lifecycle transition or rollback (the network changed, so they would be
+        stale exactly when a decision is likeliest to depend on them). Deterministic, and a
+        checkpoint carries them.
         """
         acts, grads = self._probe()
         signals = self._slot_probe.measure(acts, grads)
@@ -446,6 +451,7 @@ class Trainer:
             for name in self.host.slots
         }
         self._probe_epoch = self.epoch
+        self._probe_events = len(self.events)
 
     def _probe(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Each slot's input activation on the probe batch, and the loss gradient there."""
