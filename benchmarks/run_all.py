@@ -687,6 +687,8 @@ class Page:
                 [
                     f"env throughput: env steps/s / plain PyTorch epochs/s ({f['env_steps_per_s']:.1f} / "
                     f"{f['plain_epochs_per_s']:.1f}; probe signals every {f.get('signal_every', 1)} epochs"
+                    + (f"; probe kept: {f['ratio_probe_kept']:.2f}" if f.get("ratio_probe_kept") is not None else "")
+                    + (f"; fastest rounds: {f['ratio_fastest']:.2f}" if f.get("ratio_fastest") is not None else "")
                     + (f"; fresh at every step: {f['ratio_fresh']:.2f}" if f.get("ratio_fresh") is not None else "")
                     + f"; with a conv1d seed {f['env_seeded_steps_per_s']:.1f} steps/s)",
                     f"{f['ratio']:.2f}"
@@ -1010,10 +1012,11 @@ host built without slots, interleaved blocks, median CPU time per step; on a sha
 single ratios wander by a few percent either way. Non-blocking: the host trains twice with the
 blueprint pipeline on a local Ray (idle, then busy compiling and benchmarking); the waiting share
 counts every catalogue call of the training loop. Env throughput: `esper/Morphogenesis-v0` stepped
-once per epoch against a hand-written PyTorch loop training the same network; the gap is the
-decision point's cost (slot probes of ~7 ms refreshed every 4 epochs, mask and observation
-~0.6 ms, the rollback point ~0.2 ms) and ~1 ms of the trainer's per-epoch bookkeeping, against
-~19 ms of training on this tiny host. Lineage: a ledger of 10,000 realistic events, verified
+once per epoch against a hand-written PyTorch loop training the same network, in interleaved
+rounds; the gap is the decision point's cost (slot probes of ~6.5 ms refreshed every 8 epochs and
+after each lifecycle transition, mask and observation ~0.3 ms, the rollback point ~0.2 ms) and
+~0.5 ms of the trainer's per-epoch bookkeeping, against ~19 ms of training on this tiny host;
+single runs of it wander by several points on this shared box. Lineage: a ledger of 10,000 realistic events, verified
 end to end (read Parquet, recompute every hash, check every link and the signature)."""
 
 

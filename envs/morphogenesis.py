@@ -58,9 +58,10 @@ SIGNAL_EVERY = 8
 and activation statistics: ~6.5 ms for three slots of a training host on one CPU thread, a third
 of a 19-20 ms MNIST-1D epoch; ~1.5 ms on a frozen host) is refreshed at once after every
 lifecycle transition or rollback, and otherwise every 8 epochs. Measured 2026-11-26
-(benchmarks/env_throughput.py, one CPU thread, interleaved rounds): env/plain-loop throughput
-~0.91 at 8, ~0.86 at 4, ~0.68 fresh at every step, ~0.97 with no refresh at all (the env's own
-machinery). Evaluated on the held-out tasks, the committed policies (trained at 4, before the
+(benchmarks/env_throughput.py, one CPU thread, interleaved rounds, a noisy shared box):
+env/plain-loop throughput 0.81-0.91 (median of 8 runs 0.876) at 8, 0.82-0.87 at 4, 0.64-0.73
+fresh at every step, 0.89-1.01 (median 0.91) with no refresh at all (the env's own machinery).
+Evaluated on the held-out tasks, the committed policies (trained at 4, before the
 refresh on transitions) score the same at 8: MNIST-1D 0.7312 vs heuristic 0.5267 (+0.2045 ±
 0.0135), bottleneck fidelity 100% (+0.0145 ± 0.0029), to the fourth digit."""
 
