@@ -12,7 +12,7 @@ Run from the repository root, with the project's venv (it reads the versions fro
 
     .venv/bin/python benchmarks/gpu_wheels.py      # then: du -sh .whl
 
-Needs PyPI (``python3 -m pip download``). ``.whl/`` is git-ignored (.git/info/exclude), never
+Needs PyPI (``python3 -m pip download``). ``.whl/`` is git-ignored (.gitignore), never
 committed. Not run by CI.
 """
 
