@@ -26,7 +26,7 @@ rounds alternate which runs first. ``--quick`` (1 episode of 15 epochs) and ``--
 
 Expect (2 CPU cores, one torch thread, 5 rounds of 30 epochs; eight runs on 2026-11-26 on this
 shared box, where a round can swing by +-5%): plain 18.4-19.6 ms/epoch; env ratio 0.81-0.91,
-median 0.876 (fastest rounds 0.83-0.87; 0.82-0.87 at the old cadence of 4); probe kept (the env's
+median 0.876 (fastest rounds 0.83-0.91; 0.82-0.87 at the old cadence of 4); probe kept (the env's
 own machinery) 0.89-1.01, median 0.91; fresh telemetry 0.64-0.73; with a conv1d seed ~4.5x slower
 than plain (the seed's compute, not the env). Where the ~2.5 ms between env and plain goes
 (lockstep ablations, each +-2%): the probe (~6.5 ms for a training host, 3 times in 30 epochs:

@@ -186,18 +186,14 @@ class SlotProbe:
         names = list(acts)
         fits = {n: self._fit(n, acts[n].detach(), with_stats) for n in names}
         g = {n: _spread_rows(grads[n], self.max_rows) for n in names}
-        out = {}
-        for j, name in enumerate(names):
-            nxt = names[j + 1] if j + 1 < len(names) else None
-            if nxt is not None and fits[name].n == g[nxt].shape[0]:
-                own, across = fits[name].loo_shares([g[name], g[nxt]])
+        nxt = dict(zip(names, names[1:], strict=False))  # each slot's downstream neighbour
+        own, across = {}, {}  # share(g_j | h_j); share(g_j+1 | h_j), from the same fit
+        for name in names:
+            if name in nxt and fits[name].n == g[nxt[name]].shape[0]:
+                own[name], across[name] = fits[name].loo_shares([g[name], g[nxt[name]]])
             else:
-                (own,), across = fits[name].loo_shares([g[name]]), None
-            out[name] = [own, across]
-        for j, name in enumerate(names):  # deficit(j) = share(g_j+1 | h_j) - share(g_j+1 | h_j+1)
-            across = out[name][1]
-            out[name][1] = 0.0 if across is None else across - out[names[j + 1]][0]
-        return {name: (own, deficit) for name, (own, deficit) in out.items()}
+                (own[name],) = fits[name].loo_shares([g[name]])
+        return {n: (own[n], across[n] - own[nxt[n]] if n in across else 0.0) for n in names}
 
     def _fit(self, name: str, act: torch.Tensor, with_stats: bool) -> KernelFit:
         kept = self._kept.get(name)

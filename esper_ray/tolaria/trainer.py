@@ -291,7 +291,7 @@ class Trainer:
             entry = self._candidate(action.blueprint)
             if entry is None:
                 return f"blueprint {action.blueprint!r} is not among the ready candidates"
-            return self._why_not_fits(entry, slot)
+            return self._why_unfit(entry, slot)
         if action.kind is ActionKind.FOSSILIZE:
             if slot.stage is not SeedStage.HOLDING:
                 return f"slot {slot.name} is {slot.stage.name}, not HOLDING"
@@ -307,7 +307,7 @@ class Trainer:
             return f"the run's germination budget ({budget}) is spent"
         return ""
 
-    def _why_not_fits(self, entry: CatalogueEntry, slot: SeedSlot) -> str:
+    def _why_unfit(self, entry: CatalogueEntry, slot: SeedSlot) -> str:
         """Why ``entry`` cannot grow in ``slot`` ('' if it can): its shape or its size."""
         cost = self.seed_cost(entry, slot)
         if cost is None:
@@ -329,7 +329,7 @@ class Trainer:
             if slot.is_open:
                 if may_germinate:
                     for entry in self.candidates:
-                        if not self._why_not_fits(entry, slot):
+                        if not self._why_unfit(entry, slot):
                             actions.append(ControllerAction.germinate(slot.name, entry.name))
             elif slot.stage is SeedStage.HOLDING and not slot.gate(SeedStage.FOSSILIZED):
                 actions.append(ControllerAction.fossilize(slot.name))
