@@ -287,3 +287,39 @@ def test_consumer_and_live_or_fossil():
     b = host.germinate("hidden1", "norm")
     b.transition(SeedStage.CULLED)
     assert host.live_or_fossil() == [a]
+
+
+def _nested_forward(host: MorphoHost, x: torch.Tensor) -> torch.Tensor:
+    """What the host computes, written as its blocks and slots nest (no flattening)."""
+    slots = {s.index: s for s in host.slots.values()}
+    for i in range(len(host.blocks) + 1):
+        if i > 0:
+            x = host.blocks[i - 1](x)
+        if i in slots:
+            x = slots[i](x)
+    return host.head(x)
+
+
+@pytest.mark.parametrize("kind", HOST_KINDS)
+def test_flat_forward_equals_the_nested_blocks_in_every_stage(kind):
+    host = make_host(kind, lifecycle=LifecycleConfig(alpha={"steps": 4}))
+    x = x_batch(kind)
+    assert torch.equal(host(x), _nested_forward(host, x))
+    slot = host.germinate("hidden0", DEFAULT_BP[EXPECTED_KINDS[kind][1]])
+    path = list(host._path)
+    for stage in (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING, SeedStage.FOSSILIZED):
+        slot.transition(stage)
+        slot.blend_steps = 2  # alpha strictly between 0 and 1 while blending
+        assert torch.equal(host(x), _nested_forward(host, x)), stage
+        assert slot in host._path
+    assert len(host._path) == len(path) + 1  # the slot joined the path when it started computing
+
+
+def test_replacing_a_block_takes_effect_after_refresh():
+    host = make_host("mlp")
+    x = x_batch("mlp")
+    before = host(x)
+    host.blocks[1] = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh())
+    host.refresh()
+    assert torch.equal(host(x), _nested_forward(host, x))
+    assert not torch.allclose(host(x), before)

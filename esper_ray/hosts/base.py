@@ -3,7 +3,11 @@
 A host is ``head(block_n(... block_1(block_0(x))))`` with a slot allowed at every
 boundary: position 0 is the input (slot ``input``), position ``i + 1`` the output of
 block ``i`` (slot ``hidden{i}``). Dormant slots are not even called, so a host with
-all slots dormant computes exactly, and as fast as, the same host without slots.
+all slots dormant computes exactly, and as fast as, the same host without slots: ``forward``
+runs a flat list of modules (the layers of plain ``nn.Sequential`` blocks, the active slots,
+the head), rebuilt whenever a slot's stage changes, like an ``nn.Sequential`` of the whole net.
+(Each nested module call costs ~3 us: for the 40-64-64-10 MLP on batches of 100, a tenth of
+its forward pass.)
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ class HostConfig(BaseModel):
         return kernel
 
 
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """A plain ``nn.Sequential``'s layers (calling them in turn is its forward), else ``[module]``."""
+    return list(module) if type(module) is nn.Sequential else [module]
+
+
 def slot_names(n_blocks: int) -> list[str]:
     """All slot positions of a host with ``n_blocks`` blocks."""
     return ["input"] + [f"hidden{i}" for i in range(n_blocks)]
@@ -87,20 +96,29 @@ class MorphoHost(nn.Module):
                 self.slots[name] = slot
         # _active[i] is the slot at boundary i if it computes anything, else None.
         self._active: list[SeedSlot | None] = [None] * len(positions)
+        self._path: list[nn.Module] = []  # what forward calls in turn (see _rebuild_path)
         self._listeners: list[Listener] = []
         self._counts: dict[str, int] | None = None  # param_count, until a slot's seed changes
+        self._rebuild_path()
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        active = self._active
-        if active[0] is not None:
-            x = active[0](x)
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            slot = active[i + 1]
-            if slot is not None:
-                x = slot(x)
-        return self.head(x)
+        for module in self._path:
+            x = module(x)
+        return x
+
+    def _rebuild_path(self) -> None:
+        """The modules ``forward`` chains: each block (a plain ``nn.Sequential`` block as its
+        layers, which is what its own forward would call), each active slot after its boundary's
+        block, then the head."""
+        path: list[nn.Module] = []
+        for i in range(len(self.blocks) + 1):
+            if i > 0:
+                path.extend(_layers(self.blocks[i - 1]))
+            if self._active[i] is not None:
+                path.append(self._active[i])
+        path.extend(_layers(self.head))
+        self._path = path
 
     def forward_with_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits and the host activation entering each slot (for telemetry)."""
@@ -143,15 +161,18 @@ class MorphoHost(nn.Module):
 
     def _on_transition(self, slot: SeedSlot, event: Transition) -> None:
         self._active[slot.index] = None if slot._mode == 0 else slot
+        self._rebuild_path()
         self._counts = None
         for listener in self._listeners:
             listener(slot, event)
 
     def refresh(self) -> None:
-        """Recompute which slots are active (after loading slot states silently)."""
+        """Recompute which slots are active and what forward calls (after loading slot states
+        silently, or after replacing a block or the head)."""
         self._counts = None
         for slot in self.slots.values():
             self._active[slot.index] = None if slot._mode == 0 else slot
+        self._rebuild_path()
 
     def germinate(
         self,
