@@ -157,3 +157,17 @@ def test_shuffled_candidates_keep_one_order_per_episode_and_vary_between_episode
     held = envs.MorphogenesisEnv({**SMALL, "shuffle_candidates": True, "split": "heldout"})
     held.reset(seed=0)
     assert held._candidates == plain._candidates  # evaluation shows the catalogue order
+
+
+def test_non_finite_telemetry_is_encoded_as_documented_bounded_values(env) -> None:
+    env.reset(seed=0)
+    obs = env.trainer.observe()
+    clean = env.encoder.encode(obs)
+    assert np.isfinite(clean).all()
+    slot = obs.slots[1]
+    slot.act_effective_rank, slot.host_grad_norm, slot.act_mean = float("nan"), float("inf"), float("-inf")
+    vec = env.encoder.encode(obs)
+    assert np.isfinite(vec).all() and vec.dtype == np.float32
+    changed = np.flatnonzero(vec != clean)
+    assert 0 < len(changed) <= 3
+    assert set(vec[changed].tolist()) <= {0.0, 10.0, -1.0}  # NaN -> 0, log1p(inf) -> inf -> 10, tanh(-inf) = -1

@@ -12,7 +12,9 @@ from esper_ray.tolaria.telemetry import (
     KernelFit,
     SlotProbe,
     activation_stats,
+    all_finite,
     effective_rank,
+    grad_norms,
     slot_signals,
 )
 
@@ -40,6 +42,18 @@ def test_activation_stats_of_a_known_activation() -> None:
     assert stats["act_dead_frac"] == 0.75
     assert stats["act_mean"] == pytest.approx(float(act.mean()))
     assert stats["act_effective_rank"] == pytest.approx(0.25, abs=1e-6)  # one direction of four
+
+
+def test_dead_units_are_those_never_above_zero_nan_included() -> None:
+    act = torch.randn(64, 6, generator=torch.Generator().manual_seed(2))
+    act[:, 1] = -act[:, 1].abs()  # never fires
+    act[:, 2] = 0.0  # never fires
+    act[:, 3] = -act[:, 3].abs()
+    act[7, 3] = math.nan  # unknown: not counted as dead
+    definition = float((act <= 0).all(dim=0).float().mean())
+    stats = activation_stats(act)
+    assert stats["act_dead_frac"] == definition == pytest.approx(2 / 6)
+    assert math.isnan(stats["act_effective_rank"])  # not computable (it used to raise from eigvalsh)
 
 
 def _brute_force_loo_share(h: torch.Tensor, g: torch.Tensor, ridge: float = 0.3) -> float:
@@ -119,3 +133,31 @@ def test_slot_probe_keeps_unchanged_fits_and_gives_the_numbers_of_a_fresh_measur
             assert second[name][key] == value
     assert second["hidden0"]["grad_predictability"] != first["hidden0"]["grad_predictability"]
     assert fresh["hidden1"][1] == 0.0  # the last slot has no downstream deficit
+
+
+def test_all_finite_agrees_with_isfinite_on_every_kind_of_value():
+    base = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    big = torch.full((64, 16), torch.finfo(torch.float32).max)  # finite, and its float32 sum overflows
+    cases = {"normal": base, "big": big, "-big": -big, "empty": torch.empty(0, 16)}
+    for bad in (math.nan, math.inf, -math.inf):
+        t = base.clone()
+        t[3, 5] = bad
+        cases[f"one {bad}"] = t
+    both = base.clone()
+    both[0, 0], both[1, 1] = math.inf, -math.inf  # they cancel to NaN in the sum: still caught
+    cases["inf and -inf"] = both
+    for name, t in cases.items():
+        assert all_finite(t) == bool(torch.isfinite(t).all()), name
+
+
+def test_grad_norms_is_each_modules_gradient_norm_with_zero_for_none_and_no_gradients() -> None:
+    gen = torch.Generator().manual_seed(4)
+    a = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    b = torch.nn.Linear(3, 2)
+    untouched = torch.nn.Linear(2, 2)
+    b(a(torch.randn(16, 5, generator=gen))).square().sum().backward()
+    definition = [float(torch.cat([p.grad.flatten() for p in m.parameters()]).norm()) for m in (a, b)]
+    assert grad_norms([a, None, b, untouched]) == pytest.approx([definition[0], 0.0, definition[1], 0.0], rel=1e-6)
+    assert grad_norms([]) == [] and grad_norms([None, untouched]) == [0.0, 0.0]
+    b.weight.grad[0, 0] = math.nan
+    assert math.isnan(grad_norms([a, b])[1]) and grad_norms([a, b])[0] == pytest.approx(definition[0], rel=1e-6)

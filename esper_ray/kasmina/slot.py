@@ -56,6 +56,15 @@ _MODE = {
     SeedStage.EMBARGOED: _IDENTITY,
 }
 
+# The steps ``advance`` takes on its own when their gates open (fossilizing never is one).
+_AUTOMATIC = {
+    SeedStage.GERMINATED: SeedStage.TRAINING,
+    SeedStage.TRAINING: SeedStage.BLENDING,
+    SeedStage.BLENDING: SeedStage.HOLDING,
+    SeedStage.CULLED: SeedStage.EMBARGOED,
+    SeedStage.EMBARGOED: SeedStage.DORMANT,
+}
+
 
 class SeedSlot(nn.Module):
     """One place in a host where a seed can grow."""
@@ -187,13 +196,7 @@ class SeedSlot(nn.Module):
         Automatic: GERMINATED -> TRAINING, TRAINING -> BLENDING, BLENDING -> HOLDING,
         CULLED -> EMBARGOED, EMBARGOED -> DORMANT. Fossilizing is never automatic.
         """
-        nxt = {
-            SeedStage.GERMINATED: SeedStage.TRAINING,
-            SeedStage.TRAINING: SeedStage.BLENDING,
-            SeedStage.BLENDING: SeedStage.HOLDING,
-            SeedStage.CULLED: SeedStage.EMBARGOED,
-            SeedStage.EMBARGOED: SeedStage.DORMANT,
-        }.get(self.stage)
+        nxt = _AUTOMATIC.get(self.stage)
         if nxt is None or self.gate(nxt):
             return None
         self.transition(nxt, "gate passed")

@@ -13,10 +13,11 @@ weights and optimizer state to that snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -48,7 +49,7 @@ from esper_ray.kasmina import SeedSlot, Transition
 from esper_ray.tasks import TaskData, load_task
 from esper_ray.tolaria import optim
 from esper_ray.tolaria.governor import Governor
-from esper_ray.tolaria.telemetry import SlotProbe, grad_norm
+from esper_ray.tolaria.telemetry import SlotProbe, grad_norms
 
 # A loss function gets (logits, labels, batch indices) and returns a scalar loss. One that also
 # has ``slot_gaps(trainer) -> {slot: float}`` (distillation) feeds Observation.distill.
@@ -143,14 +144,14 @@ class Trainer:
         bs = self.cfg.training.batch_size
         # Drawn on the CPU (one generator, the same order on every device), then moved once, so
         # on a GPU each batch indexes on the device instead of copying its indices there.
-        perm = torch.randperm(len(x), generator=self.gen).to(x.device)
-        self.host.train()
+        batches = torch.randperm(len(x), generator=self.gen).to(x.device).split(bs)
+        if not self.host.training:  # every method that evaluates puts it back in train mode
+            self.host.train()
         total, n_seen, rolled_back = 0.0, 0, ""
-        n_batches = (len(x) + bs - 1) // bs
+        last = len(batches) - 1
         # Stages change only between epochs (or at a rollback, which ends the epoch).
         blending = [s for s in self.host.slots.values() if s.stage is SeedStage.BLENDING]
-        for b in range(n_batches):
-            idx = perm[b * bs : (b + 1) * bs]
+        for b, idx in enumerate(batches):
             loss = self.loss(self.host(x[idx]), y[idx], idx)
             value = loss.item()
             why = self.governor.check(value)
@@ -160,18 +161,21 @@ class Trainer:
                 break
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            if b == n_batches - 1:
+            if b == last:
                 self._measure_grads()
             self.opt.step()
             self.step += 1
             for slot in blending:
                 slot.on_step()
-            total += value * len(idx)
-            n_seen += len(idx)
-        val_loss, val_acc = self.evaluate(self.data.x_val, self.data.y_val)
-        last_epoch = self.epoch + 1 >= self.cfg.training.epochs
-        scored = self.cfg.training.eval_test or last_epoch
-        test_acc = self.evaluate(self.data.x_test, self.data.y_test)[1] if scored else math.nan
+            n = idx.shape[0]
+            total += value * n
+            n_seen += n
+        with self._eval_mode():  # one switch for every evaluation of the epoch
+            val_loss, val_acc = self._evaluate(self.data.x_val, self.data.y_val)
+            last_epoch = self.epoch + 1 >= self.cfg.training.epochs
+            scored = self.cfg.training.eval_test or last_epoch
+            test_acc = self._evaluate(self.data.x_test, self.data.y_test)[1] if scored else math.nan
+            self._measure_contributions(val_acc)
         if val_acc > self.best_val + 1e-9:
             self.best_val, self.plateau = val_acc, 0
         else:
@@ -185,37 +189,51 @@ class Trainer:
         }
         for slot in self.host.slots.values():
             slot.on_epoch_end()
-        self._measure_contributions(val_acc)
-        for slot in self.host.slots.values():
             slot.advance()
         self.last["rolled_back"] = float(bool(rolled_back))
         self.last["epoch_seconds"] = time.perf_counter() - started
         return self.last
 
-    @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
         """Mean cross-entropy and accuracy of the current model on (x, y)."""
+        with self._eval_mode():
+            return self._evaluate(x, y, chunk)
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """The host in eval mode within, back in train mode after (the mode it trains in)."""
         self.host.eval()
+        try:
+            yield
+        finally:
+            self.host.train()
+
+    @torch.no_grad()
+    def _evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
+        """``evaluate`` for a caller that has put the host in eval mode."""
         loss, correct = 0.0, 0
         for i in range(0, len(x), chunk):
             logits = self.host(x[i : i + chunk])
             loss += float(F.cross_entropy(logits, y[i : i + chunk], reduction="sum"))
             correct += int((logits.argmax(1) == y[i : i + chunk]).sum())
-        self.host.train()
         return loss / len(x), correct / len(x)
 
     def _measure_grads(self) -> None:
-        for slot in self.host.slots.values():
-            self._host_grad[slot.name] = grad_norm(self.host.consumer(slot))
-            if slot.seed is not None:
-                slot.seed_grad_norm = grad_norm(slot.seed)
+        """Per slot, the gradient norm of the host module reading it and of its seed (last batch)."""
+        slots = list(self.host.slots.values())
+        seeded = [slot for slot in slots if slot.seed is not None]
+        norms = grad_norms([self.host.consumer(slot) for slot in slots] + [slot.seed for slot in seeded])
+        for slot, norm in zip(slots, norms[: len(slots)], strict=True):
+            self._host_grad[slot.name] = norm
+        for slot, norm in zip(seeded, norms[len(slots) :], strict=True):
+            slot.seed_grad_norm = norm
 
     def _measure_contributions(self, val_acc: float) -> None:
-        """Counterfactual: validation accuracy with each blended seed ablated."""
+        """Counterfactual: validation accuracy with each blended seed ablated (host in eval mode)."""
         for slot in self.host.slots.values():
             if slot.stage in (SeedStage.BLENDING, SeedStage.HOLDING, SeedStage.FOSSILIZED):
                 with slot.ablated():
-                    _, ablated = self.evaluate(self.data.x_val, self.data.y_val)
+                    _, ablated = self._evaluate(self.data.x_val, self.data.y_val)
                 slot.contribution = val_acc - ablated
 
     # ---- governor --------------------------------------------------------------------------
