@@ -3,7 +3,7 @@
 Run:
     .venv/bin/python benchmarks/env_throughput.py [--episodes 5] [--ppo-iterations 2]
 
-What it measures, side by side in one run (one torch thread):
+What it measures (one torch thread):
   * plain: a hand-written PyTorch loop that trains the same MLP host (40-64-64-10, Adam,
     batch 100) on the same MNIST-1D split for the same epochs, evaluating on the
     validation set each epoch (what any training script does);
@@ -12,27 +12,28 @@ What it measures, side by side in one run (one torch thread):
     costs: slot telemetry (the probe signals, refreshed every ``SIGNAL_EVERY`` = 8 epochs and
     after every lifecycle transition; a wait-only episode has none), the legal-action mask, the
     observation vector, the governor's rollback point;
-  * env, fresh telemetry: the same with ``signal_every: 1`` (the kernel gradient signals and
-    activation statistics measured at every step: ~6.5 ms each time);
+  * env, fresh telemetry: the same with ``signal_every: 1`` (the probe signals measured at
+    every step: ~5 ms each time);
   * env, probe kept: ``signal_every`` past the episode (measured once, at reset): what the env's
     own machinery costs (for information);
   * env+seed: the default env with a conv1d seed germinated at the input at the first step
     (seeds add real compute; for information);
   * optionally, PPO seconds per iteration of the default Simic settings (small batch).
-Prints epochs/s of each, the ratio env/plain (target >= 0.9) as the ratio of the medians, and
-the range of the per-round ratios (plain and env of the same round ran back to back). The
-rounds alternate which runs first. ``--quick`` (1 episode of 15 epochs) and ``--json PATH``
-(the figures) are for benchmarks/run_all.py.
 
-Expect (2 CPU cores, one torch thread, 5 rounds of 30 epochs; eight runs on 2026-11-26 on this
-shared box, where a round can swing by +-5%): plain 18.4-19.6 ms/epoch; env ratio 0.81-0.91,
-median 0.876 (fastest rounds 0.83-0.91; 0.82-0.87 at the old cadence of 4); probe kept (the env's
-own machinery) 0.89-1.01, median 0.91; fresh telemetry 0.64-0.73; with a conv1d seed ~4.5x slower
-than plain (the seed's compute, not the env). Where the ~2.5 ms between env and plain goes
-(lockstep ablations, each +-2%): the probe (~6.5 ms for a training host, 3 times in 30 epochs:
-~3%), observation, mask and legal actions ~1.5%, end_epoch (history row, rollback point) ~1.2%,
-the governor's per-batch check and the per-slot gradient norms ~0.9%, the rest of
-Trainer.train_epoch (validation loss, slot bookkeeping) and the step wrapper ~2%.
+How: lockstep. Each episode runs a plain run and an env episode side by side, epoch by epoch:
+plain epoch i and env step i are timed back to back (which goes first alternates), so the two
+see the same machine within ~40 ms. (Whole-episode rounds, the design before 2026-11-27, swung
+by 0.6-1.1 per round on this shared box: drift of a second or more hits one side of a round.)
+The ratio env/plain (target >= 0.9) is total plain time over total env time across the
+episodes; the range is that of the episodes. ``--quick`` (1 episode of 15 epochs) and
+``--json PATH`` (the figures) are for benchmarks/run_all.py.
+
+Expect (2 CPU cores, one torch thread, 5 episodes of 30 epochs, 2026-11-27, shared box):
+plain ~18-19 ms/epoch; env ratio ~0.92-0.93 (probe kept ~0.95, fresh telemetry ~0.75-0.78);
+with a conv1d seed ~4.5x slower than plain (the seed's compute, not the env). Where the rest
+goes: the probe (~5 ms a refresh, 3 refreshes in 30 epochs: ~2.5%), and the env's own
+machinery (~1 ms an epoch: the observation, mask and legal actions, the history row and
+rollback point, the governor's check of every batch, the gradient norms, the validation loss).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -49,8 +51,8 @@ import envs
 from esper_ray.tasks import TaskConfig, load_task
 
 
-def plain_loop(epochs: int, seed: int) -> float:
-    """Seconds for ``epochs`` of plain training + validation."""
+def plain_run(seed: int) -> Callable[[], None]:
+    """One epoch of plain training + validation per call."""
     data = load_task(TaskConfig(family="mnist1d", seed=0))
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
@@ -63,8 +65,8 @@ def plain_loop(epochs: int, seed: int) -> float:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
     x, y = data.x_train, data.y_train
-    start = time.perf_counter()
-    for _ in range(epochs):
+
+    def epoch() -> None:
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 100):
             idx = perm[i : i + 100]
@@ -74,11 +76,13 @@ def plain_loop(epochs: int, seed: int) -> float:
             opt.step()
         with torch.no_grad():
             (model(data.x_val).argmax(1) == data.y_val).float().mean().item()
-    return time.perf_counter() - start
+
+    return epoch
 
 
-def env_loop(epochs: int, seed: int, germinate: bool, signal_every: int = envs.SIGNAL_EVERY) -> float:
-    """Seconds for an episode of ``epochs`` env steps (after reset)."""
+def env_run(epochs: int, seed: int, germinate: bool, signal_every: int = envs.SIGNAL_EVERY) -> Callable[[], None]:
+    """A reset env; each call is one step (one epoch), the first germinating a conv1d seed at the input
+    if ``germinate``, the others waiting."""
     training = {"epochs": epochs + 1, "signal_every": signal_every}
     env = envs.MorphogenesisEnv(
         {
@@ -86,18 +90,27 @@ def env_loop(epochs: int, seed: int, germinate: bool, signal_every: int = envs.S
             "train_tasks": [{"family": "mnist1d", "seed": 0}],
         }
     )
-    obs, _ = env.reset(seed=seed, options={"task_index": 0, "train_seed": seed})
-    start = time.perf_counter()
-    done, first = False, True
-    while not done:
-        action = 0
-        if germinate and first:
-            from esper_ray.contracts import ControllerAction
+    env.reset(seed=seed, options={"task_index": 0, "train_seed": seed})
+    actions = [0] * epochs
+    if germinate:
+        from esper_ray.contracts import ControllerAction
 
-            action = env.space.encode(ControllerAction.germinate("input", "conv1d"), env._candidates)
-        obs, _, done, _, _ = env.step(action)
-        first = False
-    return time.perf_counter() - start
+        actions[0] = env.space.encode(ControllerAction.germinate("input", "conv1d"), env._candidates)
+    steps = iter(actions)
+    return lambda: env.step(next(steps))
+
+
+def lockstep(epochs: int, seed: int, **env_options) -> tuple[float, float]:
+    """Seconds of a plain run and of an env episode of ``epochs``, timed epoch by epoch in turn."""
+    plain, env = plain_run(seed), env_run(epochs, seed, **env_options)
+    spent = [0.0, 0.0]
+    for i in range(epochs):
+        order = ((0, plain), (1, env)) if (i + seed) % 2 else ((1, env), (0, plain))
+        for side, step in order:
+            start = time.perf_counter()
+            step()
+            spent[side] += time.perf_counter() - start
+    return spent[0], spent[1]
 
 
 def ppo_iteration_seconds(iterations: int) -> float:
@@ -129,35 +142,38 @@ def main() -> None:
     if args.quick:
         args.episodes, args.epochs = 1, 15
     torch.set_num_threads(1)
-    plain_loop(2, 0), env_loop(2, 0, False)  # warm caches and code paths
-    plain, env, fresh, kept, seeded = [], [], [], [], []
-    for ep in range(args.episodes):  # interleaved, so drift on a shared machine hits all alike
-        if ep % 2 == 0:  # which of the pair runs first alternates
-            plain.append(plain_loop(args.epochs, ep))
-            env.append(env_loop(args.epochs, ep, germinate=False))
-        else:
-            env.append(env_loop(args.epochs, ep, germinate=False))
-            plain.append(plain_loop(args.epochs, ep))
-        fresh.append(env_loop(args.epochs, ep, germinate=False, signal_every=1))
-        kept.append(env_loop(args.epochs, ep, germinate=False, signal_every=10**6))
-        seeded.append(env_loop(args.epochs, ep, germinate=True))
-    p, e, fr, k, s = (float(np.median(v)) for v in (plain, env, fresh, kept, seeded))
-    print(f"plain PyTorch loop : {args.epochs / p:7.1f} epochs/s ({p / args.epochs * 1e3:.1f} ms/epoch)")
-    print(f"env, wait only     : {args.epochs / e:7.1f} env steps/s ({e / args.epochs * 1e3:.1f} ms/step)")
-    print(f"env, fresh signals : {args.epochs / fr:7.1f} env steps/s ({fr / args.epochs * 1e3:.1f} ms/step)")
-    print(f"env, probe kept    : {args.epochs / k:7.1f} env steps/s ({k / args.epochs * 1e3:.1f} ms/step)")
-    print(f"env, conv1d seed   : {args.epochs / s:7.1f} env steps/s ({s / args.epochs * 1e3:.1f} ms/step)")
-    print(f"an episode of {args.epochs} epochs: {e:.2f} s (wait only), {s:.2f} s (with a seed)")
+    lockstep(2, 0, germinate=False)  # warm caches and code paths
+    variants = {
+        "env, wait only": dict(germinate=False),
+        "env, fresh signals": dict(germinate=False, signal_every=1),
+        "env, probe kept": dict(germinate=False, signal_every=10**6),
+        "env, conv1d seed": dict(germinate=True),
+    }
+    figures = {}  # variant -> (plain seconds per episode, env seconds per episode)
+    for name, options in variants.items():
+        runs = [lockstep(args.epochs, ep, **options) for ep in range(args.episodes)]
+        figures[name] = tuple(np.array(side) for side in zip(*runs, strict=True))
+    plain, env = figures["env, wait only"]
+    ms = 1e3 / args.epochs
+    print(f"plain PyTorch loop : {args.epochs / np.mean(plain):7.1f} epochs/s ({np.mean(plain) * ms:.1f} ms/epoch)")
+    ratios = {}
+    for name, (p, e) in figures.items():
+        ratios[name] = p.sum() / e.sum()
+        episodes = p / e
+        print(
+            f"{name:19s}: {args.epochs / np.mean(e):7.1f} env steps/s ({np.mean(e) * ms:.1f} ms/step), "
+            f"ratio env/plain {ratios[name]:.3f} (episodes {episodes.min():.3f}-{episodes.max():.3f})"
+        )
+    seeded = figures["env, conv1d seed"][1]
+    wait_s, seed_s = np.mean(env), np.mean(seeded)
+    print(f"an episode of {args.epochs} epochs: {wait_s:.2f} s (wait only), {seed_s:.2f} s (with a seed)")
     seconds = None
     if args.ppo_iterations:
         seconds = ppo_iteration_seconds(args.ppo_iterations)
         print(f"PPO (256 env steps/iteration, sampling in the driver): {seconds:.1f} s/iteration")
-    paired = sorted(a / b for a, b in zip(plain, env, strict=True))  # round by round, same conditions
-    print(f"fresh telemetry every step: ratio env/plain = {p / fr:.3f}; probe kept: {p / k:.3f}")
-    best = min(plain) / min(env)  # fastest round of each: noise on a shared box only ever adds time
-    print(f"throughput ratio env/plain = {p / e:.3f} (target >= 0.9); per round {paired[0]:.3f}-{paired[-1]:.3f}")
-    fastest = f"{min(plain) / args.epochs * 1e3:.1f} vs {min(env) / args.epochs * 1e3:.1f} ms"
-    print(f"fastest rounds: ratio env/plain = {best:.3f} ({fastest})")
+    ratio, per_episode = ratios["env, wait only"], sorted((plain / env).tolist())
+    spread = f"episodes {per_episode[0]:.3f}-{per_episode[-1]:.3f}"
+    print(f"throughput ratio env/plain = {ratio:.3f} (target >= 0.9); {spread}")
     if args.json:
         import json
 
@@ -166,18 +182,18 @@ def main() -> None:
                 {
                     "epochs": args.epochs,
                     "episodes": args.episodes,
-                    "plain_epochs_per_s": args.epochs / p,
-                    "env_steps_per_s": args.epochs / e,
-                    "env_fresh_steps_per_s": args.epochs / fr,
-                    "ratio_fresh": p / fr,
-                    "ratio_probe_kept": p / k,
+                    "design": "lockstep",
+                    "plain_epochs_per_s": args.epochs / float(np.mean(plain)),
+                    "env_steps_per_s": args.epochs / float(np.mean(env)),
+                    "env_fresh_steps_per_s": args.epochs / float(np.mean(figures["env, fresh signals"][1])),
+                    "ratio_fresh": ratios["env, fresh signals"],
+                    "ratio_probe_kept": ratios["env, probe kept"],
                     "signal_every": envs.SIGNAL_EVERY,
-                    "env_seeded_steps_per_s": args.epochs / s,
-                    "episode_s": e,
-                    "episode_seeded_s": s,
-                    "ratio": p / e,
-                    "ratio_per_round": paired,
-                    "ratio_fastest": best,
+                    "env_seeded_steps_per_s": args.epochs / float(np.mean(seeded)),
+                    "episode_s": float(np.mean(env)),
+                    "episode_seeded_s": float(np.mean(seeded)),
+                    "ratio": ratio,
+                    "ratio_per_episode": per_episode,
                     "target": 0.9,
                     "ppo_s_per_iteration": seconds,
                     "quick": args.quick,

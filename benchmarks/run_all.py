@@ -688,13 +688,13 @@ class Page:
                     f"env throughput: env steps/s / plain PyTorch epochs/s ({f['env_steps_per_s']:.1f} / "
                     f"{f['plain_epochs_per_s']:.1f}; probe signals every {f.get('signal_every', 1)} epochs"
                     + (f"; probe kept: {f['ratio_probe_kept']:.2f}" if f.get("ratio_probe_kept") is not None else "")
-                    + (f"; fastest rounds: {f['ratio_fastest']:.2f}" if f.get("ratio_fastest") is not None else "")
                     + (f"; fresh at every step: {f['ratio_fresh']:.2f}" if f.get("ratio_fresh") is not None else "")
-                    + f"; with a conv1d seed {f['env_seeded_steps_per_s']:.1f} steps/s)",
+                    + f"; with a conv1d seed {f['env_seeded_steps_per_s']:.1f} steps/s; plain epochs and env steps "
+                    "timed in lockstep)",
                     f"{f['ratio']:.2f}"
                     + (
-                        f" (rounds {min(f['ratio_per_round']):.2f}-{max(f['ratio_per_round']):.2f})"
-                        if f.get("ratio_per_round")
+                        f" (episodes {min(f['ratio_per_episode']):.2f}-{max(f['ratio_per_episode']):.2f})"
+                        if f.get("ratio_per_episode")
                         else ""
                     ),
                     "≥ 0.9",
