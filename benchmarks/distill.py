@@ -174,7 +174,7 @@ def one_seed(base: RunConfig, dcfg: DistillConfig, data, seed: int, ft_epochs: i
         cfg = _run_cfg(base, seed, kind, epochs=ft_epochs, freeze_host=frozen)
         ft = Trainer(cfg, data, loss_fn=loss)
         ft.host.load_host_state_dict(start_weights)
-        ft._remember_good()  # the governor's rollback point is these weights, not the random init
+        ft.remember_good()  # the governor's rollback point is these weights, not the random init
         ctl = StaticController() if kind == "static" else HeuristicController(cfg.controller.plateau_patience)
         _play(ft, ctl)
         rows.append(_row(name, seed, ft, t, start_acc=start_acc, gain=ft.last["test_acc"] - start_acc))

@@ -20,13 +20,16 @@ What it measures (one torch thread):
     (seeds add real compute; for information);
   * optionally, PPO seconds per iteration of the default Simic settings (small batch).
 
-How: lockstep. Each episode runs a plain run and an env episode side by side, epoch by epoch:
-plain epoch i and env step i are timed back to back (which goes first alternates), so the two
-see the same machine within ~40 ms. (Whole-episode rounds, the design before 2026-11-27, swung
-by 0.6-1.1 per round on this shared box: drift of a second or more hits one side of a round.)
-The ratio env/plain (target >= 0.9) is total plain time over total env time across the
-episodes; the range is that of the episodes. ``--quick`` (1 episode of 15 epochs) and
-``--json PATH`` (the figures) are for benchmarks/run_all.py.
+How: lockstep in blocks. Each episode runs a plain run and an env episode side by side in
+alternating blocks of ``BLOCK`` = 5 epochs (which side goes first alternates), so both see the
+same machine within ~0.1 s and each still runs five epochs in a row, as it would alone. Why not
+other designs (measured on this shared box, 2026-11-26): whole-episode rounds, the design before,
+swung 0.6-1.1 from round to round (drift of a second hits one side of a round); alternating single
+epochs is steady but flatters the env by ~3%: the plain loop, no longer alone with its caches, ran
+~2.5% slower (12 episodes each: ratio 0.915 with single epochs, 0.886 with blocks of 5, 0.886 with
+whole episodes; per-episode spread 0.022, 0.027, 0.083). The ratio env/plain (target >= 0.9) is
+total plain time over total env time across the episodes; the range is that of the episodes.
+``--quick`` (1 episode of 15 epochs) and ``--json PATH`` (the figures) are for benchmarks/run_all.py.
 
 Expect (2 CPU cores, one torch thread, 5 episodes of 30 epochs, 2026-11-27, shared box):
 plain ~18-19 ms/epoch; env ratio ~0.92-0.93 (probe kept ~0.95, fresh telemetry ~0.75-0.78);
@@ -49,6 +52,9 @@ import torch.nn.functional as F
 
 import envs
 from esper_ray.tasks import TaskConfig, load_task
+
+BLOCK = 5
+"""Epochs each side runs before the other takes over (see the module docstring)."""
 
 
 def plain_run(seed: int) -> Callable[[], None]:
@@ -100,15 +106,17 @@ def env_run(epochs: int, seed: int, germinate: bool, signal_every: int = envs.SI
     return lambda: env.step(next(steps))
 
 
-def lockstep(epochs: int, seed: int, **env_options) -> tuple[float, float]:
-    """Seconds of a plain run and of an env episode of ``epochs``, timed epoch by epoch in turn."""
+def lockstep(epochs: int, seed: int, block: int = BLOCK, **env_options) -> tuple[float, float]:
+    """Seconds of a plain run and of an env episode of ``epochs``, timed in alternating blocks of
+    ``block`` epochs (which side goes first alternates too)."""
     plain, env = plain_run(seed), env_run(epochs, seed, **env_options)
     spent = [0.0, 0.0]
-    for i in range(epochs):
-        order = ((0, plain), (1, env)) if (i + seed) % 2 else ((1, env), (0, plain))
+    for b, first in enumerate(range(0, epochs, block)):
+        order = ((0, plain), (1, env)) if (b + seed) % 2 else ((1, env), (0, plain))
         for side, step in order:
             start = time.perf_counter()
-            step()
+            for _ in range(min(block, epochs - first)):
+                step()
             spent[side] += time.perf_counter() - start
     return spent[0], spent[1]
 

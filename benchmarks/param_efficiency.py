@@ -196,7 +196,7 @@ def prepare(arm: Arm, cfg: RunConfig, data: TaskData, weights: dict[str, torch.T
         trainer.opt = torch.optim.Adam([{"params": params, "lr": lr, "name": optim.HOST_GROUP}])
     for slot, spec in arm.seeds:
         trainer.apply(ControllerAction.germinate(slot, spec.name))
-    trainer._remember_good()  # the governor's rollback point is the pretrained host (+ newborn seeds)
+    trainer.remember_good()  # the governor's rollback point is the pretrained host (+ newborn seeds)
     return trainer
 
 

@@ -282,7 +282,7 @@ def absorb_fossilized(trainer: Trainer, router: TaskRouter | None = None) -> int
         slot.load_lifecycle_state(_DORMANT, None)
         n += 1
     host.refresh()
-    trainer._remember_good()  # the governor's rollback point must have the new architecture
+    trainer.remember_good()  # the governor's rollback point must have the new architecture
     return n
 
 
@@ -397,7 +397,7 @@ def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]
         started = time.perf_counter()
         trainer = Trainer(_cfg(seed, arm.freeze, steps), original, run_id=f"stability-{name}")
         trainer.host.load_host_state_dict(weights)
-        trainer._remember_good()  # the governor's rollback point is the pretrained host
+        trainer.remember_good()  # the governor's rollback point is the pretrained host
         assert trainer.evaluate(original.x_test, original.y_test)[1] == a0
         if arm.replay:
             trainer.loss_fn = Rehearsal(trainer.host, *buffer, batch=REPLAY_BATCH, seed=seed)

@@ -323,3 +323,39 @@ def test_replacing_a_block_takes_effect_after_refresh():
     host.refresh()
     assert torch.equal(host(x), _nested_forward(host, x))
     assert not torch.allclose(host(x), before)
+
+
+class _CountsTrain(torch.nn.Module):
+    """A layer with a train() of its own (like a frozen-BatchNorm wrapper): it must still be called."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def train(self, mode: bool = True):
+        self.calls.append(mode)
+        return super().train(mode)
+
+
+def test_train_and_eval_reach_every_submodule_as_the_tree_changes():
+    host = make_host("mlp")
+
+    def modes() -> set[bool]:
+        return {m.training for m in host.modules()}
+
+    assert host.eval() is host and modes() == {False}
+    assert host.train() is host and modes() == {True}
+    slot = host.germinate("hidden0", "residual_mlp")  # a seed joins the tree (a transition)
+    host.eval()
+    assert modes() == {False} and not slot.seed.training
+    host.train()
+    custom = _CountsTrain()
+    host.blocks[1] = torch.nn.Sequential(host.blocks[1], custom)  # replaced, then refreshed
+    host.refresh()
+    host.eval()
+    assert modes() == {False} and custom.calls == [False]
+    host.train()
+    assert modes() == {True} and custom.calls == [False, True]

@@ -966,3 +966,83 @@ def test_static_and_random_controllers() -> None:
     c = RandomController(0.5, seed=99)
     c.load_state_dict(state)
     assert [a.act(_obs(slots), legal) for _ in range(20)] == [c.act(_obs(slots), legal) for _ in range(20)]
+
+
+def test_evaluate_gives_the_cross_entropy_and_accuracy_of_their_definitions() -> None:
+    trainer = Trainer(RunConfig(task={"family": "mnist1d", "seed": 0, "n_train": 400}, lineage={"enabled": False}))
+    trainer.train_epoch()
+    x, y = trainer.data.x_val, trainer.data.y_val
+    with torch.no_grad():
+        trainer.host.eval()
+        logits = trainer.host(x)
+        trainer.host.train()
+    loss, acc = trainer.evaluate(x, y, chunk=128)  # several chunks
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    assert acc == int((logits.argmax(1) == y).sum()) / len(y)
+    assert trainer.host.training  # evaluate leaves the host in train mode
+
+
+def _full_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict]:
+    """What a rollback point must hold: fresh clones of the model's and the optimizer's state."""
+    opt = trainer.opt.state_dict()
+    model = {k: v.clone() for k, v in trainer.host.state_dict().items()}
+    return model, optim.clone_opt_state(opt)
+
+
+def _assert_point_holds(point: optim.RollbackPoint, model: dict, opt: dict, what: str) -> None:
+    assert_tensors_equal(point.model, model, f"{what}: model")
+    assert point.opt_state["state"].keys() == opt["state"].keys(), what
+    for i in opt["state"]:
+        assert_tensors_equal(point.opt_state["state"][i], opt["state"][i], f"{what}: optimizer state {i}")
+    assert point.opt_state["param_groups"] == opt["param_groups"], what
+
+
+def test_rollback_point_refills_in_place_and_follows_every_change_of_layout(data: TaskData) -> None:
+    trainer = Trainer(make_cfg("training.epochs=20"), data)
+    point = trainer._good
+    epoch(trainer)
+    copies = list(point._copies)
+    for step in range(2):  # nothing changed shape: the same copies, refilled with the new values
+        epoch(trainer)
+        _assert_point_holds(point, *_full_state(trainer), f"wait {step}")
+        assert all(a is b for a, b in zip(point._copies, copies, strict=True))
+    for p in trainer.opt.param_groups[0]["params"]:  # the copies never alias the live tensors
+        assert all(c.data_ptr() != p.data_ptr() for c in point._copies)
+    trainer.opt.param_groups[0]["lr"] = 5e-4  # a hyperparameter moved: the point follows
+    trainer.remember_good()
+    assert point.opt_state["param_groups"][0]["lr"] == 5e-4
+    # A seed's whole life: it joins (a new group, no state yet), takes its first steps (new
+    # moments), blends, and is culled (its group leaves; the host is restored from its snapshot).
+    epoch(trainer, ControllerAction.germinate("hidden0", "residual_mlp"))
+    _assert_point_holds(point, *_full_state(trainer), "germinated")
+    assert any(k.startswith("slots.hidden0.") for k in point.model)
+    for step in range(4):
+        epoch(trainer)
+        _assert_point_holds(point, *_full_state(trainer), f"seed epoch {step} ({trainer.host.slots['hidden0'].stage})")
+    epoch(trainer, ControllerAction.cull("hidden0"))
+    _assert_point_holds(point, *_full_state(trainer), "culled")
+    assert not any(k.startswith("slots.hidden0.") for k in point.model)
+    # Restoring gives back exactly what was taken, after more training moved everything.
+    model, opt = _full_state(trainer)
+    trainer.train_epoch()
+    point.restore()
+    _assert_point_holds(point, *_full_state(trainer), "restored")
+    assert_tensors_equal({k: v.clone() for k, v in trainer.host.state_dict().items()}, model, "restored model")
+    trainer.remember_good()  # the restore replaced the optimizer's state: a full take again
+    _assert_point_holds(point, *_full_state(trainer), "after restore")
+
+
+def test_gradient_norms_are_those_of_the_last_batch_and_follow_the_seeds(data: TaskData) -> None:
+    trainer = Trainer(make_cfg(), data)
+
+    def norm(module: torch.nn.Module) -> float:
+        return float(torch.cat([p.grad.flatten() for p in module.parameters()]).norm())
+
+    for action in (WAIT, ControllerAction.germinate("hidden0", "residual_mlp"), WAIT):
+        epoch(trainer, action)  # the gradients of the epoch's last batch are still held
+        for slot in trainer.host.slots.values():
+            assert trainer._host_grad[slot.name] == pytest.approx(norm(trainer.host.consumer(slot)), rel=1e-5)
+    seeded = trainer.host.slots["hidden0"]
+    assert seeded.stage.is_live and seeded.seed_grad_norm == pytest.approx(norm(seeded.seed), rel=1e-5)
+    epoch(trainer, ControllerAction.cull("hidden0"))
+    assert seeded.seed is None and seeded.seed_grad_norm == 0.0

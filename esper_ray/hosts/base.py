@@ -97,6 +97,8 @@ class MorphoHost(nn.Module):
         # _active[i] is the slot at boundary i if it computes anything, else None.
         self._active: list[SeedSlot | None] = [None] * len(positions)
         self._path: list[nn.Module] = []  # what forward calls in turn (see _rebuild_path)
+        self.version = 0  # counts the rebuilds of the path: every transition and refresh
+        self._modes: tuple[int, list[nn.Module], list[nn.Module]] = (-1, [], [])  # see train()
         self._listeners: list[Listener] = []
         self._counts: dict[str, int] | None = None  # param_count, until a slot's seed changes
         self._rebuild_path()
@@ -106,6 +108,21 @@ class MorphoHost(nn.Module):
         for module in self._path:
             x = module(x)
         return x
+
+    def train(self, mode: bool = True) -> MorphoHost:
+        """``nn.Module.train``, over a list of the submodules kept until the next transition or
+        refresh instead of a recursive walk: ~8 vs ~27 us for the MLP, and the trainer switches
+        twice an epoch. A submodule with a ``train`` of its own gets it called."""
+        if self._modes[0] != self.version:
+            subs = list(self.modules())[1:]
+            custom = [m for m in subs if type(m).train is not nn.Module.train]
+            self._modes = (self.version, [m for m in subs if type(m).train is nn.Module.train], custom)
+        self.training = mode
+        for module in self._modes[1]:  # what nn.Module.__setattr__ ends in for a bool, 2x cheaper
+            object.__setattr__(module, "training", mode)
+        for module in self._modes[2]:
+            module.train(mode)
+        return self
 
     def _rebuild_path(self) -> None:
         """The modules ``forward`` chains: each block (a plain ``nn.Sequential`` block as its
@@ -119,6 +136,7 @@ class MorphoHost(nn.Module):
                 path.append(self._active[i])
         path.extend(_layers(self.head))
         self._path = path
+        self.version += 1
 
     def forward_with_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits and the host activation entering each slot (for telemetry)."""

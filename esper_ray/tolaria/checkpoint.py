@@ -209,4 +209,4 @@ def _restore(trainer: Trainer, state: dict, model: dict, opt_tensors: dict, extr
     trainer._probe_epoch = state.get("probe_epoch", -1)
     trainer._probe_events = state.get("probe_events", len(trainer.events))  # older checkpoints: no change seen
     trainer.governor.load_state_dict(state["governor"])
-    trainer._remember_good()
+    trainer.remember_good()

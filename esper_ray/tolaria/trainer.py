@@ -111,16 +111,17 @@ class Trainer:
         self._births: dict[str, dict[str, Any]] = {}
         self._blend_snapshots: dict[str, optim.HostSnapshot] = {}
         self._host_grad: dict[str, float] = {}
+        self._grad_groups: tuple = (-1,)  # (host version, slots, seeded slots, parameter groups): _measure_grads
         self._probe_signals: dict[str, dict[str, float]] = {}  # per slot, see _measure_probe
         self._probe_epoch = -1  # the epoch they were measured at (-1: never)
         self._probe_events = 0  # len(self.events) then: a transition or rollback since makes them stale
         self._slot_probe = SlotProbe()  # keeps the kernel fits of slots whose activations did not move
-        self._good: tuple[dict, dict, dict] | None = None
+        self._good = optim.RollbackPoint(self.host, self.opt)
         self.probe_x = self.data.x_val[: cfg.training.probe_size]
         self.probe_y = self.data.y_val[: cfg.training.probe_size]
         self._task_features = self.data.features()
         self.refresh_candidates()
-        self._remember_good()
+        self.remember_good()
 
     def _init_host_from_task(self) -> None:
         init = self.data.host_init
@@ -213,16 +214,22 @@ class Trainer:
         """``evaluate`` for a caller that has put the host in eval mode."""
         loss, correct = 0.0, 0
         for i in range(0, len(x), chunk):
-            logits = self.host(x[i : i + chunk])
-            loss += float(F.cross_entropy(logits, y[i : i + chunk], reduction="sum"))
-            correct += int((logits.argmax(1) == y[i : i + chunk]).sum())
+            logits, labels = self.host(x[i : i + chunk]), y[i : i + chunk]
+            # Summed cross-entropy as logsumexp - the label's logit: the same number as F.cross_entropy,
+            # 2.6x cheaper on one CPU thread (its log_softmax over 10 classes: 125 vs 48 us for 800 rows).
+            loss += float(torch.logsumexp(logits, 1).sum() - logits.gather(1, labels[:, None]).sum())
+            correct += int((logits.argmax(1) == labels).sum())
         return loss / len(x), correct / len(x)
 
     def _measure_grads(self) -> None:
         """Per slot, the gradient norm of the host module reading it and of its seed (last batch)."""
-        slots = list(self.host.slots.values())
-        seeded = [slot for slot in slots if slot.seed is not None]
-        norms = grad_norms([self.host.consumer(slot) for slot in slots] + [slot.seed for slot in seeded])
+        if self._grad_groups[0] != self.host.version:  # which parameters: kept until a transition
+            slots = list(self.host.slots.values())
+            seeded = [slot for slot in slots if slot.seed is not None]
+            params = [list(self.host.consumer(slot).parameters()) for slot in slots]
+            self._grad_groups = (self.host.version, slots, seeded, params + [list(s.seed.parameters()) for s in seeded])
+        _, slots, seeded, groups = self._grad_groups
+        norms = grad_norms(groups)
         for slot, norm in zip(slots, norms[: len(slots)], strict=True):
             self._host_grad[slot.name] = norm
         for slot, norm in zip(seeded, norms[len(slots) :], strict=True):
@@ -237,25 +244,15 @@ class Trainer:
                 slot.contribution = val_acc - ablated
 
     # ---- governor --------------------------------------------------------------------------
-    def _remember_good(self) -> None:
-        """Keep the current state as the last known good one (taken at each healthy epoch end)."""
-        self._good = (
-            {k: v.clone() for k, v in self.host.state_dict().items()},
-            optim_state_clone(self.opt),
-            {name: s.lifecycle_state() for name, s in self.host.slots.items()},
-        )
+    def remember_good(self) -> None:
+        """Keep the current state as the governor's rollback point (taken at each healthy epoch end;
+        call it after changing the host or its weights outside the lifecycle)."""
+        self._good.take()
 
     def _governor_rollback(self, why: str) -> None:
         """Back to the last good state, then cull the seed responsible (if any)."""
         culprit = self._culprit()  # judge before the restore makes every seed's weights finite again
-        model, opt_state, slots = self._good
-        self.host.load_state_dict(model)
-        # load_state_dict keeps the tensors it is given: hand it a copy, not the snapshot itself.
-        self.opt.load_state_dict(_clone_opt_state(opt_state))
-        for name, state in slots.items():  # counters such as the alpha ramp's step
-            slot = self.host.slots[name]
-            slot.load_lifecycle_state(state, slot.seed)
-        self.host.refresh()  # loaded silently: recompute which slots compute, and the counts
+        self._good.restore()
         self._record({"kind": "rollback", "slot": "", "reason": why})
         if culprit is not None:
             culprit.cull(f"governor: {why}")
@@ -447,7 +444,7 @@ class Trainer:
         slot.load_lifecycle_state({**state, "seed_grad_norm": 0.0, "contribution": 0.0}, seed)
         self.host.refresh()
         optim.add_seed_group(self.opt, slot_name, seed, self.cfg.training.seed_lr)
-        self._remember_good()
+        self.remember_good()
 
     def _measure_probe(self) -> None:
         """Per slot, the probe-batch signals of SlotTelemetry: activation statistics, gradient RMS,
@@ -501,7 +498,7 @@ class Trainer:
             "action": str(action),
         }
         self.history.append(row)
-        self._remember_good()
+        self.remember_good()
         return row
 
     @property
@@ -620,17 +617,3 @@ def on_device(data: TaskData, device: torch.device) -> TaskData:
         return data
     moved = {f"{p}_{s}": getattr(data, f"{p}_{s}").to(device) for p in ("x", "y") for s in ("train", "val", "test")}
     return dataclasses.replace(data, **moved)
-
-
-def optim_state_clone(opt: torch.optim.Optimizer) -> dict:
-    """A deep copy of ``opt.state_dict()`` whose tensors do not alias the live ones."""
-    return _clone_opt_state(opt.state_dict())
-
-
-def _clone_opt_state(state: dict) -> dict:
-    return {
-        "state": {
-            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in state["state"].items()
-        },
-        "param_groups": [dict(g) for g in state["param_groups"]],
-    }
