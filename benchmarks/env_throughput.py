@@ -31,7 +31,7 @@ whole episodes; per-episode spread 0.022, 0.027, 0.083). The ratio env/plain (ta
 total plain time over total env time across the episodes; the range is that of the episodes.
 ``--quick`` (1 episode of 15 epochs) and ``--json PATH`` (the figures) are for benchmarks/run_all.py.
 
-Expect (2 CPU cores, one torch thread, 5 episodes of 30 epochs, 2026-11-27, shared box):
+Expect (2 CPU cores, one torch thread, 5 episodes of 30 epochs, 2026-11-26, shared box):
 plain ~18-19 ms/epoch; env ratio ~0.92-0.93 (probe kept ~0.95, fresh telemetry ~0.75-0.78);
 with a conv1d seed ~4.5x slower than plain (the seed's compute, not the env). Where the rest
 goes: the probe (~5 ms a refresh, 3 refreshes in 30 epochs: ~2.5%), and the env's own

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -171,3 +173,25 @@ def test_non_finite_telemetry_is_encoded_as_documented_bounded_values(env) -> No
     changed = np.flatnonzero(vec != clean)
     assert 0 < len(changed) <= 3
     assert set(vec[changed].tolist()) <= {0.0, 10.0, -1.0}  # NaN -> 0, log1p(inf) -> inf -> 10, tanh(-inf) = -1
+
+
+ALL_ACTIONS = [ControllerAction.wait()] + [
+    action
+    for slot in ("input", "hidden0", "hidden1", "elsewhere")
+    for action in (
+        *(ControllerAction.germinate(slot, b) for b in (*CANDIDATES, "zzz")),
+        ControllerAction.fossilize(slot),
+        ControllerAction.cull(slot),
+    )
+]
+
+
+@given(st.lists(st.sampled_from(ALL_ACTIONS), max_size=40), st.integers(1, 4))
+@settings(max_examples=200, deadline=None)
+def test_mask_marks_exactly_the_encoded_actions_in_view(legal: list[ControllerAction], shown: int) -> None:
+    candidates = CANDIDATES[:shown] + ["beyond", "the", "view"]  # more than K: the rest are out of view
+    expected = np.zeros(SPACE.n, np.int8)
+    for action in legal:
+        with contextlib.suppress(EsperError):  # an unknown slot, or a blueprint not among the K in view
+            expected[SPACE.encode(action, candidates)] = 1
+    assert np.array_equal(SPACE.mask(legal, candidates), expected)

@@ -23,6 +23,9 @@ from esper_ray.contracts import ActionKind, ControllerAction, EsperError, Observ
 
 GLOBAL_FEATURES = 9
 SLOT_FEATURES = len(SeedStage) + 20
+_STAGE_ONE_HOT = {stage: tuple(1.0 if stage is st else 0.0 for st in SeedStage) for stage in SeedStage}
+_SLOT_KINDS = ("vector", "seq", "image")
+_KIND_ONE_HOT = {kind: tuple(1.0 if kind == k else 0.0 for k in _SLOT_KINDS) for kind in _SLOT_KINDS}
 
 
 def _log(x: float) -> float:
@@ -77,12 +80,25 @@ class ActionSpace:
     def mask(self, legal: list[ControllerAction], candidates: list[str]) -> np.ndarray:
         """1 where the action is legal now, else 0 (wait is always legal)."""
         mask = np.zeros(self.n, dtype=np.int8)
-        for action in legal:
-            if action.slot is not None and action.slot not in self.slots:
+        slot_at = {name: i for i, name in enumerate(self.slots)}
+        candidate_at = {name: c for c, name in reversed(list(enumerate(candidates[: self.k])))}  # first wins
+        n_slots = len(self.slots)
+        for action in legal:  # the indices of ``encode``, with both lookups done once
+            kind = action.kind
+            if kind is ActionKind.WAIT:
+                mask[0] = 1
+                continue
+            s = slot_at.get(action.slot)
+            if s is None:
                 continue  # a slot this policy was not trained with
-            if action.kind is ActionKind.GERMINATE and action.blueprint not in candidates[: self.k]:
-                continue  # beyond the K candidates in view
-            mask[self.encode(action, candidates)] = 1
+            if kind is ActionKind.GERMINATE:
+                c = candidate_at.get(action.blueprint)
+                if c is not None:  # else beyond the K candidates in view
+                    mask[1 + s * self.k + c] = 1
+            elif kind is ActionKind.FOSSILIZE:
+                mask[1 + n_slots * self.k + s] = 1
+            else:
+                mask[1 + n_slots * self.k + n_slots + s] = 1
         return mask
 
 
@@ -146,15 +162,14 @@ class ObsEncoder:
     def _slot(s) -> list[float]:
         if s is None:
             return [0.0] * (SLOT_FEATURES - 1)
-        stage = [1.0 if s.stage is st else 0.0 for st in SeedStage]
         return [
-            *stage,
+            *_STAGE_ONE_HOT[s.stage],
             1.0,  # present
             s.alpha,
             min(s.epochs_in_stage, 20) / 10.0,
             s.index / 4.0,
             math.log2(1 + s.width) / 10.0,
-            *(1.0 if s.kind == k else 0.0 for k in ("vector", "seq", "image")),
+            *_KIND_ONE_HOT.get(s.kind, (0.0, 0.0, 0.0)),
             math.tanh(s.act_mean),
             math.tanh(s.act_std),
             s.act_dead_frac,

@@ -108,6 +108,7 @@ class Trainer:
         self.candidates: list[CatalogueEntry] = []
         self._fits: dict[tuple[str, str], int | None] = {}
         self._features: dict[str, list[float]] = {}
+        self._table: tuple = ((None,), [], {})  # (candidate hashes, costs, germinations): _candidate_table
         self._births: dict[str, dict[str, Any]] = {}
         self._blend_snapshots: dict[str, optim.HostSnapshot] = {}
         self._host_grad: dict[str, float] = {}
@@ -332,20 +333,39 @@ class Trainer:
             return f"blueprint {entry.name} costs {cost} params, over the budget {budget}"
         return ""
 
+    def _candidate_table(self) -> tuple[list[list[int]], dict[str, list[ControllerAction]]]:
+        """For the candidates in their current order: each slot's parameter cost of each (-1 where it
+        does not fit the slot's shape), and per slot the germinations that fit shape and size (the
+        ``_why_unfit`` checks). Kept while the candidates are the same (specs are immutable)."""
+        key = tuple(e.content_hash for e in self.candidates)
+        if key != self._table[0]:
+            budget = self.cfg.blueprints.max_seed_params
+            costs, germinations = [], {}
+            for slot in self.host.slots.values():
+                row = [self.seed_cost(e, slot) for e in self.candidates]
+                costs.append([-1 if c is None else c for c in row])
+                germinations[slot.name] = [
+                    ControllerAction.germinate(slot.name, e.name)
+                    for e, c in zip(self.candidates, row, strict=True)
+                    if c is not None and c <= budget
+                ]
+            self._table = (key, costs, germinations)
+        return self._table[1], self._table[2]
+
     def legal_actions(self) -> list[ControllerAction]:
         """Every action ``apply`` accepts right now; WAIT is always first.
 
         The same checks as ``why_illegal`` (a property test holds them together), with the
-        run-wide germination budget looked at once instead of once per (slot, candidate).
+        run-wide germination budget looked at once instead of once per (slot, candidate), and which
+        candidates fit which slot kept while the candidates stay the same (``_candidate_table``).
         """
         actions = [ControllerAction.wait()]
         may_germinate = not self._budget_spent()
+        germinations = self._candidate_table()[1]
         for slot in self.host.slots.values():
             if slot.is_open:
                 if may_germinate:
-                    for entry in self.candidates:
-                        if not self._why_unfit(entry, slot):
-                            actions.append(ControllerAction.germinate(slot.name, entry.name))
+                    actions.extend(germinations[slot.name])
             elif slot.stage is SeedStage.HOLDING and not slot.gate(SeedStage.FOSSILIZED):
                 actions.append(ControllerAction.fossilize(slot.name))
             if slot.stage.is_live:
@@ -417,10 +437,7 @@ class Trainer:
             )
             for slot in self.host.slots.values()
         ]
-        params = [
-            [-1 if (c := self.seed_cost(e, slot)) is None else c for e in self.candidates]
-            for slot in self.host.slots.values()
-        ]
+        params = [list(row) for row in self._candidate_table()[0]]
         return Observation(
             glob,
             slots,
