@@ -247,35 +247,33 @@ class KernelFit:
     def loo_shares(self, targets: list[torch.Tensor]) -> list[float]:
         """``loo_share`` of each target, with one product ``C @ [g_1 | g_2 | ...]`` for all."""
         prepared = [self._prepare(g) for g in targets]
-        ready = [g for g in prepared if g is not None]
+        ready = [p[0] for p in prepared if p is not None]
         if not ready:
             return [0.0] * len(targets)
         stacked = torch.cat(ready, 1) if len(ready) > 1 else ready[0]
         loo = stacked - (self.c @ stacked) / self.c_diag
         shares, col = [], 0
-        for g in prepared:
-            if g is None:
+        for p in prepared:
+            if p is None:
                 shares.append(0.0)
                 continue
+            g, total = p
             width = g.shape[1]
-            share = float((g * loo[:, col : col + width]).sum()) / float(g.square().sum())
+            share = float((g * loo[:, col : col + width]).sum()) / total
             shares.append(min(max(share, 0.0), 1.0))
             col += width
         return shares
 
-    def _prepare(self, g: torch.Tensor) -> torch.Tensor | None:
-        """Rows scaled to unit norm, then centred; None where there is nothing to score."""
+    def _prepare(self, g: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """Rows scaled to unit norm, then centred, and their sum of squares; None where there is
+        nothing to score (all-zero rows stay zero, so they end here too)."""
         g = g.detach().float().cpu()
         if self.c is None or g.shape[0] != self.n or not all_finite(g):
             return None
-        norms = g.norm(dim=1, keepdim=True)
-        if float(norms.max()) == 0.0:
-            return None
-        g = g / norms.clamp_min(1e-12)
+        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
         g = g - g.mean(0)
-        if float(g.square().sum()) <= 0.0:
-            return None
-        return g
+        total = float(g.square().sum())
+        return None if total <= 0.0 else (g, total)
 
 
 def all_finite(t: torch.Tensor) -> bool:
