@@ -31,12 +31,15 @@ whole episodes; per-episode spread 0.022, 0.027, 0.083). The ratio env/plain (ta
 total plain time over total env time across the episodes; the range is that of the episodes.
 ``--quick`` (1 episode of 15 epochs) and ``--json PATH`` (the figures) are for benchmarks/run_all.py.
 
-Expect (2 CPU cores, one torch thread, 5 episodes of 30 epochs, 2026-11-26, shared box):
-plain ~18-19 ms/epoch; env ratio ~0.92-0.93 (probe kept ~0.95, fresh telemetry ~0.75-0.78);
-with a conv1d seed ~4.5x slower than plain (the seed's compute, not the env). Where the rest
-goes: the probe (~5 ms a refresh, 3 refreshes in 30 epochs: ~2.5%), and the env's own
-machinery (~1 ms an epoch: the observation, mask and legal actions, the history row and
-rollback point, the governor's check of every batch, the gradient norms, the validation loss).
+Expect (2 CPU cores, one torch thread, 5 episodes of 30 epochs, 2026-11-26, shared box, six
+runs): plain ~19-23 ms/epoch; env ratio 0.917-0.999, median 0.928 (probe kept 0.94-0.99, fresh
+telemetry 0.71-0.76); with a conv1d seed ~4.5-5x slower than plain (the seed's compute, not the env).
+Where the rest goes (timed inside the env, blocks of 5): the probe, ~0.6 ms a step (~5.3 ms a
+refresh, 3 refreshes in 30 epochs); the observation, mask and legal actions ~0.3 ms; the history
+row and rollback point ~0.1 ms; Trainer.train_epoch itself (governor, gradient norms, validation
+loss) within ~0.1 ms of the plain epoch. Before the cuts of 2026-11-26 (flat host forward,
+in-place rollback point, cached mode switches and candidate table, cheaper probe arithmetic) this
+measure gave 0.886.
 """
 
 from __future__ import annotations

@@ -690,7 +690,7 @@ class Page:
                     + (f"; probe kept: {f['ratio_probe_kept']:.2f}" if f.get("ratio_probe_kept") is not None else "")
                     + (f"; fresh at every step: {f['ratio_fresh']:.2f}" if f.get("ratio_fresh") is not None else "")
                     + f"; with a conv1d seed {f['env_seeded_steps_per_s']:.1f} steps/s; plain epochs and env steps "
-                    "timed in lockstep)",
+                    "timed in alternating blocks of 5)",
                     f"{f['ratio']:.2f}"
                     + (
                         f" (episodes {min(f['ratio_per_episode']):.2f}-{max(f['ratio_per_episode']):.2f})"

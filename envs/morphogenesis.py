@@ -55,15 +55,16 @@ _WAIT = ControllerAction.wait()
 
 SIGNAL_EVERY = 8
 """The env's default ``training.signal_every``. The probe telemetry (the kernel gradient signals
-and activation statistics: ~6.5 ms for three slots of a training host on one CPU thread, a third
-of a 19-20 ms MNIST-1D epoch; ~1.5 ms on a frozen host) is refreshed at once after every
-lifecycle transition or rollback, and otherwise every 8 epochs. Measured 2026-11-26
-(benchmarks/env_throughput.py, one CPU thread, interleaved rounds, a noisy shared box):
-env/plain-loop throughput 0.81-0.91 (median of 8 runs 0.876) at 8, 0.82-0.87 at 4, 0.64-0.73
-fresh at every step, 0.89-1.01 (median 0.91) with no refresh at all (the env's own machinery).
-Evaluated on the held-out tasks, the policies trained at 4 (before the refresh on transitions)
-score the same at 8, to the fourth digit: the MNIST-1D policy of the second session 0.7312 vs
-heuristic 0.5267 (+0.2045 ± 0.0135), the bottleneck policy fidelity 100% (+0.0145 ± 0.0029)."""
+and activation statistics: ~5.3 ms for three slots of a training host on one CPU thread, a
+quarter of a 19-20 ms MNIST-1D epoch; ~1.9 ms on a frozen host, whose fits are kept) is
+refreshed at once after every lifecycle transition or rollback, and otherwise every 8 epochs.
+Measured 2026-11-26 with benchmarks/env_throughput.py (one CPU thread, plain and env timed in
+alternating blocks of 5 epochs, a noisy shared box): env/plain-loop throughput 0.92-1.00 at 8
+(median of six runs 0.928), 0.71-0.76 fresh at every step, 0.94-0.99 with no refresh at all (the
+env's own machinery). Evaluated on the held-out tasks, the policies trained at 4 (before the
+refresh on transitions) score the same at 8, to the fourth digit: the MNIST-1D policy of the
+second session 0.7312 vs heuristic 0.5267 (+0.2045 ± 0.0135), the bottleneck policy fidelity
+100% (+0.0145 ± 0.0029)."""
 
 
 class MaskedDiscrete(gym.spaces.Discrete):

@@ -467,11 +467,11 @@ class Trainer:
         """Per slot, the probe-batch signals of SlotTelemetry: activation statistics, gradient RMS,
         ``grad_predictability`` and the downstream ``grad_deficit`` (``telemetry.SlotProbe``).
 
-        The costly part of a decision point (~4.5-6.5 ms for three 64-wide slots on one CPU thread,
-        a quarter to a third of a 19 ms MNIST-1D epoch; ~1.5 ms on a frozen host, whose fits are
-        kept), so ``training.signal_every`` > 1 reuses them for up to that many epochs: they are
-        measured at the first observation, whenever ``signal_every`` epochs have passed, and at
-        once after any lifecycle transition or rollback (the network changed, so they would be
+        The costly part of a decision point (~5.3 ms for three 64-wide slots on one CPU thread,
+        a quarter of a 19 ms MNIST-1D epoch; ~1.9 ms on a frozen host, whose fits are kept), so
+        ``training.signal_every`` > 1 reuses them for up to that many epochs: they are measured
+        at the first observation, whenever ``signal_every`` epochs have passed, and at once
+        after any lifecycle transition or rollback (the network changed, so they would be
         stale exactly when a decision is likeliest to depend on them). Deterministic, and a
         checkpoint carries them.
         """
