@@ -147,8 +147,7 @@ class Trainer:
         # Drawn on the CPU (one generator, the same order on every device), then moved once, so
         # on a GPU each batch indexes on the device instead of copying its indices there.
         batches = torch.randperm(len(x), generator=self.gen).to(x.device).split(bs)
-        if not self.host.training:  # every method that evaluates puts it back in train mode
-            self.host.train()
+        self.host.train()
         total, n_seen, rolled_back = 0.0, 0, ""
         last = len(batches) - 1
         # Stages change only between epochs (or at a rollback, which ends the epoch).
