@@ -138,9 +138,7 @@ class RollbackPoint:
 def clone_opt_state(state: dict) -> dict:
     """A deep copy of an ``opt.state_dict()`` whose tensors do not alias the live ones."""
     return {
-        "state": {
-            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in state["state"].items()
-        },
+        "state": {i: _clone_state(s) for i, s in state["state"].items()},
         "param_groups": [dict(g) for g in state["param_groups"]],
     }
 

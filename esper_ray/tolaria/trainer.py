@@ -333,20 +333,18 @@ class Trainer:
         return ""
 
     def _candidate_table(self) -> tuple[list[list[int]], dict[str, list[ControllerAction]]]:
-        """For the candidates in their current order: each slot's parameter cost of each (-1 where it
-        does not fit the slot's shape), and per slot the germinations that fit shape and size (the
-        ``_why_unfit`` checks). Kept while the candidates are the same (specs are immutable)."""
+        """For the candidates in their current order: each slot's parameter cost of each (-1 where
+        it does not fit the slot's shape), and per slot the germinations ``_why_unfit`` allows.
+        Kept while the candidates are the same (specs are immutable)."""
         key = tuple(e.content_hash for e in self.candidates)
         if key != self._table[0]:
-            budget = self.cfg.blueprints.max_seed_params
             costs, germinations = [], {}
             for slot in self.host.slots.values():
-                row = [self.seed_cost(e, slot) for e in self.candidates]
-                costs.append([-1 if c is None else c for c in row])
+                costs.append([-1 if (c := self.seed_cost(e, slot)) is None else c for e in self.candidates])
                 germinations[slot.name] = [
                     ControllerAction.germinate(slot.name, e.name)
-                    for e, c in zip(self.candidates, row, strict=True)
-                    if c is not None and c <= budget
+                    for e in self.candidates
+                    if not self._why_unfit(e, slot)
                 ]
             self._table = (key, costs, germinations)
         return self._table[1], self._table[2]
