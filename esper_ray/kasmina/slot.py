@@ -3,9 +3,9 @@
 A slot sits on one host activation ``h``. What it outputs depends on the stage:
 
 - no seed (DORMANT, CULLED, EMBARGOED) or GERMINATED: ``h`` itself, the same tensor;
-- TRAINING (isolated, alpha 0): ``h + (s - s.detach())`` with ``s = seed(h.detach())``.
-  The value is exactly ``h`` and so is the gradient reaching the host; the seed still
-  gets the global loss's gradient at the slot;
+- TRAINING (isolated, alpha 0): ``h`` bit for bit, whatever ``s = seed(h.detach())`` computes
+  (NaN and inf included), and so is the gradient reaching the host; the seed still gets the
+  global loss's gradient at the slot (``_Isolated`` hands the output's gradient to both);
 - BLENDING / HOLDING: ``lerp(h, seed(h.detach()), alpha)``, i.e.
   ``alpha * seed + (1 - alpha) * host``: the host upstream only gets gradient through
   the ``(1 - alpha) * h`` path, never through the seed;
@@ -66,6 +66,22 @@ _AUTOMATIC = {
 }
 
 
+class _Isolated(torch.autograd.Function):
+    """Forward: a copy of the host activation ``h``, never touched by the seed's output ``s``
+    (``h + (s - s.detach())`` is NaN where ``s`` is). Backward: the output's gradient goes to
+    ``h`` unchanged and to ``s`` as if ``s`` had been added, so the isolated seed still learns."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.s_shape = s.shape
+        # A copy, not ``h`` itself: a later in-place op on a custom Function's view is an error.
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        return grad, grad if grad.shape == ctx.s_shape else grad.sum_to_size(ctx.s_shape)
+
+
 class SeedSlot(nn.Module):
     """One place in a host where a seed can grow."""
 
@@ -96,7 +112,7 @@ class SeedSlot(nn.Module):
             return seed(h)
         s = seed(h.detach())
         if mode == _ISOLATED:
-            return h + (s - s.detach())
+            return _Isolated.apply(h, s)
         return torch.lerp(h, s, self.alpha)
 
     @contextmanager
