@@ -7,13 +7,18 @@ epochs until the next decision point.
 
 Observation: a Dict with exactly two keys, as RLlib's action-masking modules expect:
 
-- ``observations``: float32 vector (``esper_ray.tamiyo.encoding.ObsEncoder``): global
-  telemetry (progress, accuracy, losses, plateau, seed share), the task's features,
-  per-slot telemetry (stage, alpha, epochs in stage, activation statistics, gradient
-  norms, ablation contribution, seed size), the features of the K candidate
-  blueprints from the catalogue (so the policy can judge blueprints it never saw),
+- ``observations``: float32 vector (``esper_ray.tamiyo.encoding``): sets padded to
+  ``max_slots`` slots and K candidates: global telemetry (progress, accuracy, losses,
+  plateau, seed share, generic task statistics; nothing that names the task or its
+  family), one row per slot (stage, alpha, epochs in stage, relative depth, activation
+  statistics, gradient norms and signals, ablation contribution, seed size), one row per
+  candidate blueprint (its features, so the policy can judge blueprints it never saw),
   and the cost of each candidate in each slot;
 - ``action_mask``: float32 0/1 over the actions, 1 where legal now.
+
+Each task may bring its own host (``TaskConfig.host``; else ``run.host``), so one env
+serves hosts of different depths and kinds; a host with more than ``max_slots`` slots is
+refused with one line.
 
 The per-slot probe signals (activation statistics, gradient RMS, ``grad_predictability``,
 ``grad_deficit``) are measured after every lifecycle transition and otherwise every
@@ -21,8 +26,9 @@ The per-slot probe signals (activation statistics, gradient RMS, ``grad_predicta
 everything else is fresh at every step. The test split
 is scored once, when the episode ends (``info["test_acc"]`` is None before that).
 
-Action: Discrete(1 + S*K + 2*S): wait, germinate(slot s, candidate k), fossilize(s),
-cull(s) (``esper_ray.tamiyo.encoding.ActionSpace``). An action outside the mask
+Action: Discrete(1 + S*K + 2*S) with S = ``max_slots``: wait, germinate(slot s,
+candidate k), fossilize(s), cull(s) (``esper_ray.tamiyo.encoding.ActionSpace``; slot s is
+the host's s-th slot from the input). An action outside the mask
 raises ``EsperError``; nothing is silently ignored.
 
 Reward per step::
@@ -45,9 +51,8 @@ import numpy as np
 from pydantic import Field
 
 from esper_ray.config import RunConfig, StrictModel, validate_model
-from esper_ray.contracts import ControllerAction, EsperError
-from esper_ray.tamiyo.encoding import ActionSpace, ObsEncoder
-from esper_ray.tasks import FEATURE_NAMES as TASK_FEATURES
+from esper_ray.contracts import ControllerAction, EsperError, Observation
+from esper_ray.tamiyo.encoding import ActionSpace, ObsEncoder, SetLayout
 from esper_ray.tasks import TaskConfig, load_task
 from esper_ray.tolaria.trainer import Trainer
 
@@ -133,6 +138,9 @@ class EnvConfig(StrictModel):
         "learns to judge blueprints by their features rather than by their place in the catalogue",
     )
     task_hosts: bool = Field(True, description="tasks that ship a pre-trained host (bottleneck) start from it, frozen")
+    max_slots: int = Field(
+        6, ge=1, description="slot positions in the observation and action space (the policy's maximum)"
+    )
 
     @property
     def tasks(self) -> list[TaskConfig]:
@@ -151,10 +159,10 @@ class MorphogenesisEnv(gym.Env):
         if not config.tasks:
             raise EsperError(f"env config: no {config.split} tasks")
         self.config = config
-        slots = self._slot_names()
-        self.space = ActionSpace(slots, config.run.blueprints.max_candidates)
-        self.encoder = ObsEncoder(slots, self.space.k, len(TASK_FEATURES))
-        self.action_space = MaskedDiscrete(self.space.n)
+        self.layout = SetLayout(config.max_slots, config.run.blueprints.max_candidates)
+        self.encoder = ObsEncoder(self.layout)
+        self.space = ActionSpace((), self.layout.k, self.layout.max_slots)  # the host's slots at reset
+        self.action_space = MaskedDiscrete(self.layout.n_actions)
         self.observation_space = gym.spaces.Dict(
             {
                 "observations": gym.spaces.Box(-np.inf, np.inf, (self.encoder.size,), np.float32),
@@ -165,12 +173,6 @@ class MorphogenesisEnv(gym.Env):
         self.task: TaskConfig | None = None
         self._mask = np.zeros(self.space.n, np.float32)
 
-    def _slot_names(self) -> tuple[str, ...]:
-        from esper_ray.hosts import slot_names
-
-        host = self.config.run.host
-        return tuple(slot_names(len(host.hidden)) if host.slots == "all" else host.slots)
-
     # ---- gym API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -179,6 +181,9 @@ class MorphogenesisEnv(gym.Env):
         index = options.get("task_index", int(self.np_random.integers(len(tasks))))
         train_seed = options.get("train_seed", int(self.np_random.integers(2**31)))
         self.trainer = self.make_trainer(index, train_seed)
+        slots = tuple(self.trainer.host.slots)
+        self.layout.check_fits(len(slots), 0, f"the env (task {self.task.family}, max_slots)")
+        self.space = ActionSpace(slots, self.layout.k, self.layout.max_slots)
         self._order: dict[str, float] = {}  # content hash -> sort key (shuffle_candidates)
         for _ in range(self.config.warmup_epochs):
             self.trainer.train_epoch()
@@ -231,7 +236,10 @@ class MorphogenesisEnv(gym.Env):
             # A task that ships a (damaged) pre-trained host: start from it, frozen, so the
             # only way to the missing capacity is a seed in the right slot.
             training.update(host_init="task", freeze_host=True)
-        run = base.model_copy(update={"task": self.task, "training": base.training.model_copy(update=training)})
+        update: dict[str, Any] = {"task": self.task, "training": base.training.model_copy(update=training)}
+        if self.task.host is not None:
+            update["host"] = self.task.host
+        run = base.model_copy(update=update)
         loss_fn = None
         if self.config.distill is not None:
             from esper_ray.tolaria.distill import make_distillation
@@ -266,6 +274,10 @@ class MorphogenesisEnv(gym.Env):
             "ground_truth_slot": t.data.meta.get("ground_truth_slot", ""),
         }
         return summary
+
+    def encode_action(self, action: ControllerAction, obs: Observation) -> int:
+        """The index of ``action`` at the decision point ``obs`` (of this episode's host)."""
+        return self.space.encode(action, obs.candidates)
 
     def action_masks(self) -> np.ndarray:
         """The current mask (the convention of sb3-contrib's MaskablePPO, for convenience)."""

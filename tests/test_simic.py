@@ -20,7 +20,7 @@ TINY = SimicConfig(
     iterations=2,
     num_env_runners=0,
     checkpoint_every=1,
-    ppo={"train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1, "hiddens": [32]},
+    ppo={"train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1, "hidden": 16},
     env={
         "run": {"training": {"epochs": 4}, "lineage": {"enabled": False}},
         "train_tasks": [{"family": "mnist1d", "seed": 0, "n_train": 400}],
@@ -45,7 +45,8 @@ def test_two_iterations_train_checkpoint_and_export(trained: Path) -> None:
     assert "esper_final_val_acc" in rows[-1] and 0.0 < rows[-1]["esper_final_val_acc"] <= 1.0
     assert (trained / "checkpoint" / "rllib_checkpoint.json").exists()
     meta = json.loads((trained / "policy" / "policy.json").read_text())
-    assert meta["n_actions"] == envs.MorphogenesisEnv(TINY.env).space.n
+    env = envs.MorphogenesisEnv(TINY.env)
+    assert (meta["max_slots"], meta["k"], meta["hidden"]) == (env.layout.max_slots, env.layout.k, 16)
 
 
 def test_exported_policy_matches_the_checkpointed_module(trained: Path) -> None:
@@ -67,7 +68,7 @@ def test_exported_policy_matches_the_checkpointed_module(trained: Path) -> None:
                 logits = module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS][0].numpy()
             rllib_action = int(np.argmax(logits))
             ours = policy.act(env.trainer.observe(), env.trainer.legal_actions())
-            ours_index = env.space.encode(ours, env._candidates)
+            ours_index = env.encode_action(ours, env.trainer.observe())
             agree += rllib_action == ours_index
             total += 1
             obs, _, done, _, _ = env.step(ours_index)
@@ -94,7 +95,7 @@ def test_bad_checkpoints_and_policies_are_one_line(tmp_path: Path) -> None:
         load_policy(tmp_path)
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "policy.json").write_text(json.dumps({"format": "esper-ray-tamiyo-policy/1", "n_layers": 1}))
+    (bad / "policy.json").write_text(json.dumps({"format": "esper-ray-tamiyo-policy/2", "max_slots": 3}))
     (bad / "policy.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(EsperError, match="unreadable"):
         load_policy(bad)

@@ -21,7 +21,7 @@ class PPOSettings(StrictModel):
     train_batch_size: int = Field(512, ge=8, description="env steps per iteration")
     minibatch_size: int = Field(128, ge=8)
     num_epochs: int = Field(6, ge=1, description="SGD passes over each batch")
-    hiddens: list[int] = Field(default_factory=lambda: [128, 128], description="policy/value MLP widths")
+    hidden: int = Field(64, ge=4, description="width of the set network's encoders and heads")
 
     model_config = {"extra": "forbid", "populate_by_name": True}
 

@@ -6,7 +6,7 @@ offline API (new API stack: ``OfflineData`` -> ``OfflinePreLearner`` -> Learner)
 trains it with **MARWIL** (``beta > 0``: log-likelihood of the recorded actions weighted
 by ``exp(beta * advantage / c)``; ``beta = 0`` is plain behaviour cloning).
 
-The RLModule is the one online PPO uses, RLlib's example ``ActionMaskingTorchRLModule``
+The RLModule is the one online PPO uses, ``esper_ray.simic.module.TamiyoSetModule``
 with the same ``model_config``, so
 
 - the masked logits are what MARWIL's loss sees (an illegal action never has probability);
@@ -14,10 +14,8 @@ with the same ``model_config``, so
 - ``esper_ray.tamiyo.policy.export_rl_module`` exports it unchanged.
 
 Why not RLlib's ``BC`` class: ``BCConfig`` removes the GAE connector from the learner
-pipeline, and that connector's ``compute_values`` call is where the masking module
-splits the Dict observation into ``obs`` and ``action_mask``; without it the module's
-``_forward_train`` receives a dict. ``MARWILConfig`` with ``beta=0`` is the same loss
-(``-mean(logp)``) with the pipeline intact.
+pipeline; ``MARWILConfig`` with ``beta=0`` is the same loss (``-mean(logp)``) with the
+pipeline intact, and ``beta > 0`` is one setting away.
 
 Monte-Carlo returns: RLlib's offline pipeline turns every row into a one-step episode,
 so MARWIL's value targets would be ``r + gamma * V(s')`` with the value net frozen at
@@ -80,7 +78,9 @@ def _settings(cfg: SimicConfig, settings: OfflineSettings | dict[str, Any] | Non
 
 def _model_config(cfg: SimicConfig) -> dict[str, Any]:
     # Exactly what esper_ray.simic.ppo.build_ppo_config gives the online module.
-    return {"fcnet_hiddens": cfg.ppo.hiddens, "fcnet_activation": "tanh", "vf_share_layers": False}
+    from esper_ray.simic.ppo import module_config_of
+
+    return module_config_of(cfg)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -126,7 +126,8 @@ def build_marwil_config(cfg: SimicConfig, data: Path, settings: OfflineSettings,
     """
     from ray.rllib.algorithms.marwil import MARWILConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-    from ray.rllib.examples.rl_modules.classes.action_masking_rlm import ActionMaskingTorchRLModule
+
+    from esper_ray.simic.module import TamiyoSetModule
 
     p = cfg.ppo
     batch_size = settings.batch_size or p.minibatch_size
@@ -144,9 +145,7 @@ def build_marwil_config(cfg: SimicConfig, data: Path, settings: OfflineSettings,
             moving_average_sqd_adv_norm_update_rate=settings.adv_norm_update_rate,
             train_batch_size_per_learner=batch_size,
         )
-        .rl_module(
-            rl_module_spec=RLModuleSpec(module_class=ActionMaskingTorchRLModule, model_config=_model_config(cfg))
-        )
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=TamiyoSetModule, model_config=_model_config(cfg)))
         .offline_data(
             input_=[str(data.absolute())],
             dataset_num_iters_per_learner=settings.updates_per_iteration or p.num_epochs,
@@ -191,7 +190,7 @@ def agreement(policy, table: pa.Table) -> dict[str, float]:
 
     x, mask, actions = decision_arrays(table)
     with torch.no_grad():
-        logits = policy.net(torch.from_numpy(x)).numpy()
+        logits = policy.net.logits(torch.from_numpy(x)).numpy()
     greedy = np.where(mask > 0, logits, -np.inf).argmax(axis=1)
     hit = greedy == actions
     acting = actions != 0
@@ -225,12 +224,17 @@ def train_offline(
     settings = _settings(cfg, settings)
     table, meta = read_recording(path)  # one-line EsperError when missing or corrupt
     env = envs.MorphogenesisEnv(cfg.env)
-    mine = {"slots": list(env.space.slots), "k": env.space.k, "obs_size": env.encoder.size, "n_actions": env.space.n}
+    mine = {
+        "max_slots": env.layout.max_slots,
+        "k": env.layout.k,
+        "obs_size": env.layout.size,
+        "n_actions": env.layout.n_actions,
+    }
     for key, value in mine.items():
         if meta[key] != value:
             raise EsperError(
                 f"recording at {path} was made with {key}={meta[key]}, the config's env has {value}: "
-                "record with the same host slots and blueprints.max_candidates"
+                "record with the same env.max_slots and blueprints.max_candidates"
             )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,7 +259,7 @@ def train_offline(
             if progress:
                 print("[simic offline] " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
         algo.save_to_path(str(checkpoint.absolute()))
-        policy_dir = export_rl_module(learner_module(algo), env, out / "policy")
+        policy_dir = export_rl_module(learner_module(algo), out / "policy")
     finally:
         if algo is not None:
             algo.stop()

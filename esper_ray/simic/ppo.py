@@ -1,7 +1,8 @@
 """Simic: train Tamiyo with RLlib PPO (new API stack) on ``esper/Morphogenesis-v0``.
 
-The RLModule is RLlib's own action-masking PPO module (from the examples shipped
-with Ray): masked logits, so PPO never samples an illegal germination. Episode
+The RLModule is the project's own set network (``esper_ray.simic.module.TamiyoSetModule``):
+one encoder shared by all slots, one by all candidate blueprints, a pair scorer for
+germinations, masked logits so PPO never samples an illegal action. Episode
 telemetry (final accuracy, seed parameters, germinations, fidelity on bottleneck
 tasks) is logged through an RLlib callback and shows up in each iteration's result
 under ``env_runners``.
@@ -51,12 +52,13 @@ def build_ppo_config(cfg: SimicConfig):
     """The RLlib PPOConfig for ``cfg`` (importing RLlib lazily: it is slow to import)."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-    from ray.rllib.examples.rl_modules.classes.action_masking_rlm import ActionMaskingTorchRLModule
 
     import envs
+    from esper_ray.config import validate_model
+    from esper_ray.simic.module import TamiyoSetModule
 
     # Validate the env config here, in the driver, so a bad value is one clear line.
-    envs.EnvConfig.model_validate(cfg.env)
+    env_cfg = validate_model(envs.EnvConfig, cfg.env, "env config")
     p = cfg.ppo
     return (
         PPOConfig()
@@ -83,18 +85,20 @@ def build_ppo_config(cfg: SimicConfig):
             num_epochs=p.num_epochs,
         )
         .rl_module(
-            rl_module_spec=RLModuleSpec(
-                module_class=ActionMaskingTorchRLModule,
-                model_config={
-                    "fcnet_hiddens": p.hiddens,
-                    "fcnet_activation": "tanh",
-                    "vf_share_layers": False,
-                },
-            )
+            rl_module_spec=RLModuleSpec(module_class=TamiyoSetModule, model_config=module_config_of(cfg, env_cfg))
         )
         .callbacks(_callbacks_class())
         .debugging(seed=cfg.seed)
     )
+
+
+def module_config_of(cfg: SimicConfig, env_cfg=None) -> dict[str, Any]:
+    """The TamiyoSetModule ``model_config`` for ``cfg`` (set maxima from its env config)."""
+    import envs
+    from esper_ray.simic.module import module_config
+
+    env_cfg = env_cfg or envs.EnvConfig.model_validate(cfg.env)
+    return module_config(env_cfg.max_slots, env_cfg.run.blueprints.max_candidates, cfg.ppo.hidden)
 
 
 def summarize(result: dict[str, Any]) -> dict[str, float]:
@@ -168,8 +172,6 @@ def train_simic(
 
 def export_policy(algo, path: str | Path, cfg: SimicConfig | None = None) -> Path:
     """Write the trained policy network as ``policy.safetensors`` + ``policy.json``."""
-    import envs
     from esper_ray.tamiyo.policy import export_rl_module
 
-    env = envs.MorphogenesisEnv(cfg.env if cfg is not None else {})
-    return export_rl_module(algo.get_module(), env, path)
+    return export_rl_module(algo.get_module(), path)

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from esper_ray.contracts import EsperError
 from esper_ray.tamiyo.controllers import Controller
 
-FORMAT = "esper-ray-decisions/1"
+FORMAT = "esper-ray-decisions/2"
 META_KEY = b"esper-ray"
 COLUMNS = ("eps_id", "t", "obs", "actions", "rewards", "new_obs", "terminateds", "truncateds")
 BASELINES = ("static", "random", "heuristic")
@@ -107,7 +107,7 @@ def record_episode(env, controller: Controller, task_index: int, seed: int, eps_
     done, total, info = False, 0.0, {}
     while not done:
         view = trainer.observe()
-        action = env.space.encode(controller.act(view, trainer.legal_actions()), view.candidates)
+        action = env.encode_action(controller.act(view, trainer.legal_actions()), view)
         new_obs, reward, terminated, truncated, info = env.step(action)
         done = terminated or truncated
         rows.append(
@@ -186,15 +186,14 @@ def record_episodes(
                     )
     meta = {
         "format": FORMAT,
-        "slots": list(env.space.slots),
-        "k": env.space.k,
-        "task_dim": env.encoder.task_dim,
-        "obs_size": env.encoder.size,
-        "n_actions": env.space.n,
+        "max_slots": env.layout.max_slots,
+        "k": env.layout.k,
+        "obs_size": env.layout.size,
+        "n_actions": env.layout.n_actions,
         "env_config": env.config.model_dump(mode="json"),
         "episodes": episodes,
     }
-    table = pa.Table.from_pylist(rows, schema=schema(env.encoder.size, env.space.n, meta))
+    table = pa.Table.from_pylist(rows, schema=schema(env.layout.size, env.layout.n_actions, meta))
     path.mkdir(parents=True, exist_ok=True)
     file = path / "decisions.parquet"
     tmp = path / ".decisions.parquet.tmp"
@@ -245,7 +244,7 @@ def read_recording(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
         metas.append(meta)
     first = metas[0]
     for file, meta in zip(recording_files(path), metas, strict=True):
-        for key in ("slots", "k", "obs_size", "n_actions"):
+        for key in ("max_slots", "k", "obs_size", "n_actions"):
             if meta[key] != first[key]:
                 raise EsperError(f"recording {file}: {key}={meta[key]} differs from {first[key]} in the others")
     table = pa.concat_tables(tables)

@@ -1,0 +1,39 @@
+"""A local catalogue with blueprints Karn invented: what a controller meets after training.
+
+``local_catalogue(cfg)`` serves the standard blueprints ``cfg.names`` (all when None) plus
+``cfg.karn_invented`` specs that Karn's generator derives from them (mutations, crossovers,
+random constructions; reproducible from ``cfg.karn_seed``), optionally in a shuffled order
+(``cfg.shuffle_seed``). Evaluation uses it to show a learned policy blueprints it never saw,
+in an order it never saw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from esper_ray.blueprints import LocalCatalogue, named_blueprint
+from esper_ray.blueprints.library import STANDARD_BLUEPRINTS
+from esper_ray.blueprints.spec import BlueprintSpec
+from esper_ray.contracts import EsperError
+from esper_ray.karn.generator import BlueprintGenerator
+
+
+def invented_specs(parents: list[BlueprintSpec], n: int, seed: int) -> list[BlueprintSpec]:
+    """``n`` distinct specs Karn's generator proposes from ``parents`` (EsperError if it cannot)."""
+    if n == 0:
+        return []
+    proposals = BlueprintGenerator(seed).propose(parents, n)
+    if len(proposals) < n:
+        raise EsperError(f"Karn's generator made only {len(proposals)} of {n} new blueprints (karn_seed={seed})")
+    return [p.spec for p in proposals]
+
+
+def local_catalogue(cfg) -> LocalCatalogue:
+    """The in-process catalogue a ``BlueprintsConfig`` describes (see the module docstring)."""
+    names = cfg.names or list(STANDARD_BLUEPRINTS)
+    specs = [named_blueprint(name) for name in names]
+    specs += invented_specs(specs, cfg.karn_invented, cfg.karn_seed)
+    if cfg.shuffle_seed is not None:
+        order = np.random.default_rng(cfg.shuffle_seed).permutation(len(specs))
+        specs = [specs[i] for i in order]
+    return LocalCatalogue(specs)
