@@ -48,12 +48,12 @@ from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from esper_ray.config import RunConfig, StrictModel, validate_model
 from esper_ray.contracts import ControllerAction, EsperError, Observation
 from esper_ray.tamiyo.encoding import ActionSpace, ObsEncoder, SetLayout
-from esper_ray.tasks import TaskConfig, load_task
+from esper_ray.tasks import TaskConfig, TaskDistribution, load_task, sample_tasks
 from esper_ray.tolaria.trainer import Trainer
 
 _WAIT = ControllerAction.wait()
@@ -138,9 +138,24 @@ class EnvConfig(StrictModel):
         "learns to judge blueprints by their features rather than by their place in the catalogue",
     )
     task_hosts: bool = Field(True, description="tasks that ship a pre-trained host (bottleneck) start from it, frozen")
+    train_distribution: TaskDistribution | None = Field(
+        None, description="draw the training tasks from these families (replaces train_tasks)"
+    )
+    heldout_distribution: TaskDistribution | None = Field(
+        None, description="draw the held-out tasks from these families (replaces heldout_tasks)"
+    )
     max_slots: int = Field(
         6, ge=1, description="slot positions in the observation and action space (the policy's maximum)"
     )
+
+    @model_validator(mode="after")
+    def _draw_tasks(self) -> EnvConfig:
+        # sample_tasks is a pure function of the distribution: every env runner draws the same tasks.
+        if self.train_distribution is not None:
+            self.train_tasks = sample_tasks(self.train_distribution)
+        if self.heldout_distribution is not None:
+            self.heldout_tasks = sample_tasks(self.heldout_distribution)
+        return self
 
     @property
     def tasks(self) -> list[TaskConfig]:
