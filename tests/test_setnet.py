@@ -201,9 +201,33 @@ def test_export_round_trip_gives_the_same_decisions(tmp_path):
     export_net(net, tmp_path / "p")
     policy = load_policy(tmp_path / "p")
     obs = _obs(4, 5, seed=8)
-    np.testing.assert_array_equal(policy.logits(obs), _logits(net, obs))
     legal = [ControllerAction.wait(), ControllerAction.germinate("hidden1", "bp2"), ControllerAction.cull("input")]
-    assert policy.act(obs, legal) in legal
+    space = policy.space(obs)
+    mask = torch.from_numpy(space.mask(legal, obs.candidates).astype(np.float32))[None]
+    x = torch.from_numpy(ObsEncoder(LAYOUT).encode(obs))[None]
+    with torch.no_grad():
+        expected = net.policy_logits(x, mask)[0].numpy()
+    np.testing.assert_array_equal(policy.logits(obs, legal), expected)
+    assert policy.act(obs, legal) == space.decode(int(np.argmax(expected)), obs.candidates)
+
+
+def test_germinating_at_all_does_not_grow_with_the_number_of_choices():
+    """Equal scores: the chance to germinate is that of one action, whether 1 or 12 germinations are legal."""
+    net = _net()
+    for p in net.parameters():  # every logit 0 except the wait prior: a policy without preferences
+        torch.nn.init.zeros_(p)
+    x = torch.from_numpy(ObsEncoder(LAYOUT).encode(_obs(3, 4)))[None]
+    for n_legal in (1, 12):
+        mask = torch.zeros(1, LAYOUT.n_actions)
+        mask[0, 0] = 1.0
+        mask[0, 1 : 1 + n_legal] = 1.0
+        probs = torch.softmax(net.policy_logits(x, mask), -1)[0]
+        assert float(probs[1 : 1 + n_legal].sum()) == pytest.approx(0.5, abs=1e-6)
+        assert float(probs[0]) == pytest.approx(0.5, abs=1e-6)
+    fresh = _net()
+    with torch.no_grad():
+        probs = torch.softmax(fresh.policy_logits(x, mask), -1)[0]
+    assert float(probs[0]) > 0.75  # a fresh network mostly waits (WAIT_PRIOR)
 
 
 def test_a_host_beyond_the_policy_maxima_is_one_error(tmp_path):

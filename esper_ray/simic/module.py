@@ -18,7 +18,7 @@ from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
 from esper_ray.contracts import EsperError
 from esper_ray.tamiyo.encoding import SetLayout
-from esper_ray.tamiyo.setnet import SetPolicyNet, masked_logits
+from esper_ray.tamiyo.setnet import SetPolicyNet
 
 
 def module_config(max_slots: int, k: int, hidden: int) -> dict[str, Any]:
@@ -45,7 +45,7 @@ class TamiyoSetModule(TorchRLModule, ValueFunctionAPI):
 
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         obs = batch[Columns.OBS]
-        return {Columns.ACTION_DIST_INPUTS: masked_logits(self.net.logits(obs["observations"]), obs["action_mask"])}
+        return {Columns.ACTION_DIST_INPUTS: self.net.policy_logits(obs["observations"], obs["action_mask"])}
 
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None):
         return self.net.value(batch[Columns.OBS]["observations"])

@@ -190,7 +190,7 @@ def agreement(policy, table: pa.Table) -> dict[str, float]:
 
     x, mask, actions = decision_arrays(table)
     with torch.no_grad():
-        logits = policy.net.logits(torch.from_numpy(x)).numpy()
+        logits = policy.net.policy_logits(torch.from_numpy(x), torch.from_numpy(mask)).numpy()
     greedy = np.where(mask > 0, logits, -np.inf).argmax(axis=1)
     hit = greedy == actions
     acting = actions != 0

@@ -57,15 +57,17 @@ class PolicyController:
         self.layout.check_fits(len(obs.slots), len(obs.candidates), f"the policy {self.source}".strip())
         return ActionSpace(tuple(s.name for s in obs.slots), self.layout.k, self.layout.max_slots)
 
-    def logits(self, obs: Observation) -> np.ndarray:
+    def logits(self, obs: Observation, legal: list[ControllerAction]) -> np.ndarray:
+        """The policy's logits over the action space of ``obs``'s host (illegal actions very negative)."""
+        mask = self.space(obs).mask(legal, obs.candidates).astype(np.float32)
         x = torch.from_numpy(self.encoder.encode(obs)).unsqueeze(0)
         with torch.no_grad():
-            return self.net.logits(x)[0].numpy()
+            return self.net.policy_logits(x, torch.from_numpy(mask).unsqueeze(0))[0].numpy()
 
     def act(self, obs: Observation, legal: list[ControllerAction]) -> ControllerAction:
         space = self.space(obs)
         mask = space.mask(legal, obs.candidates).astype(bool)
-        logits = np.where(mask, self.logits(obs), -np.inf)
+        logits = np.where(mask, self.logits(obs, legal), -np.inf)
         return space.decode(int(np.argmax(logits)), obs.candidates)
 
     def state_dict(self) -> dict[str, Any]:

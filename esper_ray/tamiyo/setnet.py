@@ -26,6 +26,10 @@ from esper_ray.tamiyo.encoding import (
 )
 
 
+WAIT_PRIOR = 2.0
+"""Initial bias of the wait logit (an initialisation only; training moves it)."""
+
+
 def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out))
 
@@ -69,6 +73,8 @@ class SetPolicyNet(nn.Module):
         self.slot_heads = _mlp(2 * hidden, hidden, 2)  # fossilize, cull
         self.wait = _mlp(hidden, hidden, 1)
         self.value_head = _mlp(hidden, hidden, 1)
+        with torch.no_grad():  # start out mostly waiting: a few germinations per episode, not one per step
+            self.wait[-1].bias.fill_(WAIT_PRIOR)
 
     def split(self, obs: torch.Tensor):
         """The flat batch [B, size] as (global, slots [B,S,F], candidates [B,K,F], pairs [B,S,K,F])."""
@@ -96,6 +102,22 @@ class SetPolicyNet(nn.Module):
         germinate = self.pair(grid).flatten(1)  # [B, S*K], slot-major like the action indices
         per_slot = self.slot_heads(torch.cat([s, ctx.unsqueeze(1).expand(-1, n_s, -1)], -1))
         return torch.cat([self.wait(ctx), germinate, per_slot[..., 0], per_slot[..., 1]], -1)
+
+    def policy_logits(self, obs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked logits of the policy's distribution (what PPO samples and inference takes the argmax of).
+
+        The germinate logits are lowered by log(number of legal germinations), so the chance of
+        germinating at all does not grow with slots x candidates: a host with 6 slots and 10
+        candidates is not 60 times as tempting as one choice. Scores among germinations keep
+        their order (the shift is the same for all of them).
+        """
+        logits = self.logits(obs)
+        lay = self.layout
+        germ = slice(1, 1 + lay.max_slots * lay.k)
+        n_germ = mask[:, germ].sum(-1, keepdim=True).clamp(min=1.0)
+        shift = torch.zeros_like(logits)
+        shift[:, germ] = torch.log(n_germ)
+        return masked_logits(logits - shift, mask)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         """State value [B]."""
