@@ -25,7 +25,6 @@ from esper_ray.tamiyo.encoding import (
     SetLayout,
 )
 
-
 WAIT_PRIOR = 2.0
 """Initial bias of the wait logit (an initialisation only; training moves it)."""
 
