@@ -7,7 +7,7 @@
     esper-ray evaluate [--config configs/controller_ppo.yaml] [--policy DIR ...] [--seeds N] [--out DIR]
     esper-ray record [--config configs/controller_ppo.yaml] [--controller KIND|DIR ...] [--seeds N] [--out DIR]
     esper-ray sweep [--config configs/sweep_ppo.yaml]
-    esper-ray lineage verify RUN_DIR [--key PATH]
+    esper-ray lineage verify RUN_DIR [--key PATH] [--ledger-only]
     esper-ray lineage show RUN_DIR
 
 Bad input of any kind ends with one line on stderr, ``esper-ray: error: ...``, and
@@ -77,6 +77,10 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(f"training.device={args.device}")
         path = _config_path(args, DEFAULT_CONFIG)
         cfg = load_config(path, overrides)
+        if cfg.controller.kind == "policy":
+            from esper_ray.tamiyo.policy import load_policy
+
+            load_policy(cfg.controller.path)  # a bad policy folder fails before Ray or the run folder
         catalogue = _pipeline_catalogue(cfg, args.address, progress=not args.no_progress)
         result = run_training(cfg, out=args.out, catalogue=catalogue, progress=not args.no_progress)
     s = result.summary
@@ -217,7 +221,7 @@ def _lineage(args: argparse.Namespace) -> int:
     if args.lineage_cmd == "show":
         print(lineage.format_timeline(run_dir))
         return 0
-    report = lineage.verify_run(run_dir, Path(args.key) if args.key else None)
+    report = lineage.verify_run(run_dir, Path(args.key) if args.key else None, check_checkpoint=not args.ledger_only)
     print(report.message if report.ok else f"TAMPERED: {report.message}")
     return 0 if report.ok else 1
 
@@ -289,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify = lin_sub.add_parser("verify", help="check chain, signature and final checkpoint")
     verify.add_argument("run_dir")
     verify.add_argument("--key", help="the Ed25519 key the run was signed with")
+    verify.add_argument(
+        "--ledger-only",
+        action="store_true",
+        help="check chain and signature only, not the checkpoint folder (e.g. a ledger copied without it)",
+    )
     show = lin_sub.add_parser("show", help="the host's biography as a timeline")
     show.add_argument("run_dir")
     lin.set_defaults(func=_lineage)

@@ -6,16 +6,22 @@ invalid value fails here with one line naming the key.
 
 from __future__ import annotations
 
+import copy
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from esper_ray.contracts import EsperError
 from esper_ray.hosts import HostConfig
 from esper_ray.kasmina import LifecycleConfig
 from esper_ray.tasks import TaskConfig
+
+# A run's name becomes a folder name: no separators, no "..", nothing a shell or a filesystem reads.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
 class StrictModel(BaseModel):
@@ -29,7 +35,7 @@ class TrainingConfig(StrictModel):
     batch_size: int = Field(100, ge=1)
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the host")
     seed_lr: float = Field(1e-3, gt=0, description="Adam learning rate of each seed's param group")
-    seed: int = Field(0, description="seed of weights, data order and controllers")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of weights, data order and controllers")
     threads: int = Field(1, ge=1, description="torch intra-op threads")
     probe_size: int = Field(512, ge=8, description="validation examples used for slot telemetry")
     signal_every: int = Field(
@@ -42,7 +48,13 @@ class TrainingConfig(StrictModel):
     eval_test: bool = Field(
         True, description="evaluate the test split every epoch (metrics, report); false: only in the run's last epoch"
     )
-    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N epochs (0: only at the end)")
+    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N epochs (0: by time only)")
+    checkpoint_every_s: float = Field(
+        60.0,
+        ge=0,
+        description="also checkpoint when this many seconds passed since the last one, so a killed run "
+        "loses at most about this much work (--resume continues it); 0: by epochs only",
+    )
     device: str = Field("cpu", description='"cpu", "cuda", "cuda:N", or "auto" (cuda when available)')
     host_init: Literal["random", "task"] = Field(
         "random", description="task: start the host from the weights the task provides (TaskData.host_init)"
@@ -115,7 +127,7 @@ class LineageConfig(StrictModel):
 class RunConfig(StrictModel):
     """Everything one `esper-ray train` run needs."""
 
-    name: str = "run"
+    name: str = Field("run", description="names the run folder <out_dir>/<name>-<time>: a plain file name")
     task: TaskConfig = TaskConfig()
     host: HostConfig = HostConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
@@ -127,35 +139,89 @@ class RunConfig(StrictModel):
     actors: ActorsConfig = ActorsConfig()
     out_dir: str = "runs"
 
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise EsperError(f"override {dotted}: {key} is not a section")
-    node[keys[-1]] = value
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not _PLAIN_NAME.fullmatch(name) or name.endswith("."):
+            raise ValueError(f"{name!r} is not a plain file name (letters, digits and ._+- only, no / or ..)")
+        return name
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["training.epochs=5", "host.hidden=[32,32]"]`` -> a nested dict (values parsed as YAML)."""
-    tree: dict[str, Any] = {}
+# Seeds feed torch.Generator.manual_seed, numpy's legacy seeding (which takes 32 bits) and
+# products such as ``seed * 1_000_003 + step``: a 32-bit range keeps every one of them valid.
+SEED_RANGE = (0, 2**32 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_plain_name(name: str, where: str) -> str:
+    """``name`` if it is a plain file name (letters, digits, ``._+-``, no separators, not ``..``)."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name.endswith("."):
+        raise EsperError(
+            f"{where}: {name!r} is not a plain file name (letters, digits and ._+- only, no / or ..; it names a folder)"
+        )
+    return name
+
+
+def check_numbers(data: Any, source: str, path: str = "") -> None:
+    """Refuse what no setting means: non-finite floats, integers outside 64 bits, and seeds (any
+    key named ``seed``) outside ``SEED_RANGE``; EsperError naming the key."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            check_numbers(value, source, f"{path}.{key}" if path else str(key))
+        return
+    if isinstance(data, list | tuple):
+        for i, value in enumerate(data):
+            check_numbers(value, source, f"{path}.{i}")
+        return
+    where = f"{source}: {path or '(top level)'}"
+    if isinstance(data, float) and not math.isfinite(data):
+        raise EsperError(f"{where}: {data} is not a finite number")
+    if isinstance(data, int) and not isinstance(data, bool):
+        lo, hi = SEED_RANGE if path.rsplit(".", 1)[-1] == "seed" else _INT64
+        if not lo <= data <= hi:
+            what = "a seed" if (lo, hi) == SEED_RANGE else "an integer"
+            raise EsperError(f"{where}: {data} is out of range for {what} ({lo}..{hi})")
+
+
+def _parse_value(item: str, key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise EsperError(f"override {item!r}: {key} is not a valid YAML value ({problem})") from None
+
+
+def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    """``["training.epochs=5", "host.hidden=[32,32]"]`` -> ``[(["training", "epochs"], 5), ...]``
+    (values parsed as YAML); EsperError for an item that is not ``KEY=VALUE`` or whose value is
+    not YAML."""
+    parsed: list[tuple[list[str], Any]] = []
     for item in items:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise EsperError(f"override {item!r} is not KEY=VALUE (e.g. training.epochs=5)")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return tree
+        keys = key.split(".")
+        if not all(keys):
+            raise EsperError(f"override {item!r}: {key!r} has an empty part")
+        parsed.append((keys, _parse_value(item, key, raw)))
+    return parsed
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
+def apply_overrides(raw: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """``raw`` (not modified) with each ``KEY=VALUE`` applied in order.
+
+    The dotted path walks into sections; the value then *replaces* what the key held: a list or
+    a mapping given on the command line is the whole new value, not merged into the file's.
+    """
+    out = copy.deepcopy(raw)
+    for keys, value in parse_overrides(items):
+        node = out
+        for i, key in enumerate(keys[:-1]):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise EsperError(f"override {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section")
+        node[keys[-1]] = value
     return out
 
 
@@ -168,20 +234,33 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def validate_model(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
-    """``model.model_validate(data)`` with a one-line EsperError on failure."""
+    """``model.model_validate(data)`` with a one-line EsperError on failure (``check_numbers``
+    first: non-finite numbers, integers past 64 bits and seeds past 32 bits are refused)."""
+    if not isinstance(data, dict):
+        raise EsperError(f"{source}: expected a mapping, got {type(data).__name__}")
+    check_numbers(data, source)
     try:
-        return model.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as err:
         raise EsperError(format_validation_error(err, source)) from None
+    # Again on the validated values: pydantic reads the strings "inf" and "nan" as floats.
+    check_numbers(cfg.model_dump(), source)
+    return cfg
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path``; EsperError naming the file when it cannot be had."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise EsperError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise EsperError(f"{path} is a folder, not a config file") from None
+    except UnicodeDecodeError:
+        raise EsperError(f"{path}: not a text file (not UTF-8); a config is YAML text") from None
+    except OSError as err:
+        raise EsperError(f"{path}: cannot be read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise EsperError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -194,10 +273,17 @@ def load_config(
     overrides: list[str] | None = None,
     model: type[BaseModel] = RunConfig,
 ) -> Any:
-    """Read YAML (or defaults), apply ``KEY=VALUE`` overrides, and validate."""
+    """Read YAML (or defaults), apply ``KEY=VALUE`` overrides (``apply_overrides``), and validate.
+
+    A config whose model has a ``name`` (it names the run's folder) must give a plain file name.
+    """
     raw = read_yaml(path) if path is not None else {}
-    raw = _merge(raw, parse_overrides(overrides or []))
-    return validate_model(model, raw, str(path) if path else "config")
+    raw = apply_overrides(raw, overrides or [])
+    source = str(path) if path else "config"
+    cfg = validate_model(model, raw, source)
+    if isinstance(getattr(cfg, "name", None), str):
+        check_plain_name(cfg.name, f"{source}: name")
+    return cfg
 
 
 def dump_config(cfg: BaseModel) -> str:

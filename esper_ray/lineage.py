@@ -460,16 +460,22 @@ def _stage_text(entry: Mapping[str, str]) -> str:
 def _check_checkpoint(run_dir: Path, chain: _Chain) -> str:
     """The final checkpoint matches the ledger's last checkpoint event; returns a note."""
     ckpt = Path(run_dir) / CHECKPOINT_DIR
-    if not ckpt.exists():
-        return "no checkpoint to compare"
-    model, state_path = ckpt / "model.safetensors", ckpt / "state.json"
-    for path in (model, state_path):
-        if not path.is_file():
-            raise _Tampered(f"{path} is missing (checkpoint incomplete or swapped?)")
     last = next(
         (i for i in range(len(chain.rows) - 1, -1, -1) if chain.rows[i]["kind"] == "checkpoint"),
         None,
     )
+    if not ckpt.exists():
+        if last is None:
+            return "no checkpoint to compare"
+        raise _Tampered(
+            f"event {last} (checkpoint, epoch {chain.rows[last]['epoch']}) records a checkpoint but {ckpt} "
+            "is missing (deleted?); to verify the ledger alone use --ledger-only",
+            last,
+        )
+    model, state_path = ckpt / "model.safetensors", ckpt / "state.json"
+    for path in (model, state_path):
+        if not path.is_file():
+            raise _Tampered(f"{path} is missing (checkpoint incomplete or swapped?)")
     if last is None:
         raise _Tampered(f"{ckpt} exists but the ledger records no checkpoint event")
     try:
@@ -528,8 +534,9 @@ def verify_run(run_dir: Path, key_path: Path | None = None, check_checkpoint: bo
     The signature must verify under the key at ``key_path`` (:func:`default_key_path`
     when None; a private key or a public key PEM). With ``check_checkpoint``, the files in
     ``run_dir/checkpoint`` must match the ledger's last ``checkpoint`` event (weights
-    digest and replayed architecture); a run without a checkpoint folder passes with a
-    note. Never raises for a damaged run: the report says what is wrong.
+    digest and replayed architecture); a run whose ledger records no checkpoint passes with a
+    note, one whose recorded checkpoint folder is gone fails. Never raises for a damaged run:
+    the report says what is wrong.
     """
     run_dir = Path(run_dir)
     key_path = Path(key_path) if key_path is not None else default_key_path()

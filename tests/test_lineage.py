@@ -134,13 +134,25 @@ def test_chain_links_and_parquet_schema(run: Path) -> None:
     assert len(bytes.fromhex(sig["public_key"])) == 32
 
 
-def test_no_checkpoint_folder_is_ok_with_a_note(run: Path, key_path: Path) -> None:
+def test_deleted_checkpoint_folder_fails_unless_ledger_only(run: Path, key_path: Path) -> None:
+    """The ledger records a checkpoint: its folder being gone is a failure, naming the event."""
     shutil.rmtree(run / "checkpoint")
     report = verify_run(run, key_path)
-    assert report.ok and "no checkpoint to compare" in report.message
+    assert not report.ok
+    assert report.first_bad_seq == N_EVENTS - 1
+    assert "records a checkpoint" in report.message and "missing" in report.message
+    assert "--ledger-only" in report.message
     assert verify_run(run, key_path, check_checkpoint=False).message == (
         f"ok: {N_EVENTS} events, chain and signature valid"
     )
+
+
+def test_no_checkpoint_recorded_and_none_present_is_ok_with_a_note(tmp_path: Path, key_path: Path) -> None:
+    ledger = Ledger(tmp_path, "r", "h", key_path)
+    ledger.append("init", metrics={"host_params": 10.0})
+    ledger.flush()
+    report = verify_run(tmp_path, key_path)
+    assert report.ok and "no checkpoint to compare" in report.message
 
 
 def test_special_metric_values_survive_parquet(tmp_path: Path, key_path: Path) -> None:

@@ -589,11 +589,15 @@ def test_governor_rolls_back_nan_and_culls_the_seed(data: TaskData) -> None:
     epoch(tr, ControllerAction.germinate("hidden0", "residual_mlp"))
     slot = tr.host.slots["hidden0"]
     assert slot.stage is SeedStage.TRAINING
+    # Isolated, a seed gone NaN cannot touch the host: the loss stays finite, no rollback.
+    _poison(slot.seed, float("nan"))
+    row = epoch(tr)
+    assert row["rolled_back"] == 0.0 and math.isfinite(row["train_loss"])
+    # Blending, it reaches the host's output: the governor rolls back and culls it.
+    slot.transition(SeedStage.BLENDING)
     good_weights = tr.host.host_state_dict()
     good_opt = host_opt_state(tr)
     step = tr.step
-    # The seed's weights go bad during the next epoch (here: just before it).
-    _poison(slot.seed, float("nan"))
 
     row = epoch(tr)
     assert row["rolled_back"] == 1.0
@@ -649,6 +653,7 @@ def test_governor_culls_the_seed_whose_weights_went_bad_not_the_youngest(data: T
     tr = Trainer(make_cfg("lifecycle.min_training_epochs=5", "training.epochs=10"), data)
     epoch(tr, ControllerAction.germinate("input", "conv1d"))  # the older seed
     epoch(tr, ControllerAction.germinate("hidden1", "lowrank"))  # the youngest seed
+    tr.host.slots["input"].transition(SeedStage.BLENDING)  # blending, its output reaches the host
     _poison(tr.host.slots["input"].seed, float("nan"))
     row = epoch(tr)
     assert row["rolled_back"] == 1.0

@@ -54,6 +54,51 @@ _REQUIRED = (
 )
 
 
+# The JSON type each state.json field must have: a checkpoint edited by hand (or cut short)
+# fails here in one line instead of deep inside the trainer.
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "run_id": str,
+    "config": dict,
+    "epoch": int,
+    "step": int,
+    "best_val": (int, float),
+    "plateau": int,
+    "last": dict,
+    "history": list,
+    "events": list,
+    "field_reports": list,
+    "births": dict,
+    "host_grad": dict,
+    "governor": dict,
+    "param_groups": list,
+    "blend_slots": list,
+    "slots": dict,
+    "controller": dict,
+    "probe_signals": dict,
+    "probe_epoch": int,
+    "probe_events": int,
+}
+_ROWS = ("history", "events", "field_reports", "param_groups")  # lists of JSON objects
+
+
+def _check_types(state: dict[str, Any], path: Path) -> None:
+    for key, want in _TYPES.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, want):
+            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            raise EsperError(
+                f"checkpoint at {path} is damaged: state.json {key} is {type(value).__name__}, expected {names}"
+            )
+        if key in ("epoch", "step") and value < 0:
+            raise EsperError(f"checkpoint at {path} is damaged: state.json {key} is negative ({value})")
+        if key in _ROWS and not all(isinstance(row, dict) for row in value):
+            raise EsperError(f"checkpoint at {path} is damaged: state.json {key} holds a non-object row")
+        if key == "slots" and not all(isinstance(s, dict) for s in value.values()):
+            raise EsperError(f"checkpoint at {path} is damaged: state.json slots holds a non-object slot")
+
+
 def _tensors(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in d.items()}
 
@@ -115,15 +160,23 @@ def save_checkpoint(trainer: Trainer, path: str | Path, controller_state: dict |
 def _read(
     path: Path,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    if not (path / "state.json").exists():
+    old = path.with_name(path.name + ".old")
+    if not (path / "state.json").exists() and (old / "state.json").exists():
+        # Killed while save_checkpoint swapped folders: the previous checkpoint is whole in ``.old``.
+        path = old
+    if not (path / "state.json").is_file():
         raise EsperError(f"no checkpoint at {path} (state.json missing)")
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         model = load_file(path / "model.safetensors")
         opt = load_file(path / "optimizer.safetensors")
         extra = load_file(path / "trainer.safetensors")
     except (OSError, ValueError, SafetensorError) as err:
         raise EsperError(f"checkpoint at {path} is unreadable: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise EsperError(
+            f"checkpoint at {path} is unreadable: state.json holds a {type(state).__name__}, not an object"
+        )
     if state.get("format") != FORMAT:
         raise EsperError(f"checkpoint at {path} has format {state.get('format')!r}, expected {FORMAT!r}")
     return state, model, opt, extra
@@ -149,14 +202,16 @@ def load_checkpoint(
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise EsperError(f"checkpoint at {path} is incomplete: state.json lacks {', '.join(missing)}")
+    _check_types(state, path)
     cfg = validate_model(RunConfig, state["config"], f"{path}/state.json config")
     if device is not None:
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"device": device})})
     trainer = Trainer(cfg, data, run_id=state["run_id"], **trainer_kwargs)
     try:
         _restore(trainer, state, model, opt_tensors, extra)
-    except (EsperError, KeyError, RuntimeError, TypeError, ValueError) as err:
-        raise EsperError(f"checkpoint at {path} does not match its config: {str(err).splitlines()[0]}") from None
+    except (EsperError, KeyError, RuntimeError, TypeError, ValueError, AttributeError, IndexError) as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EsperError(f"checkpoint at {path} does not match its config: {text}") from None
     return trainer, state["controller"]
 
 

@@ -15,6 +15,7 @@ The folder a run leaves::
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 import uuid
@@ -25,7 +26,7 @@ from typing import Any
 from esper_ray.blueprints import BlueprintCatalogue
 from esper_ray.config import RunConfig, dump_config
 from esper_ray.contracts import EsperError
-from esper_ray.lineage import Ledger, weights_digest
+from esper_ray.lineage import LEDGER_FILE, SIGNATURE_FILE, Ledger, weights_digest
 from esper_ray.reports import plot_report, write_table
 from esper_ray.tamiyo.controllers import Controller, make_controller
 from esper_ray.tasks import TaskData
@@ -53,18 +54,63 @@ class RunResult:
     trainer: Trainer
 
 
+# What a start writes before its first checkpoint. A folder holding only these (no checkpoint) is a
+# start that failed or was killed: a retry into it replaces them instead of being refused.
+_START_FILES = frozenset({"config.yaml", LEDGER_FILE, SIGNATURE_FILE})
+_START_DIRS = frozenset({"checkpoint.tmp"})
+
+
+def _is_abandoned_start(run_dir: Path) -> bool:
+    for entry in run_dir.iterdir():
+        name = entry.name
+        if name in _START_FILES and entry.is_file():
+            continue
+        if name in _START_DIRS and entry.is_dir():
+            continue
+        if name.startswith(".") and name.endswith(".tmp") and entry.is_file():  # a write cut short
+            continue
+        return False
+    return True
+
+
+def _clear_start(run_dir: Path) -> None:
+    """Remove what an unfinished start wrote (only the names ``_is_abandoned_start`` accepts)."""
+    for entry in list(run_dir.iterdir()):
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def check_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
-    """``out`` if given, else ``<out_dir>/<name>-<time>``; EsperError if it already holds files."""
+    """``out`` if given, else ``<out_dir>/<name>-<time>``; EsperError if it is a file or already holds
+    a run. A folder left by a start that never reached its first checkpoint is accepted (its files
+    are replaced); one with a checkpoint is resumed with ``--resume``."""
     run_dir = Path(out) if out else Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise EsperError(f"run folder {run_dir} is not empty; choose another --out (or --resume it)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EsperError(f"run folder {run_dir} is a file, not a folder; choose another --out")
+    for parent in run_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise EsperError(f"run folder {run_dir}: {parent} is a file, not a folder; choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not _is_abandoned_start(run_dir):
+        has_checkpoint = (run_dir / "checkpoint" / "state.json").exists() or (
+            run_dir / "checkpoint.old" / "state.json"
+        ).exists()
+        hint = f"continue it with --resume {run_dir}" if has_checkpoint else "choose another --out"
+        raise EsperError(f"run folder {run_dir} is not empty; {hint}")
     return run_dir
 
 
 def new_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
-    """Create the (empty or new) run folder ``check_run_dir`` names."""
+    """Create the (empty or new) run folder ``check_run_dir`` names; an abandoned start's files
+    in it are removed first."""
     run_dir = check_run_dir(cfg, out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.is_dir():
+        _clear_start(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EsperError(f"cannot create run folder {run_dir}: {err.strerror or err}") from None
     return run_dir
 
 
@@ -154,11 +200,47 @@ def run_training(
         run_dir = new_run_dir(cfg, out)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         controller_state = {}
-    controller = controller or make_controller(cfg.controller, seed=cfg.training.seed)
+    try:
+        return _run(
+            cfg, trainer, run_dir, controller_state, controller, catalogue, resume is not None, progress, stop_after
+        )
+    except BaseException:
+        # A start that fails (or is interrupted) before its first checkpoint leaves no folder
+        # behind, so the same --out works on the next try.
+        if resume is None and run_dir.is_dir() and _is_abandoned_start(run_dir):
+            _clear_start(run_dir)
+            run_dir.rmdir()
+        raise
+
+
+def _run(
+    cfg: RunConfig,
+    trainer: Trainer,
+    run_dir: Path,
+    controller_state: dict,
+    controller: Controller | None,
+    catalogue: BlueprintCatalogue | None,
+    resumed: bool,
+    progress: bool,
+    stop_after: int | None,
+) -> RunResult:
+    controller = controller or make_controller(cfg.controller, seed=cfg.training.seed, run=trainer)
     if controller_state:
         controller.load_state_dict(controller_state)
     ledger = _attach_ledger(trainer, run_dir, cfg.lineage.key_path) if cfg.lineage.enabled else None
-    if ledger is not None and resume is not None:
+    if ledger is not None and resumed:
+        digest = weights_digest(trainer.host.state_dict())
+        last = next((e for e in reversed(ledger.events) if e.kind == "checkpoint"), None)
+        if last is None or (last.epoch, last.step, last.weights_digest) != (trainer.epoch, trainer.step, digest):
+            # The run was killed after its checkpoint was written but before the ledger recorded
+            # it: record it now (marked recovered), so that replay restarts from this checkpoint.
+            ledger.append(
+                kind="checkpoint",
+                epoch=trainer.epoch,
+                step=trainer.step,
+                weights_digest=digest,
+                metrics={"val_acc": float(trainer.last.get("val_acc", 0.0)), "recovered": 1.0},
+            )
         # Events logged after the checkpoint we resume from are void: replay restarts here.
         ledger.append(kind="resume", epoch=trainer.epoch, step=trainer.step)
     elif ledger is not None:
@@ -177,6 +259,8 @@ def run_training(
         )
     bar = _Progress(cfg.training.epochs, trainer.epoch, progress, cfg.name)
     stop = cfg.training.epochs if stop_after is None else min(cfg.training.epochs, trainer.epoch + stop_after)
+    every, every_s = cfg.training.checkpoint_every, cfg.training.checkpoint_every_s
+    last_saved = time.monotonic()
     try:
         while trainer.epoch < stop:
             trainer.train_epoch()
@@ -187,9 +271,10 @@ def run_training(
                 record_accuracy(row["val_acc"])
             if ledger is not None:
                 ledger.flush()
-            every = cfg.training.checkpoint_every
-            if every and trainer.epoch % every == 0 and trainer.epoch < stop:
+            due = (every and trainer.epoch % every == 0) or (every_s and time.monotonic() - last_saved >= every_s)
+            if due and trainer.epoch < stop:
                 _checkpoint(trainer, controller, run_dir, ledger)
+                last_saved = time.monotonic()
     finally:
         bar.close()
     _checkpoint(trainer, controller, run_dir, ledger)
