@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esper_ray.blueprints.spec import BlueprintSpec, Node
@@ -16,9 +17,30 @@ class BlueprintShapeError(EsperError):
     """A blueprint's shapes do not fit the slot it was asked to grow in."""
 
 
+class TokenShape(tuple):
+    """The shape ``(T, D)`` of a token-stream slot (a transformer's residual stream): positions
+    first, channels last, and causal, so only blueprints that never look at a later position fit.
+    A plain ``(C, L)`` tuple is a channels-first ``seq`` slot instead; this type is what tells them
+    apart wherever a slot's shape goes (building, counting, contract checks)."""
+
+    def __new__(cls, shape: tuple[int, int] | list[int]) -> TokenShape:
+        values = tuple(int(v) for v in shape)
+        if len(values) != 2:
+            raise ValueError(f"a token slot shape is (T, D), got {values}")
+        return super().__new__(cls, values)
+
+
 def slot_kind(shape: tuple[int, ...]) -> str:
-    """The kind of a slot from its activation shape without batch: (C,), (C, L), (C, H, W)."""
+    """The kind of a slot from its activation shape without batch: (C,), (C, L), (C, H, W), or
+    ``tokens`` for a :class:`TokenShape`."""
+    if isinstance(shape, TokenShape):
+        return "tokens"
     return {1: "vector", 2: "seq", 3: "image"}[len(shape)]
+
+
+def slot_channels(shape: tuple[int, ...]) -> int:
+    """A slot's channel count: ``D`` of a token slot, the first entry of any other shape."""
+    return shape[-1] if isinstance(shape, TokenShape) else shape[0]
 
 
 @dataclass(frozen=True)
@@ -28,11 +50,14 @@ class _View:
     channels: int
     spatial_rank: int  # 0 for vectors, 1 for sequences, 2 for images
     unsqueeze: bool  # a seq blueprint on a vector slot sees (B, 1, D)
+    tokens: bool = False  # (B, T, D), channels last and causal: linears and norms act on D
 
 
 def _view_for(spec: BlueprintSpec, shape: tuple[int, ...]) -> _View:
     kind = slot_kind(shape)
     channels = shape[0]
+    if kind == "tokens" and spec.kind in ("vector", "seq"):
+        return _View(shape[1], 0, unsqueeze=False, tokens=True)
     if spec.kind == "vector":
         return _View(channels, len(shape) - 1, unsqueeze=False)
     if spec.kind == "seq" and kind == "vector":
@@ -82,6 +107,15 @@ def _make_op(node: Node, in_channels: list[int], view: _View) -> tuple[nn.Module
     if node.op == "linear":
         width = node.arg("width") or view.channels
         return _channel_mixer(c_in, width, view.spatial_rank), width
+    if node.op in ("conv", "pool") and view.tokens:
+        raise BlueprintShapeError(f"{where} sees later positions: it does not fit a causal token slot")
+    if node.op == "attn":
+        if not view.tokens:
+            raise BlueprintShapeError(f"{where} needs a token slot (B, T, D)")
+        heads = node.arg("heads")
+        if c_in % heads:
+            raise BlueprintShapeError(f"{where}: {heads} heads must divide {c_in} channels")
+        return CausalSelfAttention(c_in, heads), c_in
     if node.op == "conv":
         if view.spatial_rank == 0:
             raise BlueprintShapeError(f"{where} needs a spatial view")
@@ -111,6 +145,22 @@ def _make_op(node: Node, in_channels: list[int], view: _View) -> tuple[nn.Module
     return (_Add() if node.op == "add" else _Mul()), max(a, b)
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention over (B, T, D) where position t reads positions <= t only."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
 class SeedModule(nn.Module):
     """A built blueprint: ``seed(h) = h + gamma * body(h)`` with ``gamma`` zero at birth."""
 
@@ -118,7 +168,8 @@ class SeedModule(nn.Module):
         super().__init__()
         self.spec_json = spec.to_json()
         self.blueprint_hash = spec.content_hash
-        self.slot_shape = tuple(slot_shape)
+        # A TokenShape stays one: the slot's kind rides on its shape's type.
+        self.slot_shape = slot_shape if isinstance(slot_shape, TokenShape) else tuple(slot_shape)
         view = _view_for(spec, self.slot_shape)
         self._unsqueeze = view.unsqueeze
         channels = {"input": view.channels}
@@ -194,6 +245,13 @@ def flops_per_example(module: SeedModule) -> int:
     """Multiply-accumulates of one forward pass per example (convs and linears only)."""
     total = 0
     positions = math.prod(module.slot_shape[1:]) if not module._unsqueeze else module.slot_shape[0]
+    if isinstance(module.slot_shape, TokenShape):  # every op runs at each of the T positions
+        seq_len, width = module.slot_shape
+        for op in module.ops.values():
+            if isinstance(op, CausalSelfAttention):  # scores and mixing: about T/2 keys per query
+                total += seq_len * width * (seq_len + 1)
+        linear = sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+        return total + seq_len * linear
     for op in module.ops.values():
         if isinstance(op, nn.Linear):
             total += op.in_features * op.out_features

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from esper_ray.blueprints.library import STANDARD_BLUEPRINTS
+from esper_ray.blueprints.library import STANDARD_BLUEPRINTS, named_blueprint
 from esper_ray.blueprints.spec import BlueprintSpec
 from esper_ray.contracts import BenchmarkReport, EsperError
 
@@ -66,14 +66,8 @@ class LocalCatalogue:
 
     @classmethod
     def from_names(cls, names: Iterable[str]) -> LocalCatalogue:
-        """The standard blueprints with these names; EsperError naming an unknown one."""
-        specs = []
-        for name in names:
-            if name not in STANDARD_BLUEPRINTS:
-                known = ", ".join(sorted(STANDARD_BLUEPRINTS))
-                raise EsperError(f"unknown blueprint {name!r} (known: {known})")
-            specs.append(STANDARD_BLUEPRINTS[name])
-        return cls(specs)
+        """The standard (or transformer) blueprints with these names; EsperError naming an unknown one."""
+        return cls([named_blueprint(name) for name in names])
 
     def poll(self) -> list[CatalogueEntry]:
         return list(self._entries)

@@ -29,7 +29,8 @@ def blueprint_features(spec: BlueprintSpec, slot_shape: tuple[int, ...] | None =
     """
     counts = {op: 0 for op in _OPS}
     for node in spec.nodes:
-        counts[node.op] += 1
+        if node.op in counts:  # attn (token slots only) has no column: the layout is the policies' input
+            counts[node.op] += 1
     params, fits = 0, 1.0
     if slot_shape is not None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from esper_ray.blueprints.spec import BlueprintSpec, Node
+from esper_ray.contracts import EsperError
 
 
 def _spec(name: str, kind: str, *nodes: dict) -> BlueprintSpec:
@@ -79,3 +80,41 @@ STANDARD_BLUEPRINTS: dict[str, BlueprintSpec] = {
         _squeeze_excitation("se2d", "image", reduced=4),
     )
 }
+
+
+# Blueprints for a transformer's residual stream (a token slot, (B, T, D); see spec.py). Kept apart
+# from STANDARD_BLUEPRINTS, the default catalogue of the MLP and CNN hosts; a config names them in
+# ``blueprints.names`` and ``MorphoHost.germinate`` takes their names (``named_blueprint``).
+TRANSFORMER_BLUEPRINTS: dict[str, BlueprintSpec] = {
+    spec.name: spec
+    for spec in (
+        # Low-rank residual adapter (LoRA-like on the residual stream): down to rank 8 and back up,
+        # the same at every position.
+        _spec("adapter8", "vector", *_chain(("linear", {"width": 8}), ("linear", {"width": None}))),
+        # MLP expansion: a pre-norm feed-forward block of width 128 beside the host's own.
+        _spec(
+            "mlp_expand",
+            "vector",
+            *_chain(
+                ("norm", {"groups": 1}),
+                ("linear", {"width": 128}),
+                ("act", {"fn": "gelu"}),
+                ("linear", {"width": None}),
+            ),
+        ),
+        # An extra attention block: pre-norm causal self-attention with one head over the stream.
+        _spec("attn_head", "seq", *_chain(("norm", {"groups": 1}), ("attn", {"heads": 1}))),
+        # Normalisation of the stream (LayerNorm over D) with its learned scale and shift.
+        _spec("tok_norm", "vector", *_chain(("norm", {"groups": 1}))),
+    )
+}
+
+
+def named_blueprint(name: str) -> BlueprintSpec:
+    """The standard or transformer blueprint called ``name``; EsperError naming the known ones."""
+    if name in STANDARD_BLUEPRINTS:
+        return STANDARD_BLUEPRINTS[name]
+    if name in TRANSFORMER_BLUEPRINTS:
+        return TRANSFORMER_BLUEPRINTS[name]
+    known = ", ".join(sorted({**STANDARD_BLUEPRINTS, **TRANSFORMER_BLUEPRINTS}))
+    raise EsperError(f"unknown blueprint {name!r} (known: {known})")

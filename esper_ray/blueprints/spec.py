@@ -16,6 +16,11 @@ Kinds say which view of the activation the body works on:
   at every position (as 1x1 convolutions).
 - ``seq``: (B, C, L); on a vector slot of width D it sees (B, 1, D).
 - ``image``: (B, C, H, W); fits only image slots.
+
+A transformer's residual stream is a ``tokens`` slot, (B, T, D) with channels last: a ``vector``
+blueprint mixes channels at each position (linear, LayerNorm), and a ``seq`` blueprint may also
+use ``attn`` (causal self-attention over the positions). Ops that look at later positions
+(``conv``, ``pool``) do not fit a tokens slot: they would break causality.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ OP_ARGS: dict[str, dict[str, Any]] = {
     "pool": {},  # global average over spatial positions, keeps dims for broadcasting
     "add": {},
     "mul": {},
+    "attn": {"heads": 1},  # causal multi-head self-attention; tokens slots only
 }
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu")
 ARITY = {"add": 2, "mul": 2}
@@ -84,7 +90,7 @@ class Node(BaseModel):
         want = ARITY.get(self.op, 1)
         if len(self.inputs) != want:
             raise ValueError(f"node {self.id}: op {self.op} takes {want} input(s), got {len(self.inputs)}")
-        for name in ("width", "kernel", "groups"):
+        for name in ("width", "kernel", "groups", "heads"):
             value = self.args.get(name)
             if value is None and name in self.args and not _NULLABLE.get((self.op, name)):
                 raise ValueError(f"node {self.id}: {name} of {self.op} cannot be null")
@@ -129,7 +135,7 @@ class BlueprintSpec(BaseModel):
                     # Nodes are listed in topological order; a reference to itself or to a
                     # later node is how a cycle shows up in this encoding.
                     raise ValueError(f"node {node.id} reads {src!r}: cycle or undefined input")
-            if self.kind == "vector" and node.op in ("conv", "pool"):
+            if self.kind == "vector" and node.op in ("conv", "pool", "attn"):
                 raise ValueError(f"node {node.id}: op {node.op} needs a seq or image blueprint")
             seen.add(node.id)
         return self

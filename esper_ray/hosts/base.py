@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from esper_ray.blueprints.builder import build_seed
-from esper_ray.blueprints.library import STANDARD_BLUEPRINTS
+from esper_ray.blueprints.library import named_blueprint
 from esper_ray.blueprints.spec import BlueprintSpec
 from esper_ray.contracts import EsperError, IllegalTransition, SeedStage
 from esper_ray.kasmina.lifecycle import LifecycleConfig
@@ -32,14 +32,19 @@ class HostConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["mlp", "cnn1d", "cnn2d"] = "mlp"
+    kind: Literal["mlp", "cnn1d", "cnn2d", "transformer"] = "mlp"
     hidden: list[int] = Field(
         default_factory=lambda: [64, 64],
-        description="mlp: hidden widths; cnn: channels of each conv block",
+        description="mlp: hidden widths; cnn: channels of each conv block; transformer: d_model of each "
+        "block (all equal: one residual stream)",
     )
     kernel: int = Field(5, ge=1, description="cnn kernel size (odd)")
     pool: bool = Field(True, description="cnn: halve the spatial size after each block")
     slots: list[str] | Literal["all"] = Field("all", description='slot names ("input", "hidden0", ...) or "all"')
+    # transformer only (ignored by the others)
+    heads: int = Field(4, ge=1, description="transformer: attention heads per block (divides d_model)")
+    context: int = Field(128, ge=1, le=8192, description="transformer: longest sequence (learned positions)")
+    mlp_ratio: int = Field(4, ge=1, le=16, description="transformer: feed-forward width / d_model")
 
     @field_validator("hidden")
     @classmethod
@@ -47,6 +52,17 @@ class HostConfig(BaseModel):
         if not hidden or any(w < 1 for w in hidden):
             raise ValueError(f"hidden must be a non-empty list of positive widths, got {hidden}")
         return hidden
+
+    @model_validator(mode="after")
+    def _one_stream(self) -> HostConfig:
+        if self.kind == "transformer":
+            if len(set(self.hidden)) != 1:
+                raise ValueError(
+                    f"a transformer's blocks share one residual stream: equal widths, got hidden={self.hidden}"
+                )
+            if self.hidden[0] % self.heads:
+                raise ValueError(f"heads={self.heads} must divide d_model={self.hidden[0]}")
+        return self
 
     @field_validator("kernel")
     @classmethod
@@ -203,14 +219,11 @@ class MorphoHost(nn.Module):
     ) -> SeedSlot:
         """Build ``blueprint`` for ``slot`` and place it there (stage GERMINATED).
 
-        ``blueprint`` is a BlueprintSpec or the name of a standard blueprint.
+        ``blueprint`` is a BlueprintSpec or the name of a standard (or transformer) blueprint.
         """
         target = self.slot(slot)
         if isinstance(blueprint, str):
-            if blueprint not in STANDARD_BLUEPRINTS:
-                known = ", ".join(sorted(STANDARD_BLUEPRINTS))
-                raise EsperError(f"unknown blueprint {blueprint!r} (known: {known})")
-            blueprint = STANDARD_BLUEPRINTS[blueprint]
+            blueprint = named_blueprint(blueprint)
         if not target.is_open:
             raise IllegalTransition(f"slot {slot}: cannot germinate in stage {target.stage.name} (needs DORMANT)")
         seed = build_seed(blueprint, target.shape, max_params=max_params, generator_seed=generator_seed)

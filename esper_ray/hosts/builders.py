@@ -1,4 +1,5 @@
-"""The host families: MLP, 1-D CNN and 2-D CNN, each with seed slots between blocks."""
+"""The host families: MLP, 1-D CNN, 2-D CNN and a decoder-only transformer, each with seed slots
+between blocks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 
 from esper_ray.contracts import EsperError
 from esper_ray.hosts.base import HostConfig, MorphoHost
+from esper_ray.hosts.transformer import build_transformer
 from esper_ray.kasmina.lifecycle import LifecycleConfig
 
 
@@ -55,6 +57,8 @@ def build_host(
     lifecycle: LifecycleConfig | None = None,
 ) -> MorphoHost:
     """Build the host ``cfg`` describes for inputs of ``input_shape`` (no batch dim)."""
+    if cfg.kind == "transformer":
+        return build_transformer(cfg, input_shape, num_classes, lifecycle)
     if cfg.kind == "mlp":
         blocks, head = _mlp(cfg, input_shape, num_classes)
     else:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from esper_ray.blueprints.builder import SeedModule, slot_kind
+from esper_ray.blueprints.builder import SeedModule, TokenShape, slot_kind
 from esper_ray.contracts import LEGAL_TRANSITIONS, EsperError, IllegalTransition, SeedStage
 from esper_ray.kasmina.lifecycle import LifecycleConfig
 
@@ -89,7 +89,7 @@ class SeedSlot(nn.Module):
         super().__init__()
         self.name = name
         self.index = index
-        self.shape = tuple(shape)
+        self.shape = shape if isinstance(shape, TokenShape) else tuple(shape)  # its type is its kind
         self.kind = slot_kind(self.shape)
         self.config = config
         self.seed: SeedModule | None = None

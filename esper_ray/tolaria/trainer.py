@@ -30,6 +30,7 @@ from esper_ray.blueprints import (
     LocalCatalogue,
     build_seed,
     count_params,
+    slot_channels,
 )
 from esper_ray.blueprints.catalogue import CatalogueEntry
 from esper_ray.blueprints.features import blueprint_features
@@ -137,6 +138,8 @@ class Trainer:
     def loss(self, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if self.loss_fn is not None:
             return self.loss_fn(logits, y, idx)
+        if logits.dim() > 2:  # a sequence model (transformer host): logits (B, T, classes), labels (B, T)
+            return F.cross_entropy(logits.flatten(0, -2), y.flatten())
         return F.cross_entropy(logits, y)
 
     def train_epoch(self) -> dict[str, float]:
@@ -211,15 +214,16 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
-        """``evaluate`` for a caller that has put the host in eval mode."""
+        """``evaluate`` for a caller that has put the host in eval mode. For a sequence model (logits
+        ``(B, T, classes)``, labels ``(B, T)``) both are per position: loss per token, next-token accuracy."""
         loss, correct = 0.0, 0
         for i in range(0, len(x), chunk):
             logits, labels = self.host(x[i : i + chunk]), y[i : i + chunk]
             # Summed cross-entropy as logsumexp - the label's logit: the same number as F.cross_entropy,
             # 2.6x cheaper on one CPU thread (its log_softmax over 10 classes: 125 vs 48 us for 800 rows).
-            loss += float(torch.logsumexp(logits, 1).sum() - logits.gather(1, labels[:, None]).sum())
-            correct += int((logits.argmax(1) == labels).sum())
-        return loss / len(x), correct / len(x)
+            loss += float(torch.logsumexp(logits, -1).sum() - logits.gather(-1, labels[..., None]).sum())
+            correct += int((logits.argmax(-1) == labels).sum())
+        return loss / y.numel(), correct / y.numel()
 
     def _measure_grads(self) -> None:
         """Per slot, the gradient norm of the host module reading it and of its seed (last batch)."""
@@ -429,7 +433,7 @@ class Trainer:
                 seed_grad_norm=slot.seed_grad_norm,
                 contribution=slot.contribution,
                 kind=slot.kind,
-                width=slot.shape[0],
+                width=slot_channels(slot.shape),
                 **self._probe_signals[slot.name],
             )
             for slot in self.host.slots.values()
@@ -487,14 +491,16 @@ class Trainer:
         self.host.eval()
         x = self.probe_x.clone().requires_grad_(True)
         logits, acts = self.host.forward_with_activations(x)
-        loss = F.cross_entropy(logits, self.probe_y)
+        loss = F.cross_entropy(logits.flatten(0, -2), self.probe_y.flatten())  # also (B, T, classes) logits
         names = list(acts)
         grads = torch.autograd.grad(loss, [acts[n] for n in names], allow_unused=True)
         self.host.train()
-        return (
-            {n: a.detach() for n, a in acts.items()},
-            {n: torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads, strict=True)},
-        )
+        out_acts = {n: a.detach() for n, a in acts.items()}
+        out_grads = {n: torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads, strict=True)}
+        for n in names:  # the probe reads (B, C, *positions); a token slot's (B, T, D) is channels last
+            if self.host.slots[n].kind == "tokens":
+                out_acts[n], out_grads[n] = out_acts[n].transpose(1, 2), out_grads[n].transpose(1, 2)
+        return out_acts, out_grads
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def end_epoch(self, action: ControllerAction) -> dict[str, Any]:
@@ -574,7 +580,7 @@ class Trainer:
                 blueprint_name=birth["blueprint"],
                 slot=slot.name,
                 slot_kind=slot.kind,
-                slot_width=slot.shape[0],
+                slot_width=slot_channels(slot.shape),
                 task=self.data.name,
                 stage_reached=t.new.name if t.new is SeedStage.FOSSILIZED else birth["stage_reached"],
                 outcome="fossilized" if t.new is SeedStage.FOSSILIZED else "culled",
