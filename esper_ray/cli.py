@@ -26,7 +26,7 @@ from esper_ray.contracts import EsperError
 DEFAULT_CONFIG = Path("configs/quickstart.yaml")
 SIMIC_CONFIG = Path("configs/controller_ppo.yaml")
 SWEEP_CONFIG = Path("configs/sweep_ppo.yaml")
-BASELINES = ("static", "random", "heuristic")
+BASELINES = ("static", "random", "heuristic", "trial")
 
 
 def _config_path(args: argparse.Namespace, default: Path) -> Path | None:
@@ -142,35 +142,32 @@ def _simic(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from esper_ray.config import load_config
     from esper_ray.simic.config import SimicConfig
-    from esper_ray.simic.evaluate import evaluate_controllers, format_table, summary_table, write_evaluation
-    from esper_ray.tamiyo.controllers import HeuristicController, RandomController, StaticController
+    from esper_ray.simic.evaluate import episodes_ran, format_table, run_evaluation
     from esper_ray.tamiyo.policy import load_policy
+    from esper_ray.tasks import cache_dir
 
     path = _config_path(args, SIMIC_CONFIG)
     cfg = load_config(path, args.overrides, model=SimicConfig)
-    factories = {
-        "static": lambda seed: StaticController(),
-        "random": lambda seed: RandomController(0.2, seed),
-        "heuristic": lambda seed: HeuristicController(),
-    }
-    controllers = {name: factories[name] for name in args.baselines.split(",") if name}
+    policies = {}
     for policy_path in args.policy or []:
-        policy = load_policy(policy_path)  # fail now, not after the baselines ran
-        controllers[f"policy:{policy_label(policy_path)}"] = lambda seed, p=policy: p
-    if not controllers:
-        raise EsperError("nothing to evaluate: give --baselines and/or --policy")
-    big_static_of = next((n for n in controllers if n.startswith("policy:")), "heuristic")
-    rows = evaluate_controllers(
-        controllers,
+        policies[f"policy:{policy_label(policy_path)}"] = load_policy(policy_path)  # fail now, not after baselines
+    seeds = range(args.seeds)
+    ran = episodes_ran(cfg.env, seeds)
+    if not args.no_progress:
+        names = ", ".join(f"{t['family']}/s{t['seed']}" for t in ran["heldout_tasks"])
+        print(f"held-out tasks ({len(ran['heldout_tasks'])}): {names}; seeds {list(seeds)}", flush=True)
+    rows, table, out = run_evaluation(
         cfg.env,
-        range(args.seeds),
-        big_static_of=big_static_of,
+        [name for name in args.baselines.split(",") if name],
+        policies,
+        seeds,
+        args.out or Path(cfg.out_dir) / "evaluation",
         progress=None if args.no_progress else print,
+        cache=cache_dir() / "best_fixed",
     )
-    table = summary_table(rows)
-    out = write_evaluation(rows, table, args.out or Path(cfg.out_dir) / "evaluation")
     print(format_table(table))
-    print(f"written: {out}/summary.csv, summary.parquet, episodes.parquet, summary.png")
+    extra = ", best_fixed.json" if (out / "best_fixed.json").exists() else ""
+    print(f"written: {out}/summary.csv, summary.parquet, episodes.parquet, summary.png, ran.json{extra}")
     return 0
 
 
@@ -264,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="controllers on held-out tasks: mean ± 95%% CI table")
     ev.add_argument("--config", type=Path, help=f"YAML SimicConfig whose env is used (default {SIMIC_CONFIG})")
-    ev.add_argument("--baselines", default="static,random,heuristic", help="comma-separated baselines")
+    ev.add_argument(
+        "--baselines",
+        default="static,random,heuristic",
+        help="comma-separated: static, random, heuristic, trial, fixed, best-fixed, replay "
+        "(settings: env.run.controller)",
+    )
     ev.add_argument("--policy", action="append", help="an exported policy folder (repeatable)")
     ev.add_argument("--seeds", type=int, default=3, help="training seeds per held-out task")
     ev.add_argument("--out", type=Path, help="output folder (default <out_dir>/evaluation)")

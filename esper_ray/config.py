@@ -70,10 +70,55 @@ class GovernorConfig(StrictModel):
     warmup_steps: int = Field(50, ge=0, description="steps before explosions are judged")
 
 
+class ScheduledAction(StrictModel):
+    """One step of an open-loop schedule (``fixed`` and ``replay`` controllers): at decision
+    ``decision`` (0 = the run's first decision point) or as soon after as it is legal."""
+
+    decision: int = Field(0, ge=0, description="decision index (0: the first decision point)")
+    slot: str | int = Field(description='a slot name ("hidden0") or its position from the input (0: input)')
+    blueprint: str | None = Field(None, description="germinate: the blueprint's name")
+    action: Literal["germinate", "fossilize", "cull"] = "germinate"
+
+    def model_post_init(self, context: Any) -> None:
+        if self.action == "germinate" and not (self.blueprint or "").strip():
+            raise ValueError("a germinate step needs a blueprint")
+        if isinstance(self.slot, int) and self.slot < 0:
+            raise ValueError(f"slot position must be >= 0 (0 is the input slot), got {self.slot}")
+
+
+class BestFixedConfig(StrictModel):
+    """``best-fixed``: the grid of open-loop schedules searched on the training tasks."""
+
+    decisions: list[int] = Field(
+        default_factory=lambda: [0, 5], description="first-decision indices a germination is tried at"
+    )
+    slots: list[int] | None = Field(None, description="slot positions tried (0: input; None: every slot)")
+    blueprints: list[str] | None = Field(None, description="blueprints tried (None: every candidate)")
+    pair_top: int = Field(3, ge=0, description="pairs of germinations among the best N single schedules (0: none)")
+    seeds: int = Field(1, ge=1, description="training seeds per training task in the search")
+    max_tasks: int | None = Field(None, ge=1, description="training tasks searched per context (None: all)")
+    table: str | None = Field(None, description="train: a best_fixed.json table written by esper-ray evaluate")
+
+
+class TrialConfig(StrictModel):
+    """``trial``: the heuristic that picks growth by short what-if trials (see TrialHeuristic)."""
+
+    steps: int = Field(120, ge=1, description="training batches of a confirming trial")
+    screen_steps: int = Field(30, ge=1, description="training batches of a screening trial (every candidate)")
+    keep: int = Field(2, ge=1, description="candidates per slot confirmed after the screen")
+    lr_scale: float = Field(10.0, gt=0, description="the seed's learning rate in a trial, times the run's seed_lr")
+    every: int = Field(4, ge=1, description="decisions between trial rounds while a slot is open and none is live")
+    min_gain: float = Field(0.03, description="germinate when a seed removes more than this share of the val loss")
+    min_epochs_left: int = Field(5, ge=0, description="no new germination with fewer epochs than this left")
+    max_rounds: int = Field(3, ge=1, description="trial rounds per run at most")
+    top_slots: int | None = Field(None, ge=1, description="trial only the N open slots the signals rank highest")
+    max_candidates: int | None = Field(None, ge=1, description="trial at most N candidates per slot (None: all)")
+
+
 class ControllerConfig(StrictModel):
     """Which Tamiyo decides germinations."""
 
-    kind: Literal["static", "random", "heuristic", "policy"] = "heuristic"
+    kind: Literal["static", "random", "heuristic", "trial", "fixed", "best-fixed", "replay", "policy"] = "heuristic"
     path: str | None = Field(None, description="policy: an exported Tamiyo policy folder")
     decide_every: int = Field(1, ge=1, description="epochs between decision points")
     plateau_patience: int = Field(3, ge=1, description="heuristic: epochs without improvement")
@@ -82,6 +127,11 @@ class ControllerConfig(StrictModel):
     max_germinations: int | None = Field(
         None, ge=0, description="germinations allowed per run, whoever decides (None: no limit; a cull does not refund)"
     )
+    schedule: list[ScheduledAction] = Field(
+        default_factory=list, description="fixed / replay: the open-loop schedule (slots by name or position)"
+    )
+    best_fixed: BestFixedConfig = BestFixedConfig()
+    trial: TrialConfig = TrialConfig()
 
 
 class BlueprintsConfig(StrictModel):

@@ -226,3 +226,42 @@ class FieldReport:
     @property
     def accuracy_delta(self) -> float:
         return self.accuracy_after - self.accuracy_before
+
+
+@dataclass(frozen=True)
+class HostContext:
+    """The static context of a run that a lookup table of schedules could key on, read from the
+    host itself: the input's kind (``vector`` | ``seq`` | ``image`` | ``tokens``), the host's kind
+    (``mlp`` | ``cnn1d`` | ``cnn2d`` | ``transformer``) and its depth (hidden blocks)."""
+
+    input_kind: str
+    host_kind: str
+    depth: int
+
+    @property
+    def key(self) -> str:
+        """``host_kind/depth/input_kind``, e.g. ``mlp/2/vector`` (the best-fixed table's key)."""
+        return f"{self.host_kind}/{self.depth}/{self.input_kind}"
+
+    @classmethod
+    def from_key(cls, key: str) -> HostContext:
+        """The context ``key`` names; EsperError for a malformed key."""
+        parts = key.split("/")
+        if len(parts) != 3 or not parts[1].isdigit():
+            raise EsperError(f"bad host context key {key!r} (expected host_kind/depth/input_kind, e.g. mlp/2/vector)")
+        return cls(input_kind=parts[2], host_kind=parts[0], depth=int(parts[1]))
+
+
+@dataclass
+class TrialResult:
+    """Short what-if runs (``Trainer.trial_candidates``): the validation loss the host reaches
+    alone in ``steps`` batches (``control_loss``) and with each (slot, blueprint) seed grown."""
+
+    steps: int
+    control_loss: float
+    losses: dict[tuple[str, str], float]
+
+    def gains(self) -> dict[tuple[str, str], float]:
+        """Per (slot, blueprint), the share of the control's validation loss the seed removed."""
+        base = max(self.control_loss, 1e-12)
+        return {key: (self.control_loss - loss) / base for key, loss in self.losses.items()}

@@ -89,3 +89,58 @@ def test_policy_label_names_the_run_or_the_folder(tmp_path) -> None:
 
     assert policy_label(tmp_path / "tamiyo-ppo" / "policy") == "tamiyo-ppo"  # what simic exports
     assert policy_label("policies/tamiyo-mnist1d") == "tamiyo-mnist1d"  # a committed policy folder
+
+
+def _evaluate_cli(tmp_path, capsys, *args: str) -> tuple[int, str]:
+    import yaml
+
+    from esper_ray.cli import main
+
+    config = tmp_path / "ev.yaml"
+    config.write_text(yaml.safe_dump({"env": {**ENV, "train_tasks": ENV["heldout_tasks"]}}))
+    code = main(["evaluate", "--config", str(config), "--seeds", "1", "--no-progress", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--baselines", "static", "env.heldout_tasks=[]"), "env.heldout_tasks is empty"),
+        (("--baselines", "static,bestest",), "unknown baseline 'bestest'"),
+        (("--baselines", "fixed",), "needs env.run.controller.schedule"),
+        (("--baselines", "replay",), "replay replays a policy"),
+        (("--baselines", "fixed", "env.run.controller.schedule=[{slot: hidden9, blueprint: lowrank}]"),
+         "unknown slot 'hidden9'"),
+        (("--baselines", "fixed", "env.run.controller.schedule=[{slot: 1, blueprint: conv9d}]"),
+         "unknown blueprint 'conv9d'"),
+    ],
+)  # fmt: skip
+def test_evaluate_bad_input_is_one_line_and_keeps_what_was_written(tmp_path, capsys, args, message) -> None:
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "summary.csv").write_text("an earlier evaluation\n")
+    code, err = _evaluate_cli(tmp_path, capsys, "--out", str(out), *args)
+    assert code == 2
+    assert err.startswith("esper-ray: error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]
+    assert (out / "summary.csv").read_text() == "an earlier evaluation\n"
+
+
+def test_evaluate_lists_the_tasks_and_seeds_it_ran_and_reports_culls_and_seconds(tmp_path, capsys) -> None:
+    import json
+
+    from esper_ray.simic.evaluate import format_table
+
+    code, _ = _evaluate_cli(tmp_path, capsys, "--out", str(tmp_path / "ev"), "--baselines", "static")
+    assert code == 0
+    ran = json.loads((tmp_path / "ev" / "ran.json").read_text())
+    assert ran["seeds"] == [0] and ran["heldout_tasks"] == [
+        {**t, **{k: v for k, v in ran["heldout_tasks"][i].items() if k not in t}}
+        for i, t in enumerate(ENV["heldout_tasks"])
+    ]
+    assert ran["controllers"] == ["static"]
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "ev" / "summary.parquet").to_pylist()
+    assert rows[0]["culls"] == 0.0 and rows[0]["seconds"] > 0
+    assert "culls" in format_table(rows) and "s/ep" in format_table(rows)

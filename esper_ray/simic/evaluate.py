@@ -4,12 +4,20 @@ Every controller (baselines and learned policies) plays the same held-out episod
 (task x seed) of ``esper/Morphogenesis-v0``. For each episode we also train a "big
 static" reference: the host with the final seeds of the controller's run present,
 fossilized, from the first epoch (capacity without growth). The table reports
-mean ± 95% confidence interval (Student t) per controller, and paired differences.
+mean ± 95% confidence interval (Student t) per controller, and paired differences, beside
+seed parameters, germinations, culls and seconds per episode.
+
+``run_evaluation`` is ``esper-ray evaluate``: the baselines (``baseline_factories``, settings from
+the env's ``run.controller``), ``best-fixed`` (``search_best_fixed`` on the training tasks, cached),
+policies, and ``replay`` of a policy's modal action sequence on the same episodes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from esper_ray.contracts import SeedStage
+from esper_ray.config import ScheduledAction
+from esper_ray.contracts import ActionKind, ControllerAction, EsperError, HostContext, SeedStage, TrialResult
 from esper_ray.reports import write_table
-from esper_ray.tamiyo.controllers import Controller
+from esper_ray.tamiyo.baselines import (
+    BestFixedController,
+    BestFixedTable,
+    ScheduleController,
+    TrialHeuristic,
+    modal_sequence,
+    replay_schedule,
+)
+from esper_ray.tamiyo.controllers import Controller, HeuristicController, RandomController, StaticController
 
 ControllerFactory = Callable[[int], Controller]
 
@@ -45,15 +62,30 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Stat:
     return Stat(float(x.mean()), float(sem * stats.t.ppf((1 + confidence) / 2, len(x) - 1)), len(x))
 
 
+def encode_action(env, action: ControllerAction, obs) -> int:
+    """The env's index of ``action``: ``env.encode_action`` where the env has it, else its action space's."""
+    encode = getattr(type(env), "encode_action", None)
+    if encode is not None:
+        return env.encode_action(action, obs)
+    return env.space.encode(action, obs.candidates)
+
+
 def play_episode(env, controller: Controller, task_index: int, seed: int) -> dict[str, Any]:
-    """Run one episode of ``env`` with ``controller``; return the episode's outcome row."""
+    """Run one episode of ``env`` with ``controller``; return the episode's outcome row (with the
+    non-wait ``actions`` as (decision index, action) pairs, culls and wall seconds)."""
+    started = time.perf_counter()
     env.reset(seed=seed, options={"task_index": task_index, "train_seed": seed})
     trainer = env.trainer
     done = False
+    actions: list[tuple[int, ControllerAction]] = []
+    decision = 0
     while not done:
         obs = trainer.observe()
         action = controller.act(obs, trainer.legal_actions())
-        _, _, done, _, info = env.step(env.space.encode(action, obs.candidates))
+        if action.kind is not ActionKind.WAIT:
+            actions.append((decision, action))
+        decision += 1
+        _, _, done, _, info = env.step(encode_action(env, action, obs))
     grown = {
         s.name: s.seed.spec_json
         for s in trainer.host.slots.values()
@@ -68,9 +100,12 @@ def play_episode(env, controller: Controller, task_index: int, seed: int) -> dic
         "final_val_acc": info["val_acc"],
         "seed_params": info["seed_params"],
         "germinations": len(slots),
+        "culls": sum(e.get("kind") == "cull" for e in trainer.events),
+        "seconds": time.perf_counter() - started,
         "fidelity_hits": sum(s == truth for s in slots) if truth else None,
         "ground_truth_slot": truth,
         "grown": grown,
+        "actions": actions,
     }
 
 
@@ -89,6 +124,23 @@ def train_big_static(env, task_index: int, seed: int, grown: dict[str, str]) -> 
     return trainer.last["test_acc"]
 
 
+class EpisodeRun:
+    """The trainer of the episode ``env`` is playing, as the collaborator that controllers which
+    read more than the observation take (``baselines.HostContextSource``, ``CandidateTrials``).
+    ``evaluate_controllers`` points it at its env."""
+
+    def __init__(self, env=None):
+        self.env = env
+
+    def host_context(self) -> HostContext:
+        return self.env.trainer.host_context()
+
+    def trial_candidates(
+        self, candidates: list[tuple[str, str]], steps: int, seed_lr_scale: float = 1.0
+    ) -> TrialResult:
+        return self.env.trainer.trial_candidates(candidates, steps, seed_lr_scale)
+
+
 def evaluate_controllers(
     controllers: dict[str, ControllerFactory],
     env_config: dict[str, Any],
@@ -96,19 +148,37 @@ def evaluate_controllers(
     *,
     big_static_of: str | None = None,
     progress: Callable[[str], None] | None = None,
+    run: EpisodeRun | None = None,
+    replay_of: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Rows of (controller, task, seed) outcomes on the held-out tasks of ``env_config``."""
+    """Rows of (controller, task, seed) outcomes on the held-out tasks of ``env_config``.
+
+    ``run`` (if given) is pointed at the env, so factories may hand it to controllers that need
+    the episode's trainer. For each name in ``replay_of``, once that controller has played every
+    episode, ``replay(<name>)`` replays its most frequent (decision, action) sequence open-loop on
+    the same episodes.
+    """
     import envs
 
     env = envs.MorphogenesisEnv({**env_config, "split": "heldout"})
-    rows = []
-    for name, factory in controllers.items():
+    if run is not None:
+        run.env = env
+    rows: list[dict[str, Any]] = []
+    plan: list[tuple[str, ControllerFactory]] = list(controllers.items())
+    i = 0
+    while i < len(plan):
+        name, factory = plan[i]
+        mine = []
         for t in range(len(env.config.tasks)):
             for seed in seeds:
                 row = {"controller": name, **play_episode(env, factory(seed), t, seed)}
                 rows.append(row)
+                mine.append(row)
                 if progress:
-                    progress(f"{name:>12} {row['task']:<22} seed {seed}: test {row['final_test_acc']:.4f}")
+                    progress(
+                        f"{name:>12} {row['task']:<22} seed {seed}: test {row['final_test_acc']:.4f} "
+                        f"({row['seconds']:.1f} s)"
+                    )
                 if name == big_static_of:
                     acc = train_big_static(env, t, seed, row["grown"])
                     rows.append(
@@ -117,15 +187,25 @@ def evaluate_controllers(
                             "controller": f"big-static({name})",
                             "final_test_acc": acc,
                             "germinations": 0,
+                            "culls": 0,
                             "fidelity_hits": None,
+                            "actions": [],
                         }
                     )
+        if name in replay_of:
+            schedule = replay_schedule(modal_sequence([r["actions"] for r in mine]))
+            plan.insert(
+                i + 1,
+                (f"replay({name})", lambda s, sc=schedule: ScheduleController(sc, fossilize=False, name="replay")),
+            )
+        i += 1
     return rows
 
 
 def summary_table(rows: list[dict[str, Any]], baseline: str | None = "heuristic") -> list[dict[str, Any]]:
-    """Per controller: final test accuracy, seed params, germinations (mean ± 95% CI), fidelity,
-    and the paired difference in test accuracy against ``baseline`` over the same episodes."""
+    """Per controller: final test accuracy, seed params, germinations (mean ± 95% CI), mean culls
+    and seconds per episode, fidelity, and the paired difference in test accuracy against
+    ``baseline`` over the same episodes."""
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["controller"], []).append(r)
@@ -135,6 +215,8 @@ def summary_table(rows: list[dict[str, Any]], baseline: str | None = "heuristic"
         acc = mean_ci([r["final_test_acc"] for r in rs])
         params = mean_ci([r["seed_params"] for r in rs])
         germ = mean_ci([r["germinations"] for r in rs])
+        culls = mean_ci([r.get("culls", 0) for r in rs])
+        seconds = mean_ci([r.get("seconds", math.nan) for r in rs])
         hits = [(r["fidelity_hits"], r["germinations"]) for r in rs if r["fidelity_hits"] is not None]
         placed = sum(g for _, g in hits)
         diffs = [r["final_test_acc"] - base[(r["task"], r["seed"])] for r in rs if (r["task"], r["seed"]) in base]
@@ -149,6 +231,8 @@ def summary_table(rows: list[dict[str, Any]], baseline: str | None = "heuristic"
                 "seed_params_ci95": params.half_width,
                 "germinations": germ.mean,
                 "germinations_ci95": germ.half_width,
+                "culls": culls.mean,
+                "seconds": seconds.mean,
                 "fidelity": sum(h for h, _ in hits) / placed if placed else math.nan,
                 f"diff_vs_{baseline}": d.mean if d else math.nan,
                 f"diff_vs_{baseline}_ci95": d.half_width if d else math.nan,
@@ -158,30 +242,40 @@ def summary_table(rows: list[dict[str, Any]], baseline: str | None = "heuristic"
 
 
 def format_table(table: list[dict[str, Any]], baseline: str = "heuristic") -> str:
+    """``summary_table`` as aligned text (the paired difference against ``baseline``)."""
     width = max([24, *(len(t["controller"]) for t in table)])
     lines = [
         f"{'controller':<{width}} {'n':>3}  {'test acc':>17}  {'seed params':>17}  {'germ.':>11}  "
-        f"{'fidelity':>8}  {'diff vs ' + baseline:>19}"
+        f"{'culls':>5}  {'s/ep':>6}  {'fidelity':>8}  {'diff vs ' + baseline:>19}"
     ]
     for t in table:
-        diff = t[f"diff_vs_{baseline}"]
+        diff = t.get(f"diff_vs_{baseline}", math.nan)
         diff_s = "" if math.isnan(diff) else f"{diff:+.4f} ± {t[f'diff_vs_{baseline}_ci95']:.4f}"
         fid = "" if math.isnan(t["fidelity"]) else f"{t['fidelity']:.2%}"
         lines.append(
             f"{t['controller']:<{width}} {t['episodes']:>3}  {t['test_acc']:.4f} ± {t['test_acc_ci95']:.4f}  "
             f"{t['seed_params']:>8.0f} ± {t['seed_params_ci95']:<6.0f}  "
-            f"{t['germinations']:.2f} ± {t['germinations_ci95']:.2f}  {fid:>8}  {diff_s:>19}"
+            f"{t['germinations']:.2f} ± {t['germinations_ci95']:.2f}  {t.get('culls', 0.0):>5.2f}  "
+            f"{t.get('seconds', math.nan):>6.1f}  {fid:>8}  {diff_s:>19}"
         )
     return "\n".join(lines)
 
 
-def write_evaluation(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: str | Path) -> Path:
-    """episodes.parquet, summary.csv + summary.parquet, and summary.png in ``out``."""
+def write_evaluation(
+    rows: list[dict[str, Any]], table: list[dict[str, Any]], out: str | Path, ran: dict[str, Any] | None = None
+) -> Path:
+    """episodes.parquet, summary.csv + summary.parquet, and summary.png in ``out``; with ``ran``
+    (the tasks and seeds played, see ``episodes_ran``) also ran.json."""
     import csv
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_table([{k: v for k, v in r.items() if k != "grown"} for r in rows], out / "episodes.parquet")
+    episodes = [
+        {**{k: v for k, v in r.items() if k not in ("grown", "actions")}, "actions": _actions_json(r)} for r in rows
+    ]
+    write_table(episodes, out / "episodes.parquet")
+    if ran is not None:
+        (out / "ran.json").write_text(json.dumps(ran, indent=2))
     write_table(table, out / "summary.parquet")
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
@@ -215,3 +309,223 @@ def _plot(table: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _actions_json(row: dict[str, Any]) -> str:
+    """An episode's non-wait actions as JSON: ``[[decision, "germinate(input, conv1d)"], ...]``."""
+    return json.dumps([[d, str(a)] for d, a in row.get("actions", [])])
+
+
+BASELINE_KINDS = ("static", "random", "heuristic", "trial", "fixed", "best-fixed", "replay")
+"""What ``esper-ray evaluate --baselines`` takes (``replay`` replays the policies given, else ``trial``)."""
+
+
+def baseline_factories(
+    names: Sequence[str], settings, run: EpisodeRun, table: BestFixedTable | None = None
+) -> dict[str, ControllerFactory]:
+    """name -> factory(seed) for the baselines ``names`` (not ``replay``), with the settings of
+    ``settings`` (a ControllerConfig: the env's ``run.controller``). ``best-fixed`` needs ``table``."""
+    factories: dict[str, ControllerFactory] = {}
+    for name in names:
+        if name == "static":
+            factories[name] = lambda seed: StaticController()
+        elif name == "random":
+            factories[name] = lambda seed: RandomController(settings.p_act, seed)
+        elif name == "heuristic":
+            factories[name] = lambda seed: HeuristicController(settings.plateau_patience, settings.cull_below)
+        elif name == "trial":
+            factories[name] = lambda seed: TrialHeuristic(
+                run, settings.trial, settings.cull_below, settings.plateau_patience
+            )
+        elif name == "fixed":
+            if not settings.schedule:
+                raise EsperError("baseline fixed needs env.run.controller.schedule (a list of steps)")
+            factories[name] = lambda seed: ScheduleController(settings.schedule, fossilize=True)
+        elif name == "best-fixed":
+            if table is None:
+                raise EsperError("baseline best-fixed needs its table (search_best_fixed)")
+            factories[name] = lambda seed: BestFixedController(table, run)
+        else:
+            raise EsperError(f"unknown baseline {name!r} (known: {', '.join(BASELINE_KINDS)})")
+    return factories
+
+
+def _fits(trainer, position: int, blueprint: str) -> bool:
+    """Whether ``blueprint`` may grow at slot ``position`` of ``trainer``'s host (shape and budget)."""
+    slot = next((s for s in trainer.host.slots.values() if s.index == position), None)
+    entry = next((e for e in trainer.candidates if e.name == blueprint), None)
+    if slot is None or entry is None:
+        return False
+    cost = trainer.seed_cost(entry, slot)
+    return cost is not None and cost <= trainer.cfg.blueprints.max_seed_params
+
+
+def best_fixed_cache_key(env_config: dict[str, Any], settings) -> str:
+    """What the search's result depends on: the env (its training tasks and run) and the grid."""
+    from envs import EnvConfig
+
+    cfg = EnvConfig.model_validate({**env_config, "split": "train"})
+    payload = {
+        "env": cfg.model_dump(mode="json", exclude={"heldout_tasks", "split"}),
+        "grid": settings.model_dump(mode="json", exclude={"table"}),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def search_best_fixed(
+    env_config: dict[str, Any],
+    settings,
+    *,
+    cache: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[BestFixedTable, bool]:
+    """The best open-loop schedule per static context of the env's *training* tasks.
+
+    ``settings`` is a BestFixedConfig. Per context (the trainer's ``host_context``), every
+    schedule of the grid plays ``settings.seeds`` seeds of each of the context's training tasks
+    (at most ``settings.max_tasks``): no growth; one germination of each fitting (slot position,
+    blueprint) at each of ``settings.decisions``; then pairs of germinations at two different
+    slots among the best ``settings.pair_top`` single schedules (when the run allows two). The
+    schedule with the highest mean final validation accuracy wins (ties: the earlier in that order).
+    Returns (table, whether it came from ``cache``, a folder keyed by ``best_fixed_cache_key``).
+    """
+    import envs
+
+    key = best_fixed_cache_key(env_config, settings)
+    path = Path(cache) / f"best_fixed-{key}.json" if cache is not None else None
+    if path is not None and path.exists():
+        return BestFixedTable.read(path), True
+    env = envs.MorphogenesisEnv({**env_config, "split": "train"})
+    budget = env.config.run.controller.max_germinations
+    groups: dict[str, list[int]] = {}
+    probes: dict[str, Any] = {}
+    for t in range(len(env.config.tasks)):
+        trainer = env.make_trainer(t, 0)
+        context = trainer.host_context().key
+        groups.setdefault(context, []).append(t)
+        probes.setdefault(context, trainer)
+    known = {e.name for trainer in probes.values() for e in trainer.candidates}
+    for name in settings.blueprints or []:
+        if name not in known:
+            raise EsperError(
+                f"best_fixed.blueprints: unknown blueprint {name!r} (candidates: {', '.join(sorted(known))})"
+            )
+    entries: dict[str, dict[str, Any]] = {}
+    for context, tasks in groups.items():
+        tasks = tasks[: settings.max_tasks]
+        trainer = probes[context]
+        positions = sorted(s.index for s in trainer.host.slots.values())
+        positions = [p for p in positions if settings.slots is None or p in settings.slots]
+        names = [e.name for e in trainer.candidates if settings.blueprints is None or e.name in settings.blueprints]
+        singles = [
+            (ScheduledAction(decision=d, slot=p, blueprint=b),)
+            for p in positions
+            for b in names
+            if _fits(trainer, p, b)
+            for d in settings.decisions
+        ]
+        if not singles:
+            raise EsperError(f"best-fixed: no (slot, blueprint) of the grid fits the {context} host")
+        grid: list[tuple] = []
+        scores: list[float] = []
+
+        def score(schedule: tuple, tasks: list[int] = tasks, context: str = context, grid=grid, scores=scores) -> float:
+            accs = [
+                play_episode(env, ScheduleController(list(schedule), fossilize=True), t, seed)["final_val_acc"]
+                for t in tasks
+                for seed in range(settings.seeds)
+            ]
+            grid.append(schedule)
+            scores.append(float(np.mean(accs)))
+            if progress:
+                shown = ", ".join(f"{s.blueprint}@{s.slot}/d{s.decision}" for s in schedule) or "no growth"
+                progress(f"best-fixed {context} [{len(grid)}] {shown}: val {scores[-1]:.4f}")
+            return scores[-1]
+
+        single_scores = {i: score(schedule) for i, schedule in enumerate([(), *singles])}
+        if settings.pair_top >= 2 and (budget is None or budget >= 2):
+            ranked = sorted(range(1, len(single_scores)), key=lambda i: -single_scores[i])[: settings.pair_top]
+            top = [grid[i][0] for i in ranked]
+            for i, a in enumerate(top):
+                for b in top[i + 1 :]:
+                    if a.slot != b.slot:
+                        score(tuple(sorted((a, b), key=lambda s: s.decision)))
+        best_i = int(np.argmax(scores))  # the first of equals, in grid order
+        best = grid[best_i]
+        entries[context] = {
+            "schedule": [s.model_dump(mode="json") for s in best],
+            "val_acc": scores[best_i],
+            "episodes": len(tasks) * settings.seeds,
+            "tasks": [env.config.tasks[t].model_dump(mode="json") for t in tasks],
+            "grid": [
+                {"schedule": [s.model_dump(mode="json") for s in k], "val_acc": v}
+                for k, v in zip(grid, scores, strict=True)
+            ],
+        }
+    table = BestFixedTable(entries=entries, meta={"cache_key": key, "grid": settings.model_dump(mode="json")})
+    if path is not None:
+        table.write(path)
+    return table, False
+
+
+def episodes_ran(env_config: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """The held-out tasks and seeds an evaluation plays (what ran.json records)."""
+    from envs import EnvConfig
+
+    cfg = EnvConfig.model_validate({**env_config, "split": "heldout"})
+    return {"heldout_tasks": [t.model_dump(mode="json") for t in cfg.heldout_tasks], "seeds": list(seeds)}
+
+
+def run_evaluation(
+    env_config: dict[str, Any],
+    baselines: Sequence[str],
+    policies: dict[str, Controller],
+    seeds: Sequence[int],
+    out: str | Path,
+    *,
+    progress: Callable[[str], None] | None = None,
+    cache: str | Path | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Path]:
+    """``esper-ray evaluate``: baselines (settings from ``env_config``'s ``run.controller``) and
+    ``policies`` (label -> controller) on the held-out episodes; ``best-fixed`` searched on the
+    training tasks first (cached in ``cache``; its table also written to ``out``/best_fixed.json);
+    ``replay`` after each policy (or after ``trial`` when no policy is given). Bad input fails
+    before any episode plays and before anything is written. Returns (rows, table, out)."""
+    from envs import EnvConfig
+    from esper_ray.config import validate_model
+
+    env = validate_model(EnvConfig, {**env_config, "split": "heldout"}, "env config")
+    if not env.heldout_tasks:
+        raise EsperError("nothing to evaluate on: env.heldout_tasks is empty")
+    for name in baselines:
+        if name not in BASELINE_KINDS:
+            raise EsperError(f"unknown baseline {name!r} (known: {', '.join(BASELINE_KINDS)})")
+    settings = env.run.controller
+    replay_of: list[str] = []
+    if "replay" in baselines:
+        replay_of = list(policies) or (["trial"] if "trial" in baselines else [])
+        if not replay_of:
+            raise EsperError("replay replays a policy's modal actions: give --policy (or the trial baseline)")
+    if "best-fixed" in baselines and not env.train_tasks:
+        raise EsperError("best-fixed searches the training tasks: env.train_tasks is empty")
+    if not baselines and not policies:
+        raise EsperError("nothing to evaluate: give --baselines and/or --policy")
+    run = EpisodeRun()
+    table = None
+    if "best-fixed" in baselines:
+        table, cached = search_best_fixed(env_config, settings.best_fixed, cache=cache, progress=progress)
+        if progress:
+            chosen = {k: v["schedule"] for k, v in table.entries.items()}
+            progress(f"best-fixed table ({'cached' if cached else 'searched'}): {json.dumps(chosen)}")
+    factories = baseline_factories([n for n in baselines if n != "replay"], settings, run, table)
+    factories.update({label: (lambda seed, p=policy: p) for label, policy in policies.items()})
+    big_static_of = next(iter(policies), "heuristic" if "heuristic" in factories else None)
+    rows = evaluate_controllers(
+        factories, env_config, seeds, big_static_of=big_static_of, progress=progress, run=run, replay_of=replay_of
+    )
+    summary = summary_table(rows)
+    ran = {**episodes_ran(env_config, seeds), "controllers": sorted({r["controller"] for r in rows})}
+    out = write_evaluation(rows, summary, out, ran)
+    if table is not None:
+        table.write(out / "best_fixed.json")
+    return rows, summary, out

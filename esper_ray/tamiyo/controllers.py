@@ -1,4 +1,5 @@
-"""Tamiyo's interface and the baseline controllers: static, random, heuristic.
+"""Tamiyo's interface and the baseline controllers: static, random, heuristic (and, in
+``baselines``, fixed, best-fixed, replay and the trial heuristic).
 
 A controller maps an observation and the legal actions to one action. Baselines are
 deliberately simple and documented, because a learned Tamiyo is only worth having
@@ -11,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from esper_ray.contracts import ActionKind, ControllerAction, Observation, SeedStage
+from esper_ray.contracts import ActionKind, ControllerAction, EsperError, Observation, SeedStage
 
 
 @runtime_checkable
@@ -158,14 +159,36 @@ class HeuristicController:
         self.tried = {k: list(v) for k, v in state.get("tried", {}).items()}
 
 
-def make_controller(cfg, seed: int = 0) -> Controller:
-    """A controller from a ControllerConfig (``policy`` loads an exported Tamiyo)."""
+def make_controller(cfg, seed: int = 0, run=None) -> Controller:
+    """A controller from a ControllerConfig (``policy`` loads an exported Tamiyo).
+
+    ``run`` is the collaborator the ``trial`` and ``best-fixed`` kinds need (the Trainer, which
+    implements ``baselines.CandidateTrials`` and ``baselines.HostContextSource``); EsperError
+    without it.
+    """
+    from esper_ray.tamiyo import baselines
+
     if cfg.kind == "static":
         return StaticController()
     if cfg.kind == "random":
         return RandomController(cfg.p_act, seed)
     if cfg.kind == "heuristic":
         return HeuristicController(cfg.plateau_patience, cfg.cull_below)
+    if cfg.kind in ("fixed", "replay"):
+        if not cfg.schedule:
+            raise EsperError(f"controller.kind={cfg.kind} needs controller.schedule (a list of steps)")
+        return baselines.ScheduleController(cfg.schedule, fossilize=cfg.kind == "fixed", name=cfg.kind)
+    if cfg.kind in ("trial", "best-fixed") and run is None:
+        raise EsperError(f"controller.kind={cfg.kind} needs the run it plays in (make_controller(..., run=trainer))")
+    if cfg.kind == "trial":
+        return baselines.TrialHeuristic(run, cfg.trial, cfg.cull_below, cfg.plateau_patience)
+    if cfg.kind == "best-fixed":
+        if not cfg.best_fixed.table:
+            raise EsperError(
+                "controller.kind=best-fixed needs controller.best_fixed.table "
+                "(the best_fixed.json that esper-ray evaluate --baselines best-fixed writes)"
+            )
+        return baselines.BestFixedController(baselines.BestFixedTable.read(cfg.best_fixed.table), run)
     from esper_ray.tamiyo.policy import load_policy  # torch-only inference, no RLlib
 
     return load_policy(cfg.path)

@@ -32,6 +32,7 @@ from esper_ray.blueprints import (
     count_params,
     slot_channels,
 )
+from esper_ray.blueprints.builder import slot_kind
 from esper_ray.blueprints.catalogue import CatalogueEntry
 from esper_ray.blueprints.features import blueprint_features
 from esper_ray.config import RunConfig
@@ -41,11 +42,13 @@ from esper_ray.contracts import (
     EsperError,
     FieldReport,
     GlobalTelemetry,
+    HostContext,
     Observation,
     SeedStage,
     SlotTelemetry,
+    TrialResult,
 )
-from esper_ray.hosts import MorphoHost, build_host
+from esper_ray.hosts import MorphoHost, build_host, slot_names
 from esper_ray.kasmina import SeedSlot, Transition
 from esper_ray.tasks import TaskData, load_task
 from esper_ray.tolaria import optim
@@ -463,6 +466,105 @@ class Trainer:
         self.host.refresh()
         optim.add_seed_group(self.opt, slot_name, seed, self.cfg.training.seed_lr)
         self.remember_good()
+
+    def host_context(self) -> HostContext:
+        """The run's static context (``HostContext``), read from the host that is training: its
+        input's kind, whether its blocks convolve (``cnn1d`` / ``cnn2d``) or not (``mlp``), and
+        how many hidden blocks it has. Whatever config or task built the host."""
+        from esper_ray.hosts.transformer import TransformerHost
+
+        modules = list(self.host.blocks.modules())
+        if isinstance(self.host, TransformerHost):
+            return HostContext(input_kind="tokens", host_kind="transformer", depth=len(self.host.blocks))
+        kind = (
+            "cnn2d"
+            if any(isinstance(m, torch.nn.Conv2d) for m in modules)
+            else "cnn1d"
+            if any(isinstance(m, torch.nn.Conv1d) for m in modules)
+            else "mlp"
+        )
+        return HostContext(input_kind=slot_kind(self.host.input_shape), host_kind=kind, depth=len(self.host.blocks))
+
+    def trial_candidates(
+        self, candidates: list[tuple[str, str]], steps: int, seed_lr_scale: float = 1.0
+    ) -> TrialResult:
+        """What-if runs, without changing the run: from the host's current weights, train ``steps``
+        batches (a fresh Adam, the run's learning rates with the seed's times ``seed_lr_scale``, the
+        same batches each time) once with the host alone and once per ``(slot, blueprint)`` of
+        ``candidates`` with that seed fully in that open slot (as if fossilized); report the
+        validation loss each reaches. The host's weights are put back exactly afterwards; the run's
+        data order, optimizer and seeds are untouched. Cost: ``(1 + len(candidates)) * steps``
+        training steps.
+        """
+        plans = []
+        for slot_name, name in candidates:
+            target = self.host.slot(slot_name)
+            entry = self._candidate(name)
+            if not target.is_open or entry is None or self._why_unfit(entry, target):
+                raise EsperError(f"trial: {name!r} in slot {slot_name} is not a germination allowed now")
+            plans.append((target, entry))
+        gen = torch.Generator().manual_seed(self.cfg.training.seed * 7919 + self.epoch)
+        x = self.data.x_train
+        bs = min(self.cfg.training.batch_size, len(x))
+        batches = torch.randint(len(x), (steps, bs), generator=gen).to(x.device)
+        host_lr = 0.0 if self.cfg.training.freeze_host else self.cfg.training.lr
+        host_params = [p for p in self.host.host_parameters()]
+        snapshot = self.host.host_state_dict()
+        losses: dict[tuple[str, str], float] = {}
+        try:
+            control = self._trial_run(0, None, batches, host_params, host_lr, 0.0)
+            for target, entry in plans:
+                self.host.load_host_state_dict(snapshot)
+                seed = build_seed(
+                    entry.spec,
+                    target.shape,
+                    max_params=self.cfg.blueprints.max_seed_params,
+                    generator_seed=self.cfg.training.seed * 1_000_003 + self.step,
+                ).to(self.device)
+                lr = self.cfg.training.seed_lr * seed_lr_scale
+                losses[(target.name, entry.name)] = self._trial_run(
+                    target.index, seed, batches, host_params, host_lr, lr
+                )
+        finally:
+            self.host.load_host_state_dict(snapshot)
+            for p in host_params:
+                p.grad = None
+        return TrialResult(steps=steps, control_loss=control, losses=losses)
+
+    def _trial_run(
+        self, index: int, seed, batches: torch.Tensor, host_params: list, host_lr: float, seed_lr: float
+    ) -> float:
+        """``trial_candidates``' one run: train the host (and ``seed`` at boundary ``index``), then
+        the validation loss."""
+        names = slot_names(len(self.host.blocks))
+
+        def forward(h: torch.Tensor) -> torch.Tensor:
+            for i in range(len(self.host.blocks) + 1):
+                if i > 0:
+                    h = self.host.blocks[i - 1](h)
+                if i == index and seed is not None:
+                    h = seed(h)
+                elif names[i] in self.host.slots:
+                    h = self.host.slots[names[i]](h)
+            return self.host.head(h)
+
+        groups = [{"params": host_params, "lr": host_lr}] if host_lr > 0 else []
+        if seed is not None:
+            groups.append({"params": list(seed.parameters()), "lr": seed_lr})
+        if groups:
+            opt = torch.optim.Adam(groups)
+            x, y = self.data.x_train, self.data.y_train
+            for idx in batches:
+                loss = self.loss(forward(x[idx]), y[idx], idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with self._eval_mode(), torch.no_grad():
+            total = 0.0
+            for i in range(0, len(self.data.x_val), 4096):
+                logits, labels = forward(self.data.x_val[i : i + 4096]), self.data.y_val[i : i + 4096]
+                total += float(torch.logsumexp(logits, -1).sum() - logits.gather(-1, labels[..., None]).sum())
+        return total / self.data.y_val.numel()
 
     def _measure_probe(self) -> None:
         """Per slot, the probe-batch signals of SlotTelemetry: activation statistics, gradient RMS,
