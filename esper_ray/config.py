@@ -141,6 +141,14 @@ class BlueprintsConfig(StrictModel):
     names: list[str] | None = Field(None, description="local: standard blueprint names (None: all)")
     max_seed_params: int = Field(20_000, ge=1, description="budget per seed")
     max_candidates: int = Field(8, ge=1, description="K: candidates shown to Tamiyo")
+    karn_invented: int = Field(
+        0, ge=0, le=64, description="local: also serve this many blueprints Karn's generator invents from them"
+    )
+    karn_seed: int = Field(0, ge=0, le=2**32 - 1, description="local: seed of those inventions")
+    shuffle_seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="local: list the catalogue in a random order drawn with this seed"
+    )
+    reverse: bool = Field(False, description="local: list the catalogue in reverse (after any shuffle)")
     startup_ready: int = Field(
         0, ge=0, description="urza: before training starts, wait until this many blueprints are ready"
     )

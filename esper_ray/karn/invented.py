@@ -3,8 +3,8 @@
 ``local_catalogue(cfg)`` serves the standard blueprints ``cfg.names`` (all when None) plus
 ``cfg.karn_invented`` specs that Karn's generator derives from them (mutations, crossovers,
 random constructions; reproducible from ``cfg.karn_seed``), optionally in a shuffled order
-(``cfg.shuffle_seed``). Evaluation uses it to show a learned policy blueprints it never saw,
-in an order it never saw.
+(``cfg.shuffle_seed``) and then reversed (``cfg.reverse``). Evaluation uses it to show a
+learned policy blueprints it never saw, in an order it never saw.
 """
 
 from __future__ import annotations
@@ -36,4 +36,4 @@ def local_catalogue(cfg) -> LocalCatalogue:
     if cfg.shuffle_seed is not None:
         order = np.random.default_rng(cfg.shuffle_seed).permutation(len(specs))
         specs = [specs[i] for i in order]
-    return LocalCatalogue(specs)
+    return LocalCatalogue(specs[::-1] if cfg.reverse else specs)

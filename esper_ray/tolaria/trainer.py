@@ -27,12 +27,10 @@ import torch.nn.functional as F
 from esper_ray.blueprints import (
     BlueprintCatalogue,
     BlueprintShapeError,
-    LocalCatalogue,
     build_seed,
     count_params,
-    slot_channels,
 )
-from esper_ray.blueprints.builder import slot_kind
+from esper_ray.blueprints.builder import slot_channels, slot_kind
 from esper_ray.blueprints.catalogue import CatalogueEntry
 from esper_ray.blueprints.features import blueprint_features
 from esper_ray.config import RunConfig
@@ -49,6 +47,7 @@ from esper_ray.contracts import (
     TrialResult,
 )
 from esper_ray.hosts import MorphoHost, build_host, slot_names
+from esper_ray.karn.invented import local_catalogue
 from esper_ray.kasmina import SeedSlot, Transition
 from esper_ray.tasks import TaskData, load_task
 from esper_ray.tolaria import optim
@@ -95,8 +94,7 @@ class Trainer:
         self.opt = torch.optim.Adam(
             [{"params": list(self.host.host_parameters()), "lr": host_lr, "name": optim.HOST_GROUP}]
         )
-        names = cfg.blueprints.names
-        self.catalogue = catalogue or (LocalCatalogue.from_names(names) if names else LocalCatalogue())
+        self.catalogue = catalogue or local_catalogue(cfg.blueprints)
         self.loss_fn = loss_fn
         self.governor = Governor(cfg.governor)
         self.gen = torch.Generator().manual_seed(cfg.training.seed)
