@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import envs
 from esper_ray.contracts import EsperError
 from esper_ray.simic.config import SimicConfig
 from esper_ray.simic.record import COLUMNS, decision_arrays, read_recording, record_episodes
@@ -259,3 +260,22 @@ def test_train_offline_marwil_trains_value_and_policy(recording: Path, tmp_path:
     rows = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and np.isfinite(rows[0]["vf_loss"]) and np.isfinite(rows[0]["policy_loss"])
     assert json.loads((out / "summary.json").read_text())["algorithm"] == "MARWIL"
+
+
+def test_the_trial_heuristic_records_with_the_configs_settings(tmp_path: Path) -> None:
+    """``trial`` gets the episode's trainer and the env's run.controller settings: with no gain
+    required and no epochs reserved, its first trial round germinates at the first decision."""
+    env = {
+        **ENV,
+        "train_tasks": [{"family": "mnist1d", "seed": 0, "n_train": 300}],
+        "run": {
+            **ENV["run"],
+            "controller": {"trial": {"min_gain": -1.0, "min_epochs_left": 0, "steps": 4, "screen_steps": 2}},
+        },
+    }
+    record_episodes(["trial"], env, [0], tmp_path / "trial")
+    table, meta = read_recording(tmp_path / "trial")
+    first = [r for r in table.to_pylist() if r["t"] == 0]
+    assert [e["controller"] for e in meta["episodes"]] == ["trial"]
+    layout = envs.MorphogenesisEnv(env).layout
+    assert len(first) == 1 and 1 <= first[0]["actions"] <= layout.max_slots * layout.k  # a germination

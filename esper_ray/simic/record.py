@@ -43,7 +43,8 @@ from esper_ray.tamiyo.controllers import Controller
 FORMAT = "esper-ray-decisions/2"
 META_KEY = b"esper-ray"
 COLUMNS = ("eps_id", "t", "obs", "actions", "rewards", "new_obs", "terminateds", "truncateds")
-BASELINES = ("static", "random", "heuristic")
+RECORDABLE = ("static", "random", "heuristic", "trial")
+"""Baselines that can be recorded (the schedule baselines need a schedule or a searched table)."""
 
 ControllerFactory = Callable[[int], Controller]
 
@@ -74,24 +75,28 @@ def schema(obs_size: int, n_actions: int, meta: dict[str, Any] | None = None) ->
     return pa.schema(fields, metadata=metadata)
 
 
-def controller_factories(specs: Iterable[str]) -> dict[str, ControllerFactory]:
-    """``heuristic``, ``random``, ``static`` or an exported policy folder -> named factories."""
-    from esper_ray.tamiyo.controllers import HeuristicController, RandomController, StaticController
+def controller_factories(specs: Iterable[str], settings=None, run=None) -> dict[str, ControllerFactory]:
+    """Baseline names (``RECORDABLE``) or exported policy folders -> named factories.
+
+    Baselines are built by ``esper_ray.simic.evaluate.baseline_factories`` with ``settings`` (a
+    ControllerConfig; its defaults when None) and ``run`` (the EpisodeRun that hands ``trial``
+    the episode's trainer; ``record_episodes`` points it at its env).
+    """
+    from esper_ray.config import ControllerConfig
+    from esper_ray.simic.evaluate import EpisodeRun, baseline_factories
     from esper_ray.tamiyo.policy import load_policy
 
+    settings = settings or ControllerConfig()
+    run = run or EpisodeRun()
     out: dict[str, ControllerFactory] = {}
     for spec in specs:
-        if spec == "static":
-            out[spec] = lambda seed: StaticController()
-        elif spec == "random":
-            out[spec] = lambda seed: RandomController(0.2, seed)
-        elif spec == "heuristic":
-            out[spec] = lambda seed: HeuristicController()
+        if spec in RECORDABLE:
+            out.update(baseline_factories([spec], settings, run))
         else:
             policy = load_policy(spec)  # fail now, with one line
             out[f"policy:{Path(spec).parent.name or spec}"] = lambda seed, p=policy: p
     if not out:
-        raise EsperError(f"nothing to record: name controllers ({', '.join(BASELINES)} or a policy folder)")
+        raise EsperError(f"nothing to record: name controllers ({', '.join(RECORDABLE)} or a policy folder)")
     return out
 
 
@@ -150,19 +155,24 @@ def record_episodes(
     each seed, and write the decisions to ``path/decisions.parquet``. Returns that file.
 
     ``controllers``: name -> factory(seed) as in ``evaluate_controllers``, or specs for
-    ``controller_factories`` (``["heuristic", "random", "runs/tamiyo-ppo/policy"]``).
+    ``controller_factories`` (``["trial", "random", "runs/tamiyo-ppo/policy"]``), built with the
+    env config's ``run.controller`` settings.
     ``path`` must not hold Parquet files already (a recording is never overwritten).
     """
     import envs
+    from esper_ray.simic.evaluate import EpisodeRun
 
+    run = EpisodeRun()
     if not isinstance(controllers, dict):
-        controllers = controller_factories(controllers)
+        settings = envs.EnvConfig.model_validate(env_config).run.controller
+        controllers = controller_factories(controllers, settings, run)
     path = Path(path)
     if path.suffix == ".parquet":
         raise EsperError(f"--record/--out takes a folder, not a file: {path}")
     if path.is_dir() and any(path.glob("*.parquet")):
         raise EsperError(f"{path} already holds a recording; choose another folder")
     env = envs.MorphogenesisEnv({**env_config, "split": "train"})
+    run.env = env
     indices = list(range(len(env.config.tasks))) if tasks is None else list(tasks)
     for i in indices:
         if not 0 <= i < len(env.config.tasks):
