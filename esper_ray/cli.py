@@ -29,6 +29,15 @@ SWEEP_CONFIG = Path("configs/sweep_ppo.yaml")
 BASELINES = ("static", "random", "heuristic", "trial")
 
 
+def _run_folder(path: Path) -> Path:
+    """A run folder named on the command line: as a Ray job, one an earlier job wrote under the
+    persistent place (``persistent_path``) when it is there, else the path as given."""
+    from esper_ray.cluster import persistent_path
+
+    kept = persistent_path(path)
+    return kept if kept.is_dir() else path
+
+
 def _config_path(args: argparse.Namespace, default: Path) -> Path | None:
     """``--config``, else the command's default file when run from the repository, else None (defaults)."""
     return args.config or (default if default.exists() else None)
@@ -53,6 +62,7 @@ def _pipeline_catalogue(cfg, address: str | None, progress: bool):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from esper_ray.cluster import persistent_path
     from esper_ray.config import load_config
     from esper_ray.tolaria.run import run_training
 
@@ -67,6 +77,7 @@ def _train(args: argparse.Namespace) -> int:
             raise EsperError("--resume continues a run with its own config; drop --config and overrides")
         from esper_ray.tolaria.checkpoint import read_config
 
+        args.resume = _run_folder(args.resume)
         cfg = read_config(args.resume / "checkpoint")
         catalogue = _pipeline_catalogue(cfg, args.address, progress=not args.no_progress)
         result = run_training(
@@ -81,11 +92,13 @@ def _train(args: argparse.Namespace) -> int:
             from esper_ray.tamiyo.policy import load_policy
 
             load_policy(cfg.controller.path)  # a bad policy folder fails before Ray or the run folder
+        cfg = cfg.model_copy(update={"out_dir": str(persistent_path(cfg.out_dir))})
+        out = persistent_path(args.out) if args.out else None
         catalogue = _pipeline_catalogue(cfg, args.address, progress=not args.no_progress)
-        result = run_training(cfg, out=args.out, catalogue=catalogue, progress=not args.no_progress)
+        result = run_training(cfg, out=out, catalogue=catalogue, progress=not args.no_progress)
     s = result.summary
     print(
-        f"run folder: {result.run_dir}\n"
+        f"run folder: {Path(result.run_dir).absolute()}\n"
         f"final test accuracy {s['final_test_acc']:.4f} (val {s['final_val_acc']:.4f}); "
         f"{s['germinations']} germinations, {s['fossilizations']} fossilized, {s['culls']} culled, "
         f"{s['rollbacks']} rollbacks; params host {s['host_params']:,} + seeds {s['seeds_params']:,}"
@@ -94,15 +107,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
+    from esper_ray.cluster import persistent_path
     from esper_ray.tolaria.distill import load_distill_config, run_distillation
 
     default = Path("configs/distill.yaml")
     path = _config_path(args, default)
     run_cfg, distill_cfg = load_distill_config(path, args.overrides)
-    result, loss = run_distillation(run_cfg, distill_cfg, out=args.out, progress=not args.no_progress)
+    run_cfg = run_cfg.model_copy(update={"out_dir": str(persistent_path(run_cfg.out_dir))})
+    out = persistent_path(args.out) if args.out else None
+    result, loss = run_distillation(run_cfg, distill_cfg, out=out, progress=not args.no_progress)
     s, teacher = result.summary, loss.teacher
     print(
-        f"run folder: {result.run_dir}\n"
+        f"run folder: {Path(result.run_dir).absolute()}\n"
         f"teacher ({teacher.source}) test accuracy {teacher.test_acc:.4f}; student final test accuracy "
         f"{s['final_test_acc']:.4f} ({s['final_test_acc'] / max(teacher.test_acc, 1e-9):.1%} of the teacher); "
         f"{s['germinations']} germinations, {s['fossilizations']} fossilized, {s['culls']} culled; "
@@ -113,6 +129,7 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _simic(args: argparse.Namespace) -> int:
+    from esper_ray.cluster import persistent_path
     from esper_ray.config import load_config
     from esper_ray.simic.config import SimicConfig
     from esper_ray.simic.ppo import ensure_ray, train_simic
@@ -126,14 +143,26 @@ def _simic(args: argparse.Namespace) -> int:
         read_recording(args.offline)  # a bad path fails in one line before Ray starts
         ensure_ray(args.address)
         out = train_offline(
-            cfg, args.offline, args.out or Path(cfg.out_dir) / f"{cfg.name}-offline", progress=not args.no_progress
+            cfg,
+            args.offline,
+            persistent_path(args.out or Path(cfg.out_dir) / f"{cfg.name}-offline"),
+            progress=not args.no_progress,
         )
         print(f"offline policy: {out}")
         return 0
     if args.resume is not None and not (args.resume / "rllib_checkpoint.json").exists():
         raise EsperError(f"no RLlib checkpoint at {args.resume} (rllib_checkpoint.json missing)")
     ensure_ray(args.address)
-    out = args.out or Path(cfg.out_dir) / cfg.name
+    from esper_ray.cluster import require_free
+
+    # The algorithm runs in this process; its env runners are Ray actors that must fit what is free.
+    require_free(
+        {"CPU": cfg.num_env_runners * cfg.num_cpus_per_env_runner},
+        f"simic's env runners (num_env_runners={cfg.num_env_runners} x {cfg.num_cpus_per_env_runner:g} CPU)",
+        hint="stop what holds them (e.g. the service actors: ray stop) or lower num_env_runners / "
+        "num_cpus_per_env_runner (num_env_runners=0 samples in this process)",
+    )
+    out = persistent_path(args.out or Path(cfg.out_dir) / cfg.name)
     checkpoint = train_simic(cfg, out, resume=args.resume, warm_start=args.warm_start, progress=not args.no_progress)
     print(f"checkpoint: {checkpoint}\nexported policy: {Path(out) / 'policy'}")
     return 0
@@ -191,6 +220,7 @@ def _record(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from esper_ray.cluster import persistent_path
     from esper_ray.config import load_config
     from esper_ray.simic.config import SweepConfig
     from esper_ray.simic.ppo import ensure_ray
@@ -198,6 +228,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     path = _config_path(args, SWEEP_CONFIG)
     cfg = load_config(path, args.overrides, model=SweepConfig)
+    cfg = cfg.model_copy(update={"storage_path": str(persistent_path(cfg.storage_path))})
     ensure_ray(args.address)
     result = run_sweep(cfg, progress=not args.no_progress)
     for row in result["trials"]:

@@ -1,12 +1,16 @@
 """Ray itself: join a cluster or start an embedded local one, failing fast with one line.
 
-Used by the CLI, Simic and the actors' launcher, so every command joins Ray the same way.
+Used by the CLI, Simic and the actors' launcher, so every command joins Ray the same way;
+``require_free`` checks that work fits what the cluster has free before it is submitted.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from esper_ray.contracts import EsperError
@@ -60,3 +64,68 @@ def ensure_ray(
         include_dashboard=include_dashboard,
         log_to_driver=log_to_driver,
     )
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") and v) or "nothing"
+
+
+def require_free(need: Mapping[str, float], what: str, hint: str = "") -> None:
+    """EsperError (one line, with the numbers) unless the cluster has ``need`` free *now*.
+
+    Checked after whatever already holds resources (the detached service actors Urza, Karn,
+    Tezzeret and Urabrask hold theirs for as long as they live): Ray would otherwise leave the
+    work PENDING forever without a word.
+    """
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    short = [k for k in ("CPU", "GPU") if need.get(k, 0.0) > free.get(k, 0.0) + 1e-9]
+    if not short:
+        return
+    held = {k: total.get(k, 0.0) - free.get(k, 0.0) for k in short}
+    raise EsperError(
+        f"{what} needs {_fmt(need)} but the Ray cluster has {_fmt({k: free.get(k, 0.0) for k in short}) or '0 CPU'} "
+        f"free of {_fmt({k: total.get(k, 0.0) for k in short})} ({_fmt(held)} held by running actors and jobs, "
+        f"e.g. the esper-ray service actors)" + (f"; {hint}" if hint else "")
+    )
+
+
+def rllib_trial_resources(algo_config: Any) -> dict[str, float]:
+    """What one RLlib trial (driver, env runners, learners) asks Ray for, summed over its bundles."""
+    import logging
+
+    from ray.rllib.algorithms.ppo import PPO
+
+    quiet = logging.getLogger("ray.rllib")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # validate() warns about the new API stack on every call
+    try:
+        config = algo_config if isinstance(algo_config, dict) else algo_config.to_dict()
+        return dict(PPO.default_resource_request(config).required_resources)
+    finally:
+        quiet.setLevel(level)
+
+
+JOB_HOME_ENV = "ESPER_RAY_HOME"
+DEFAULT_JOB_HOME = "~/esper-ray"
+
+
+def in_ray_job() -> bool:
+    """Whether this process is the entrypoint of a ``ray job submit`` (Ray sets this variable)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def persistent_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute in a place that outlives this process.
+
+    As a Ray job the working directory is a temporary copy Ray deletes later, so a relative
+    path resolves under ``$ESPER_RAY_HOME`` (default ``~/esper-ray``) instead; otherwise under
+    the current directory. ``~`` expands either way.
+    """
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    if in_ray_job():
+        return Path(os.environ.get(JOB_HOME_ENV) or DEFAULT_JOB_HOME).expanduser().absolute() / path
+    return path.absolute()

@@ -12,6 +12,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from esper_ray.cluster import require_free, rllib_trial_resources
 from esper_ray.contracts import EsperError
 from esper_ray.simic.config import PPOSettings, SweepConfig
 
@@ -59,7 +60,11 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the sweep; write ``trials.csv`` under the storage path and return the best trial."""
+    """Run the sweep; write ``trials.csv`` under the storage path and return the best trial.
+
+    EsperError (one line, with the numbers) before any trial starts when one trial does not fit
+    the cluster's free resources (after the service actors): Tune would leave it PENDING forever.
+    """
     from ray import tune
     from ray.rllib.algorithms.ppo import PPO
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -75,9 +80,17 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
         if cfg.scheduler == "asha"
         else FIFOScheduler()
     )
+    space = param_space(cfg)
+    require_free(
+        rllib_trial_resources(space),
+        f"a sweep trial (1 CPU for its driver + base.num_env_runners={cfg.base.num_env_runners} x "
+        f"{cfg.base.num_cpus_per_env_runner:g} CPU)",
+        hint="stop what holds them (e.g. the service actors: ray stop, or stop_pipeline(kill=True)) "
+        "or lower base.num_env_runners / base.num_cpus_per_env_runner",
+    )
     tuner = tune.Tuner(
         PPO,  # the class, not "PPO": the string path imports every algorithm (and needs Pillow)
-        param_space=param_space(cfg),
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric=metric,
             mode="max",

@@ -1,0 +1,97 @@
+"""Sweeps and Simic on a cluster where the blueprint pipeline holds its CPUs.
+
+The four detached service actors hold 4 x 0.25 CPU of the test session's 2: a sweep trial or a
+set of env runners that does not fit what is left fails at once, in one line with the numbers,
+instead of staying PENDING forever; one that fits runs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from esper_ray.config import ActorsConfig, load_config
+from esper_ray.contracts import EsperError
+from esper_ray.simic.config import SimicConfig, SweepConfig
+
+pytestmark = pytest.mark.ray
+
+TINY = SimicConfig(
+    iterations=1,
+    num_env_runners=0,
+    checkpoint_every=1,
+    ppo={"train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1, "hidden": 16},
+    env={
+        "run": {"training": {"epochs": 4}, "lineage": {"enabled": False}},
+        "train_tasks": [{"family": "mnist1d", "seed": 0, "n_train": 400}],
+        "heldout_tasks": [{"family": "mnist1d", "seed": 1, "n_train": 400}],
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def pipeline(ray_session, tmp_path_factory: pytest.TempPathFactory):
+    """The four service actors at their default 0.25 CPU each (Karn slowed: it only holds CPU)."""
+    import ray
+
+    from actors.launch import start_pipeline, stop_pipeline
+
+    cfg = ActorsConfig(
+        namespace=f"test-busy-{uuid.uuid4().hex[:8]}",
+        storage=str(tmp_path_factory.mktemp("urza")),
+        compile=False,
+        karn_interval_s=60.0,
+    )
+    p = start_pipeline(cfg)
+    assert ray.available_resources().get("CPU", 0.0) == pytest.approx(1.0)
+    yield p
+    stop_pipeline(p, kill=True)
+
+
+def test_sweep_that_does_not_fit_fails_in_one_line_before_any_trial(pipeline, tmp_path: Path) -> None:
+    from esper_ray.simic.sweep import run_sweep
+
+    base = TINY.model_copy(update={"num_env_runners": 1, "num_cpus_per_env_runner": 0.5})
+    cfg = SweepConfig(name="busy", storage_path=str(tmp_path / "tune"), search={"ppo.lr": [1e-4]}, base=base)
+    with pytest.raises(EsperError) as info:
+        run_sweep(cfg, progress=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "needs 1.5 CPU" in message and "1 CPU free of 2" in message and "1 CPU held" in message, message
+    assert "num_cpus_per_env_runner" in message
+    assert not (tmp_path / "tune").exists()  # no trial was started
+
+
+def test_simic_env_runners_that_do_not_fit_fail_in_one_line(
+    pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from esper_ray.cli import main
+
+    out = tmp_path / "simic"
+    rc = main(["simic", "--no-progress", "--out", str(out), "num_env_runners=2", "num_cpus_per_env_runner=0.75"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("esper-ray: error: simic's env runners") and "needs 1.5 CPU" in err[0], err[0]
+    assert not out.exists()
+
+
+def test_override_of_the_search_grid_replaces_it(tmp_path: Path) -> None:
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs/sweep_ppo.yaml", ["search={ppo.lr: [0.001]}"], model=SweepConfig
+    )
+    assert cfg.search == {"ppo.lr": [0.001]}  # one trial, not the file's grid of four
+
+
+@pytest.mark.slow
+def test_sweep_that_fits_runs_beside_the_pipeline(pipeline, tmp_path: Path) -> None:
+    """A trial sized to the free CPU (driver only, sampling in it) runs while the actors live."""
+    from esper_ray.simic.sweep import run_sweep
+
+    cfg = SweepConfig(
+        name="fits", storage_path=str(tmp_path / "tune"), scheduler="fifo", search={"ppo.lr": [1e-4]}, base=TINY
+    )
+    result = run_sweep(cfg, progress=False)
+    assert len(result["trials"]) == 1 and not result["trials"][0]["error"], result["trials"]
+    assert result["trials"][0]["iterations"] == 1
