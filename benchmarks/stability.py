@@ -109,6 +109,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -118,15 +119,23 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from esper_ray.blueprints import STANDARD_BLUEPRINTS, LocalCatalogue  # noqa: E402
 from esper_ray.config import RunConfig  # noqa: E402
-from esper_ray.contracts import LIVE_STAGES, ControllerAction, SeedStage  # noqa: E402
-from esper_ray.kasmina import SeedSlot  # noqa: E402
+from esper_ray.contracts import LIVE_STAGES, ControllerAction, EsperError, SeedStage  # noqa: E402
+from esper_ray.kasmina import SeedSlot, gated_blueprint  # noqa: E402
 from esper_ray.simic.evaluate import mean_ci  # noqa: E402
 from esper_ray.tasks import TaskConfig, TaskData, load_task  # noqa: E402
 from esper_ray.tolaria import optim  # noqa: E402
+from esper_ray.tolaria.continual import (  # noqa: E402
+    AccuracyMatrix,
+    BoundedSample,
+    FisherPenalty,
+    GateRehearsal,
+    Rehearsal,
+    absorb_fossilized,
+)
 from esper_ray.tolaria.trainer import Trainer  # noqa: E402
 
 TARGET = 0.05  # relative degradation on the original task
@@ -134,10 +143,14 @@ MIN_FOSSILS = 20  # "20+ successful germination events"
 SCENARIOS = {"shift": 10, "permuted": 40}  # features permuted per task
 NOISE = 0.25
 BLUEPRINT_FOR = {"input": "residual_mlp", "hidden0": "residual_mlp", "hidden1": "lowrank"}
+GATED_FOR = {slot: gated_blueprint(STANDARD_BLUEPRINTS[name]).name for slot, name in BLUEPRINT_FOR.items()}
 MAX_HOLD_EPOCHS = 3  # a holding seed whose gate stays closed this long is culled
 GUARD_BUDGET = 0.02  # guarded: the original task's val accuracy may not fall more than this below V0
-REPLAY_FRACTION = 0.05  # replay: the buffer is this share of the original task's training split (160 examples)
-REPLAY_BATCH = 100  # replay: examples from the buffer appended to each new-task batch (1:1, as in ER)
+SAMPLE_SIZE = 160  # the original-task sample (replay, gate): 5% of its training split, drawn once per seed
+REPLAY_BATCH = 100  # replay: examples from the sample appended to each new-task batch (1:1, as in ER)
+GATE_WEIGHT = 5.0  # gated: weight of the gates' binary objective (new batch -> 1, sample batch -> 0)
+EWC_LAMBDA = 100.0  # ewc: strength of the Fisher penalty
+EWC_EXAMPLES = 1000  # ewc: original-task training examples the Fisher information is measured on
 SEED_LR = 1e-3  # the default; 3e-3 overshoots when three seeds train isolated at once
 LIFECYCLE = {
     "min_training_epochs": 1,
@@ -145,7 +158,6 @@ LIFECYCLE = {
     "min_improvement": 1e-6,  # "helps": contribution > 0 on the new task's validation split
     "embargo_epochs": 1,
 }
-_DORMANT = {"stage": "DORMANT", "epochs_in_stage": 0, "blend_steps": 0, "seed_grad_norm": 0.0, "contribution": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +165,14 @@ class Arm:
     """One way of adapting to the task sequence (the module docstring describes each)."""
 
     label: str
-    freeze: bool  # the host (and a seed, once fossilized) never moves
+    freeze: bool  # the host (and a seed, once absorbed) never moves
     grow: bool  # seeds germinate; False: no seeds, every host weight trains
     guarded: bool = False  # fossilize only if the original task's val accuracy stays within GUARD_BUDGET of V0
-    replay: bool = False  # each training batch = the new task's batch + a batch from the original task's buffer
+    replay: bool = False  # each training batch = the new task's batch + a batch from the original-task sample
     routed: bool = False  # an absorbed seed acts only on its own task's inputs (task identity given)
+    gated: bool = False  # gated seeds, their gates trained on the new task vs the original-task sample
+    train_fossils: bool = False  # a fossilized seed trains on until its task ends (frozen once absorbed)
+    ewc: bool = False  # the Fisher penalty of the original task on every host weight
 
 
 ARMS = {
@@ -165,13 +180,18 @@ ARMS = {
     "guarded": Arm("seeds, frozen host, guarded", freeze=True, grow=True, guarded=True),
     "replay_only": Arm("seeds, frozen host, replay", freeze=True, grow=True, replay=True),
     "replay": Arm("seeds, frozen host, replay + guard", freeze=True, grow=True, guarded=True, replay=True),
+    "gated": Arm(
+        "gated seeds, frozen host, sample", freeze=True, grow=True, replay=True, gated=True, train_fossils=True
+    ),
     "routed": Arm("seeds, frozen host, routed (bound)", freeze=True, grow=True, routed=True),
     "trainable": Arm("seeds + trainable host", freeze=False, grow=True),
     "replay_trainable": Arm("seeds + trainable host, replay", freeze=False, grow=True, replay=True),
     "finetune": Arm("full fine-tuning (no seeds)", freeze=False, grow=False),
+    "ewc": Arm("EWC (trainable host, Fisher penalty)", freeze=False, grow=False, ewc=True),
 }
-MAIN_ARM = "replay"  # the summary's figure; the no-replay miss ("frozen") is reported beside it
-REFERENCE_ARM = "frozen"  # finetune runs as many tasks as this arm needed
+MAIN_ARM = "gated"  # the summary's figure; the no-replay miss ("frozen") is reported beside it
+REFERENCE_ARM = "frozen"  # finetune and ewc run as many tasks as this arm needed
+FULL_ARM = "finetune"  # the gated arm's new-task gain is compared with this arm's
 
 
 # ---- tasks -------------------------------------------------------------------------------------
@@ -208,35 +228,7 @@ def use_task(trainer: Trainer, data: TaskData) -> None:
     trainer.best_val, trainer.plateau, trainer.last = 0.0, 0, {}
 
 
-# ---- replay and routing ---------------------------------------------------------------------------
-def replay_buffer(
-    original: TaskData, seed: int, fraction: float = REPLAY_FRACTION
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed share of the original task's *training* split, drawn once from ``seed``: ``(x, y)``."""
-    n = max(1, round(fraction * len(original.x_train)))
-    idx = torch.randperm(len(original.x_train), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return original.x_train[idx], original.y_train[idx]
-
-
-class Rehearsal:
-    """The Trainer's ``loss_fn`` for the replay arm: cross-entropy over the new task's batch
-    concatenated with ``batch`` examples drawn from the replay buffer (with replacement, from a
-    generator of its own so the new task's data order is the same as in the other arms).
-
-    The buffer batch goes through the same host in the same train step, so live seeds get the
-    gradient of both: they learn the new task while keeping the original mapping. (The MLP host
-    has no batch statistics, so one forward of the concatenation equals these two forwards.)
-    """
-
-    def __init__(self, host: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int):
-        self.host, self.x, self.y, self.batch = host, x, y, batch
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __call__(self, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        j = torch.randint(len(self.x), (self.batch,), generator=self.gen)
-        return F.cross_entropy(torch.cat([logits, self.host(self.x[j])]), torch.cat([y, self.y[j]]))
-
-
+# ---- routing ---------------------------------------------------------------------------------------
 class TaskRouter:
     """Which task's inputs the network is seeing now (the routed arm's given task identity); 0 = original."""
 
@@ -256,36 +248,12 @@ class Routed(nn.Module):
         return self.seed(h) if self.router.active == self.task else h
 
 
+def original_sample(original: TaskData, seed: int, size: int = SAMPLE_SIZE) -> BoundedSample:
+    """The run's bounded sample of the original task: ``size`` examples of its training split."""
+    return BoundedSample.from_task(original, size, seed=seed)
+
+
 # ---- seeds -------------------------------------------------------------------------------------
-def absorb_fossilized(trainer: Trainer, router: TaskRouter | None = None) -> int:
-    """Make every fossilized seed part of the host proper and reopen its slot; return how many.
-
-    The seed moves into the host block before its slot (``input``: before block 0), its
-    parameters leave their own param group and join the host's (lr 0 when the host is frozen),
-    and the slot goes back to DORMANT silently. What the network computes does not change
-    (with a ``router``, the seed is wrapped in ``Routed`` for the router's active task: it then
-    acts on that task's inputs only). Call only when no seed is live (a live seed's rollback
-    snapshot has the old architecture).
-    """
-    host, n = trainer.host, 0
-    assert not any(s.stage.is_live for s in host.slots.values())
-    for slot in host.slots.values():
-        if slot.stage is not SeedStage.FOSSILIZED:
-            continue
-        seed = slot.seed if router is None else Routed(slot.seed, router.active, router)
-        optim.remove_seed_group(trainer.opt, slot.name)
-        if slot.index == 0:
-            host.blocks[0] = nn.Sequential(seed, host.blocks[0])
-        else:
-            host.blocks[slot.index - 1] = nn.Sequential(host.blocks[slot.index - 1], seed)
-        trainer.opt.param_groups[0]["params"].extend(seed.parameters())
-        slot.load_lifecycle_state(_DORMANT, None)
-        n += 1
-    host.refresh()
-    trainer.remember_good()  # the governor's rollback point must have the new architecture
-    return n
-
-
 def _guard_ok(trainer: Trainer, slot: SeedSlot, guard: tuple[TaskData, float]) -> bool:
     """Do no harm: the original task's val accuracy with this seed (and the fossilized ones; live
     seeds in other slots ablated) must stay within GUARD_BUDGET of V0, its value before adapting."""
@@ -299,9 +267,16 @@ def _guard_ok(trainer: Trainer, slot: SeedSlot, guard: tuple[TaskData, float]) -
 
 
 def _decide(
-    trainer: Trainer, epochs_left: int, done: set[str], guard: tuple[TaskData, float] | None, final: bool = False
+    trainer: Trainer,
+    epochs_left: int,
+    done: set[str],
+    guard: tuple[TaskData, float] | None,
+    final: bool = False,
+    blueprints: dict[str, str] | None = None,
+    train_fossils: bool = False,
 ) -> ControllerAction:
     """One decision point of the scripted controller; returns the last action applied."""
+    blueprints = blueprints or BLUEPRINT_FOR
     lc = trainer.cfg.lifecycle
     steps_per_epoch = -(-len(trainer.data.x_train) // trainer.cfg.training.batch_size)
     lifecycle_epochs = lc.min_training_epochs + -(-lc.alpha.steps // steps_per_epoch) + lc.min_holding_epochs
@@ -316,7 +291,7 @@ def _decide(
                 action = fossilize
                 trainer.apply(action)
                 done.add(slot.name)
-                if trainer.cfg.training.freeze_host:  # part of the (frozen) host from now on
+                if trainer.cfg.training.freeze_host and not train_fossils:  # part of the (frozen) host from now on
                     for group in trainer.opt.param_groups:
                         if group.get("name") == optim.seed_group_name(slot.name):
                             group["lr"] = 0.0
@@ -327,7 +302,7 @@ def _decide(
             action = ControllerAction.cull(slot.name)  # the task ends before its lifecycle does
             trainer.apply(action)
         elif not final and slot.is_open and slot.name not in done and epochs_left >= lifecycle_epochs:
-            action = ControllerAction.germinate(slot.name, BLUEPRINT_FOR[slot.name])
+            action = ControllerAction.germinate(slot.name, blueprints[slot.name])
             trainer.apply(action)
     return action
 
@@ -338,20 +313,29 @@ def adapt(
     grow: bool,
     guard: tuple[TaskData, float] | None,
     router: TaskRouter | None = None,
+    blueprints: dict[str, str] | None = None,
+    train_fossils: bool = False,
 ) -> None:
     """Up to ``epochs`` epochs on the trainer's current data, running the seed lifecycle; at the
     end the fossilized seeds are absorbed (routed by ``router``'s active task if given)."""
     done: set[str] = set()  # slots whose seed fossilized on this task
+    training = {*LIVE_STAGES, SeedStage.CULLED, SeedStage.EMBARGOED} | (
+        {SeedStage.FOSSILIZED} if train_fossils else set()
+    )
     for epoch in range(epochs):
-        action = _decide(trainer, epochs - epoch, done, guard) if grow else ControllerAction.wait()
+        action = (
+            _decide(trainer, epochs - epoch, done, guard, blueprints=blueprints, train_fossils=train_fossils)
+            if grow
+            else ControllerAction.wait()
+        )
         stages = {s.stage for s in trainer.host.slots.values()}
-        if trainer.cfg.training.freeze_host and not stages & {*LIVE_STAGES, SeedStage.CULLED, SeedStage.EMBARGOED}:
+        if trainer.cfg.training.freeze_host and not stages & training:
             break  # nothing trains and nothing can germinate again: more epochs would change nothing
         trainer.train_epoch()
         trainer.end_epoch(action)
     if grow:
-        _decide(trainer, 0, done, guard, final=True)
-        absorb_fossilized(trainer, router)
+        _decide(trainer, 0, done, guard, final=True, blueprints=blueprints, train_fossils=train_fossils)
+        absorb_fossilized(trainer, None if router is None else lambda seed: Routed(seed, router.active, router))
 
 
 # ---- one seed ------------------------------------------------------------------------------------
@@ -367,11 +351,16 @@ def _cfg(seed: int, freeze: bool, alpha_steps: int, epochs: int = 10_000) -> Run
     )
 
 
+def _catalogue(gated: bool) -> LocalCatalogue:
+    specs = [STANDARD_BLUEPRINTS[n] for n in sorted(set(BLUEPRINT_FOR.values()))]
+    return LocalCatalogue([gated_blueprint(s) for s in specs] if gated else specs)
+
+
 def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]) -> list[dict[str, Any]]:
     original = load_task(TaskConfig(family="mnist1d", seed=seed))
     tasks: list[TaskData] = []
 
-    def task(t: int) -> TaskData:  # made on first use: most arms need ~8 of the up to 14 tasks
+    def task(t: int) -> TaskData:  # made on first use: most arms need ~8 of the up to 20 tasks
         while len(tasks) <= t:
             n = len(tasks) + 1
             fresh = load_task(TaskConfig(family="mnist1d", seed=100 + n))
@@ -389,33 +378,52 @@ def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]
     v0 = base.evaluate(original.x_val, original.y_val)[1]
     original_params = sum(p.numel() for p in base.host.host_parameters())
     pretrain_s = time.perf_counter() - t0
-    buffer = replay_buffer(original, seed)
+    sample = original_sample(original, seed, args.sample)
     rows: list[dict[str, Any]] = []
     reference_tasks = None
     for name in sorted(arms, key=lambda a: a != REFERENCE_ARM):  # the reference first: finetune copies its length
         arm = ARMS[name]
         started = time.perf_counter()
-        trainer = Trainer(_cfg(seed, arm.freeze, steps), original, run_id=f"stability-{name}")
+        trainer = Trainer(
+            _cfg(seed, arm.freeze, steps), original, run_id=f"stability-{name}", catalogue=_catalogue(arm.gated)
+        )
         trainer.host.load_host_state_dict(weights)
         trainer.remember_good()  # the governor's rollback point is the pretrained host
         assert trainer.evaluate(original.x_test, original.y_test)[1] == a0
-        if arm.replay:
-            trainer.loss_fn = Rehearsal(trainer.host, *buffer, batch=REPLAY_BATCH, seed=seed)
+        if arm.gated:
+            trainer.loss_fn = GateRehearsal(
+                trainer, sample, batch=REPLAY_BATCH, gate_weight=args.gate_weight, replay=arm.replay, seed=seed
+            )
+        elif arm.replay:
+            trainer.loss_fn = Rehearsal(trainer.host, sample, batch=REPLAY_BATCH, seed=seed)
+        elif arm.ewc:  # measured now, on the training split the host was just trained on; no example is kept
+            n = min(EWC_EXAMPLES, len(original.x_train))
+            params = trainer.opt.param_groups[0]["params"]
+            trainer.loss_fn = FisherPenalty(
+                trainer.host, params, original.x_train[:n], original.y_train[:n], args.ewc_lambda
+            )
         router = TaskRouter() if arm.routed else None
         guard = (original, v0) if arm.guarded else None
-        before, after, curve = [], [], []
+        matrix = AccuracyMatrix()
+        matrix.start(a0)
+        seen = [original]
+
+        def accuracy(j: int, trainer: Trainer = trainer, router: TaskRouter | None = router, seen=seen) -> float:
+            if router is not None:
+                router.active = j  # the task identity, given (0: the original task, no absorbed seed acts)
+            return trainer.evaluate(seen[j].x_test, seen[j].y_test)[1]
+
         t = 0
         while True:
             data = task(t)
+            seen.append(data)
             use_task(trainer, data)
+            before = accuracy(t + 1)
             if router is not None:
                 router.active = t + 1
-            before.append(trainer.evaluate(data.x_test, data.y_test)[1])
-            adapt(trainer, args.epochs_per_task, arm.grow, guard, router)
-            after.append(trainer.evaluate(data.x_test, data.y_test)[1])
-            if router is not None:
-                router.active = 0  # the original task's inputs: no absorbed seed acts on them
-            curve.append(trainer.evaluate(original.x_test, original.y_test)[1])
+            blueprints = GATED_FOR if arm.gated else BLUEPRINT_FOR
+            adapt(trainer, args.epochs_per_task, arm.grow, guard, router, blueprints, arm.train_fossils)
+            matrix.adapt(before, [accuracy(j) for j in range(t + 2)])
             t += 1
             fossils = trainer.summary()["fossilizations"]
             if not arm.grow and t >= (reference_tasks or args.tasks):
@@ -426,7 +434,7 @@ def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]
             reference_tasks = t
         summary = trainer.summary()
         final_params = sum(p.numel() for p in trainer.host.host_parameters())  # absorbed seeds included
-        a_end = curve[-1]
+        m = matrix.metrics()
         rows.append(
             {
                 "scenario": scenario,
@@ -434,18 +442,16 @@ def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]
                 "seed": seed,
                 "a0": a0,
                 "v0": v0,
-                "a_end": a_end,
-                "degradation": (a0 - a_end) / a0,
-                "min_along_the_way": min(curve),
-                "curve": curve,
+                "a_end": matrix.rows[-1][0],
+                **m,
+                "min_along_the_way": min(r[0] for r in matrix.rows),
+                "curve": [r[0] for r in matrix.rows[1:]],
+                "matrix": matrix.to_json(),
                 "tasks": t,
-                "new_before": sum(before) / t,
-                "new_after": sum(after) / t,
-                "new_gain": (sum(after) - sum(before)) / t,
                 **{k: summary[k] for k in ("germinations", "fossilizations", "culls", "rollbacks")},
                 "epochs": trainer.epoch,
                 "added_params": final_params - original_params,
-                "replay_examples": len(buffer[0]) if arm.replay else 0,
+                "replay_examples": len(sample) if arm.replay or arm.gated else 0,
                 "final_params": final_params,
                 "seconds": round(time.perf_counter() - started, 2),
                 "pretrain_seconds": round(pretrain_s, 2),
@@ -454,38 +460,64 @@ def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]
     return sorted(rows, key=lambda r: list(ARMS).index(r["arm"]))
 
 
+METRICS = (
+    "a0",
+    "a_end",
+    "degradation",
+    "average_accuracy",
+    "bwt_original",
+    "bwt_new",
+    "new_before",
+    "new_after",
+    "new_gain",
+)
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per arm: mean ± 95% CI of every accuracy-matrix figure over seeds, counts, and whether the
+    targets are met (``met``: degradation < 5% after 20+ fossilizations in every run; for the gated
+    arm also ``met_gated``: that, a new-task gain of at least half of full fine-tuning's, and at most
+    a quarter of its seeds culled)."""
     out = {}
     for arm in ARMS:
         rs = [r for r in runs if r["arm"] == arm]
         if not rs:
             continue
         row: dict[str, Any] = {"label": ARMS[arm].label, "n": len(rs)}
-        for key in ("a0", "a_end", "degradation", "new_before", "new_after", "new_gain"):
-            s = mean_ci([r[key] for r in rs])
-            row[key], row[key + "_ci95"] = s.mean, s.half_width
+        for key in METRICS:
+            values = [r[key] for r in rs if not math.isnan(r[key])]
+            s = mean_ci(values) if values else None
+            row[key], row[key + "_ci95"] = (s.mean, s.half_width) if s else (math.nan, math.nan)
         for key in ("tasks", "germinations", "fossilizations", "culls", "rollbacks", "added_params", "seconds"):
             row[key] = sum(r[key] for r in rs) / len(rs)
         row["replay_examples"] = max(r["replay_examples"] for r in rs)
         row["min_fossilizations"] = min(r["fossilizations"] for r in rs)
+        row["cull_share"] = sum(r["culls"] for r in rs) / max(1, sum(r["germinations"] for r in rs))
         grew = ARMS[arm].grow
         row["met"] = bool(row["degradation"] < TARGET and (not grew or row["min_fossilizations"] >= MIN_FOSSILS))
         row["bound"] = ARMS[arm].routed  # A_end = A0 by construction: a bound, not a result
         out[arm] = row
+    if "gated" in out and FULL_ARM in out:
+        g, full = out["gated"], out[FULL_ARM]
+        g["gain_vs_full"] = g["new_gain"] / full["new_gain"] if full["new_gain"] > 0 else math.nan
+        g["met_gated"] = bool(g["met"] and g["gain_vs_full"] >= 0.5 and g["cull_share"] <= 0.25)
     return out
 
 
 def format_table(table: dict[str, dict[str, Any]]) -> str:
     lines = [
-        f"{'arm':<34} {'A0':>13} {'A_end':>13} {'degradation':>16} {'tasks':>5} {'germ':>5} {'foss':>5} "
-        f"{'cull':>5}  {'new tasks: before -> after':>26} {'added':>7}"
+        f"{'arm':<38} {'A0':>5} {'A_end':>13} {'degradation':>15} {'avg acc':>13} {'BWT new':>14} "
+        f"{'tasks':>5} {'germ':>5} {'foss':>5} {'cull':>5}  {'new tasks: before -> after (gain)':>34} {'added':>7}"
     ]
     for r in table.values():
         lines.append(
-            f"{r['label']:<34} {r['a0']:.3f}±{r['a0_ci95']:.3f} {r['a_end']:.3f}±{r['a_end_ci95']:.3f} "
-            f"{100 * r['degradation']:+6.1f}% ±{100 * r['degradation_ci95']:5.1f}% {r['tasks']:5.1f} "
+            f"{r['label']:<38} {r['a0']:.3f} {r['a_end']:.3f}±{r['a_end_ci95']:.3f} "
+            f"{100 * r['degradation']:+6.1f}%±{100 * r['degradation_ci95']:5.1f}% "
+            f"{r['average_accuracy']:.3f}±{r['average_accuracy_ci95']:.3f} "
+            f"{r['bwt_new']:+.3f}±{r['bwt_new_ci95']:.3f} {r['tasks']:5.1f} "
             f"{r['germinations']:5.1f} {r['fossilizations']:5.1f} {r['culls']:5.1f}  "
-            f"{r['new_before']:.3f} -> {r['new_after']:.3f} ({r['new_gain']:+.3f}) {r['added_params']:>7,.0f}"
+            f"{r['new_before']:.3f} -> {r['new_after']:.3f} ({r['new_gain']:+.3f}±{r['new_gain_ci95']:.3f}) "
+            f"{r['added_params']:>7,.0f}"
         )
     return "\n".join(lines)
 
@@ -500,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=8, help="at least this many adaptation tasks")
     p.add_argument("--max-tasks", type=int, default=20, help="at most this many adaptation tasks")
     p.add_argument("--min-fossils", type=int, default=MIN_FOSSILS, help="go on until this many fossilizations")
+    p.add_argument("--sample", type=int, default=SAMPLE_SIZE, help="original-task training examples kept by the run")
+    p.add_argument("--gate-weight", type=float, default=GATE_WEIGHT, help="gated: weight of the gate objective")
+    p.add_argument("--ewc-lambda", type=float, default=EWC_LAMBDA, help="ewc: strength of the Fisher penalty")
     p.add_argument("--quick", action="store_true", help="1 seed, scenario shift, 20 pretraining epochs, 7-8 tasks")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -508,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if bad := [a for a in arms if a not in ARMS] + [s for s in scenarios if s not in SCENARIOS]:
-        p.error(f"unknown arm(s) or scenario(s) {bad}; arms: {list(ARMS)}, scenarios: {list(SCENARIOS)}")
+        return _fail(f"unknown arm(s) or scenario(s) {bad}; arms: {list(ARMS)}, scenarios: {list(SCENARIOS)}")
+    try:
+        BoundedSample(args.sample)  # the range check, before anything runs
+    except EsperError as err:
+        return _fail(str(err))
     torch.set_num_threads(1)
     started = time.perf_counter()
     figures: dict[str, Any] = {
@@ -522,8 +561,11 @@ def main(argv: list[str] | None = None) -> int:
         "max_tasks": args.max_tasks,
         "quick": args.quick,
         "reference_arm": REFERENCE_ARM,
+        "full_arm": FULL_ARM,
         "guard_budget": GUARD_BUDGET,
-        "replay": {"fraction": REPLAY_FRACTION, "batch": REPLAY_BATCH},  # examples: per run, "replay_examples"
+        "replay": {"sample": args.sample, "batch": REPLAY_BATCH},  # examples: per run, "replay_examples"
+        "gate": {"weight": args.gate_weight, "blueprints": GATED_FOR},
+        "ewc": {"lambda": args.ewc_lambda, "examples": EWC_EXAMPLES},
         "blueprints": BLUEPRINT_FOR,
         "scenarios": {},
     }
@@ -534,11 +576,11 @@ def main(argv: list[str] | None = None) -> int:
             runs += rows
             for r in rows:
                 print(
-                    f"{scenario} seed {seed} {ARMS[r['arm']].label:<34} A0 {r['a0']:.3f} -> A_end {r['a_end']:.3f} "
-                    f"({100 * r['degradation']:+.1f}%), {r['tasks']} tasks, germ {r['germinations']} "
-                    f"foss {r['fossilizations']} cull {r['culls']}; new tasks {r['new_before']:.3f} -> "
-                    f"{r['new_after']:.3f}; original after each task {' '.join(f'{a:.2f}' for a in r['curve'])} "
-                    f"({r['seconds']:.0f} s)",
+                    f"{scenario} seed {seed} {ARMS[r['arm']].label:<38} A0 {r['a0']:.3f} -> A_end {r['a_end']:.3f} "
+                    f"({100 * r['degradation']:+.1f}%), avg acc {r['average_accuracy']:.3f}, BWT new "
+                    f"{r['bwt_new']:+.3f}, {r['tasks']} tasks, germ {r['germinations']} foss {r['fossilizations']} "
+                    f"cull {r['culls']}; new tasks {r['new_before']:.3f} -> {r['new_after']:.3f}; original after "
+                    f"each task {' '.join(f'{a:.2f}' for a in r['curve'])} ({r['seconds']:.0f} s)",
                     flush=True,
                 )
         table = summarise(runs)
@@ -558,19 +600,28 @@ def main(argv: list[str] | None = None) -> int:
             continue
         parts = [
             f"{s}: {100 * r['degradation']:+.1f}% ± {100 * r['degradation_ci95']:.1f}% after "
-            f"{r['fossilizations']:.1f} fossilized (min {r['min_fossilizations']}), new tasks {r['new_gain']:+.3f}"
+            f"{r['fossilizations']:.1f} fossilized (min {r['min_fossilizations']}), "
+            f"culled {100 * r['cull_share']:.0f}%, "
+            f"new tasks {r['new_gain']:+.3f}"
+            + (f" ({r['gain_vs_full']:.2f} of full fine-tuning's)" if "gain_vs_full" in r else "")
             for s, r in rows.items()
         ]
-        met = all(r["met"] for r in rows.values())
+        met = all(r.get("met_gated", r["met"]) for r in rows.values())
         print(
             f"SUMMARY: {ARMS[arm].label}: degradation of the original task {'; '.join(parts)} "
-            f"(target < 5% after 20+): {'met' if met else 'not met'}"
+            f"(target < 5% after 20+{', gain >= 1/2 of full, <= 1/4 culled' if arm == 'gated' else ''}): "
+            f"{'met' if met else 'not met'}"
         )
     print(f"total {total:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"stability.py: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The protocols of benchmarks/stability.py (replay, routing) and benchmarks/param_efficiency.py (counting).
+"""The protocols of benchmarks/stability.py (sample, replay, gates, routing, figures) and
+benchmarks/param_efficiency.py (counting).
 
 The benchmarks are scripts, not package modules: they are imported from benchmarks/ here. The
 fast tests run a tiny host for a few epochs; the ``slow`` one runs param_efficiency.py --quick.
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -37,51 +37,88 @@ def _rows(x: torch.Tensor) -> set[bytes]:
     return {row.numpy().tobytes() for row in x}
 
 
-# ---- stability.py: the replay buffer -----------------------------------------------------------------
-def test_replay_buffer_is_fixed_by_the_seed_and_of_the_stated_size(original: TaskData) -> None:
-    x, y = st.replay_buffer(original, seed=0)
-    x2, y2 = st.replay_buffer(original, seed=0)
-    assert len(x) == len(y) == round(st.REPLAY_FRACTION * len(original.x_train)) == 160
-    assert torch.equal(x, x2) and torch.equal(y, y2)
-    assert not torch.equal(x, st.replay_buffer(original, seed=1)[0])
+# ---- stability.py: the original-task sample and replay ----------------------------------------------
+def test_original_sample_is_fixed_by_the_seed_and_of_the_stated_size(original: TaskData) -> None:
+    sample = st.original_sample(original, seed=0)
+    again = st.original_sample(original, seed=0)
+    assert len(sample) == st.SAMPLE_SIZE == 160 == round(0.05 * len(original.x_train))
+    assert torch.equal(sample.x, again.x) and torch.equal(sample.y, again.y)
+    assert not torch.equal(sample.x, st.original_sample(original, seed=1).x)
     # Drawn from the training split only, without repeats, labels kept with their inputs.
     train = {row.numpy().tobytes(): int(label) for row, label in zip(original.x_train, original.y_train, strict=True)}
-    assert len(_rows(x)) == len(x)
-    assert all(train.get(row.numpy().tobytes()) == int(label) for row, label in zip(x, y, strict=True))
-    assert not _rows(x) & (_rows(original.x_test) | _rows(original.x_val))
+    assert len(_rows(sample.x)) == len(sample)
+    assert all(train.get(row.numpy().tobytes()) == int(label) for row, label in zip(sample.x, sample.y, strict=True))
+    assert not _rows(sample.x) & (_rows(original.x_test) | _rows(original.x_val))
 
 
-def test_rehearsal_loss_is_the_cross_entropy_of_the_concatenated_batch(original: TaskData) -> None:
-    torch.manual_seed(0)
-    host = torch.nn.Linear(40, 10)
-    bx, by = st.replay_buffer(original, seed=0)
-    loss = st.Rehearsal(host, bx, by, batch=7, seed=3)
-    x, y = original.x_train[:5], original.y_train[:5]
-    j = torch.randint(len(bx), (7,), generator=torch.Generator().manual_seed(3))  # what Rehearsal draws first
-    expected = F.cross_entropy(host(torch.cat([x, bx[j]])), torch.cat([y, by[j]]))
-    assert torch.allclose(loss(host(x), y, torch.arange(5)), expected)
-
-
-def test_replay_training_sees_the_buffer_and_never_the_original_test_split(original: TaskData) -> None:
-    """Every input the network is trained on (train-mode forwards) comes from the new task or the buffer."""
-    buffer = st.replay_buffer(original, seed=0)
-    trainer = Trainer(st._cfg(0, True, 32), original, run_id="test-replay")
-    trainer.loss_fn = st.Rehearsal(trainer.host, *buffer, batch=st.REPLAY_BATCH, seed=0)
+@pytest.mark.parametrize("gated", [False, True])
+def test_replay_training_sees_the_sample_and_never_the_original_test_split(original: TaskData, gated: bool) -> None:
+    """Every input the network is trained on (train-mode forwards) comes from the new task or the
+    sample; the gated arm's gate objective reads the same two and nothing else."""
+    sample = st.original_sample(original, seed=0)
+    trainer = Trainer(st._cfg(0, True, 32), original, run_id="test-replay", catalogue=st._catalogue(gated))
+    if gated:
+        trainer.loss_fn = st.GateRehearsal(trainer, sample, batch=st.REPLAY_BATCH, replay=True, seed=0)
+    else:
+        trainer.loss_fn = st.Rehearsal(trainer.host, sample, batch=st.REPLAY_BATCH, seed=0)
     new = st.shifted_task(load_task(TaskConfig(family="mnist1d", seed=101)), 0, 1, permuted=10)
     st.use_task(trainer, new)
     seen: list[torch.Tensor] = []
     trainer.host.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()) if m.training else None)
     v0 = trainer.evaluate(original.x_val, original.y_val)[1]
-    st.adapt(trainer, 3, grow=True, guard=(original, v0))
+    guard = None if gated else (original, v0)
+    st.adapt(trainer, 3, True, guard, blueprints=st.GATED_FOR if gated else None, train_fossils=gated)
     assert trainer.summary()["germinations"] == 3  # seeds did train on it
+    assert {r.blueprint_name for r in trainer.field_reports} <= set(
+        (st.GATED_FOR if gated else st.BLUEPRINT_FOR).values()
+    )
     trained_on = _rows(torch.cat(seen))
     assert not trained_on & _rows(original.x_test)
     assert not trained_on & _rows(original.x_val)  # the guard only evaluates on it
-    assert trained_on <= _rows(new.x_train) | _rows(buffer[0])
-    assert _rows(buffer[0]) & trained_on  # the buffer was replayed
+    assert trained_on <= _rows(new.x_train) | _rows(sample.x)
+    assert _rows(sample.x) & trained_on  # the sample was replayed
     # Each step: one new-task batch and one replay batch of REPLAY_BATCH examples.
-    replay_forwards = [x for x in seen if _rows(x) <= _rows(buffer[0])]
+    replay_forwards = [x for x in seen if _rows(x) <= _rows(sample.x)]
     assert replay_forwards and all(len(x) == st.REPLAY_BATCH for x in replay_forwards)
+
+
+def test_summarise_reports_the_matrix_figures_and_the_gated_targets() -> None:
+    def run(arm: str, seed: int, degradation: float, gain: float, germ: int, culls: int) -> dict:
+        return {
+            "arm": arm,
+            "seed": seed,
+            "a0": 0.5,
+            "a_end": 0.5 * (1 - degradation),
+            "degradation": degradation,
+            "average_accuracy": 0.4,
+            "bwt_original": -0.5 * degradation,
+            "bwt_new": float("nan") if seed else -0.01,
+            "new_before": 0.3,
+            "new_after": 0.3 + gain,
+            "new_gain": gain,
+            "tasks": 8,
+            "germinations": germ,
+            "fossilizations": germ - culls,
+            "culls": culls,
+            "rollbacks": 0,
+            "added_params": 10,
+            "seconds": 1.0,
+            "replay_examples": 160 if arm == "gated" else 0,
+        }
+
+    runs = [run("gated", s, 0.04, 0.08, 26, 6) for s in range(2)] + [
+        run("finetune", s, 0.3, 0.15, 0, 0) for s in range(2)
+    ]
+    table = st.summarise(runs)
+    g = table["gated"]
+    assert g["degradation"] == pytest.approx(0.04) and g["degradation_ci95"] == pytest.approx(0.0, abs=1e-12)
+    assert g["bwt_new"] == pytest.approx(-0.01)  # NaN (no earlier new task) is left out of the mean
+    assert g["cull_share"] == pytest.approx(12 / 52) and g["gain_vs_full"] == pytest.approx(0.08 / 0.15)
+    assert g["met"] and g["met_gated"]
+    too_many_culls = st.summarise([run("gated", 0, 0.04, 0.08, 30, 10), run("finetune", 0, 0.3, 0.15, 0, 0)])
+    assert too_many_culls["gated"]["met"] and not too_many_culls["gated"]["met_gated"]  # 10/30 > 1/4 culled
+    too_little_gain = st.summarise([run("gated", 0, 0.04, 0.07, 26, 6), run("finetune", 0, 0.3, 0.15, 0, 0)])
+    assert not too_little_gain["gated"]["met_gated"]
 
 
 # ---- stability.py: routing ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from esper_ray.blueprints import STANDARD_BLUEPRINTS, build_seed, slot_kind
+from esper_ray.blueprints.spec import BlueprintSpec
 from esper_ray.contracts import (
     LEGAL_TRANSITIONS,
     LIVE_STAGES,
@@ -21,7 +22,17 @@ from esper_ray.contracts import (
     SeedStage,
 )
 from esper_ray.hosts import HostConfig, MorphoHost, build_host
-from esper_ray.kasmina import AlphaSchedule, GateClosed, LifecycleConfig, SeedSlot, Transition
+from esper_ray.kasmina import (
+    AlphaSchedule,
+    GateClosed,
+    GateShapeError,
+    LifecycleConfig,
+    SeedSlot,
+    Transition,
+    gate_logits,
+    gated_blueprint,
+    set_gate,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_seed")
 
@@ -35,13 +46,36 @@ _SLOT_SHAPES = {
     "cnn1d": {"input": (40,), "hidden0": (64, 20), "hidden1": (64, 10)},
     "cnn2d": {"input": (1, 8, 8), "hidden0": (64, 4, 4), "hidden1": (64, 2, 2)},
 }
-# Every (host kind, slot, blueprint) where the blueprint fits the slot.
+BLENDS = ("lerp", "gated")
+
+
+def gate_reads(kind: str, slot: str, bp: str = "residual_mlp") -> bool:
+    """A gated seed of ``bp`` can grow in this slot: a vector blueprint in a vector slot."""
+    return slot_kind(_SLOT_SHAPES[kind][slot]) == "vector" and STANDARD_BLUEPRINTS[bp].kind == "vector"
+
+
+def spec_for(bp: str, blend: str = "lerp") -> BlueprintSpec:
+    """The standard blueprint ``bp``, gated when ``blend`` is "gated"."""
+    spec = STANDARD_BLUEPRINTS[bp]
+    return gated_blueprint(spec) if blend == "gated" else spec
+
+
+# Every (host kind, slot, blueprint, blend) where the blueprint fits the slot (gated: where the gate reads it).
 HOST_SLOT_BLUEPRINT = [
-    pytest.param(kind, slot, bp, id=f"{kind}-{slot}-{bp}")
+    pytest.param(kind, slot, bp, blend, id=f"{kind}-{slot}-{bp}-{blend}")
     for kind in HOST_KINDS
     for slot in SLOT_NAMES
     for bp, spec in STANDARD_BLUEPRINTS.items()
-    if slot_kind(_SLOT_SHAPES[kind][slot]) in FITS[spec.kind]
+    for blend in BLENDS
+    if slot_kind(_SLOT_SHAPES[kind][slot]) in FITS[spec.kind] and (blend == "lerp" or gate_reads(kind, slot, bp))
+]
+# (host kind, slot, blend) for the slot's default blueprint, gated only where the gate reads the slot.
+HOST_SLOT_BLEND = [
+    pytest.param(kind, slot, blend, id=f"{kind}-{slot}-{blend}")
+    for kind in HOST_KINDS
+    for slot in SLOT_NAMES
+    for blend in BLENDS
+    if blend == "lerp" or gate_reads(kind, slot)
 ]
 # One fitting blueprint per slot kind, for tests that are about slots rather than blueprints.
 DEFAULT_BP = {"vector": "residual_mlp", "seq": "conv1d", "image": "conv2d"}
@@ -87,7 +121,7 @@ def perturb_seed(seed: torch.nn.Module, gen_seed: int) -> None:
                 p.add_(0.3 * noise)
 
 
-def to_stage(slot: SeedSlot, stage: SeedStage, blueprint: str = "residual_mlp") -> None:
+def to_stage(slot: SeedSlot, stage: SeedStage, blueprint: str = "residual_mlp", blend: str = "lerp") -> None:
     """Drive a DORMANT slot legally (via germinate and legal edges, gates bypassed) to ``stage``."""
     path = {
         S.DORMANT: [],
@@ -100,7 +134,7 @@ def to_stage(slot: SeedSlot, stage: SeedStage, blueprint: str = "residual_mlp") 
         S.EMBARGOED: [S.CULLED, S.EMBARGOED],
     }[stage]
     if stage is not S.DORMANT:
-        slot.germinate(build_seed(STANDARD_BLUEPRINTS[blueprint], slot.shape, generator_seed=0))
+        slot.germinate(build_seed(spec_for(blueprint, blend), slot.shape, generator_seed=0))
     for nxt in path:
         slot.transition(nxt, "test")
     assert slot.stage is stage
@@ -162,11 +196,11 @@ def test_dormant_again_after_germinate_cull_embargo_equals_plain(kind):
 
 
 # ---- 2. isolation while TRAINING ----------------------------------------------------------------
-@pytest.mark.parametrize(("kind", "slot_name", "bp"), HOST_SLOT_BLUEPRINT)
-def test_isolated_training_leaves_host_exactly_unchanged(kind, slot_name, bp):
+@pytest.mark.parametrize(("kind", "slot_name", "bp", "blend"), HOST_SLOT_BLUEPRINT)
+def test_isolated_training_leaves_host_exactly_unchanged(kind, slot_name, bp, blend):
     host = make_host(kind)
     plain = plain_twin(host, kind)
-    slot = host.germinate(slot_name, bp, generator_seed=5)
+    slot = host.germinate(slot_name, spec_for(bp, blend), generator_seed=5)
     slot.transition(S.TRAINING)
     perturb_seed(slot.seed, 6)
     x, y = batch(kind)
@@ -233,13 +267,12 @@ def _upstream_grads(host: MorphoHost, slot: SeedSlot | None, index: int, x, g) -
 BLEND_STEPS = 8
 
 
-@pytest.mark.parametrize("kind", HOST_KINDS)
-@pytest.mark.parametrize("slot_name", SLOT_NAMES)
-def test_upstream_gets_only_scaled_host_gradient_while_blending(kind, slot_name):
+@pytest.mark.parametrize(("kind", "slot_name", "blend"), HOST_SLOT_BLEND)
+def test_upstream_gets_only_scaled_host_gradient_while_blending(kind, slot_name, blend):
     cfg = LifecycleConfig(alpha=AlphaSchedule(kind="linear", steps=BLEND_STEPS))
     host = make_host(kind, cfg)
     slot = host.slot(slot_name)
-    host.germinate(slot_name, DEFAULT_BP[slot.kind], generator_seed=7)
+    host.germinate(slot_name, spec_for(DEFAULT_BP[slot.kind], blend), generator_seed=7)
     slot.transition(S.TRAINING)
     slot.transition(S.BLENDING)
     x, _ = batch(kind)
@@ -270,12 +303,12 @@ def test_upstream_gets_only_scaled_host_gradient_while_blending(kind, slot_name)
     assert seen_alphas == [t / BLEND_STEPS for t in range(BLEND_STEPS + 1)]
 
 
-@pytest.mark.parametrize("kind", HOST_KINDS)
-def test_blending_seed_gradient_is_alpha_scaled(kind):
+@pytest.mark.parametrize(("kind", "slot_name", "blend"), HOST_SLOT_BLEND)
+def test_blending_seed_gradient_is_alpha_scaled(kind, slot_name, blend):
     cfg = LifecycleConfig(alpha=AlphaSchedule(kind="linear", steps=4))
     host = make_host(kind, cfg)
-    slot = host.slot("hidden0")
-    host.germinate("hidden0", DEFAULT_BP[slot.kind], generator_seed=7)
+    slot = host.slot(slot_name)
+    host.germinate(slot_name, spec_for(DEFAULT_BP[slot.kind], blend), generator_seed=7)
     slot.transition(S.TRAINING)
     slot.transition(S.BLENDING)
     for _ in range(3):
@@ -291,10 +324,11 @@ def test_blending_seed_gradient_is_alpha_scaled(kind):
         assert torch.allclose(p.grad, e, rtol=1e-5, atol=1e-7)
 
 
-def test_fossilized_seed_is_part_of_the_host():
+@pytest.mark.parametrize("blend", BLENDS)
+def test_fossilized_seed_is_part_of_the_host(blend):
     """Contrast: once fossilized, gradient does flow through the seed to upstream layers."""
     host = make_host("mlp")
-    slot = host.germinate("hidden1", "residual_mlp", generator_seed=1)
+    slot = host.germinate("hidden1", spec_for("residual_mlp", blend), generator_seed=1)
     for stage in (S.TRAINING, S.BLENDING, S.HOLDING, S.FOSSILIZED):
         slot.transition(stage)
     x, _ = batch("mlp")
@@ -322,11 +356,11 @@ def test_fossilized_seed_is_part_of_the_host():
     ],
     ids=["linear", "sigmoid", "sigmoid-custom"],
 )
-@pytest.mark.parametrize("kind", HOST_KINDS)
-def test_blend_output_formula(kind, schedule):
+@pytest.mark.parametrize(("kind", "slot_name", "blend"), HOST_SLOT_BLEND)
+def test_blend_output_formula(kind, slot_name, blend, schedule):
     host = make_host(kind, LifecycleConfig(alpha=schedule))
-    slot = host.slot("hidden0")
-    host.germinate("hidden0", DEFAULT_BP[slot.kind], generator_seed=2)
+    slot = host.slot(slot_name)
+    host.germinate(slot_name, spec_for(DEFAULT_BP[slot.kind], blend), generator_seed=2)
     slot.transition(S.TRAINING)
     slot.transition(S.BLENDING)
     perturb_seed(slot.seed, 3)
@@ -448,10 +482,11 @@ def test_illegal_transition_raises(old, new):
     assert events == []
 
 
+@pytest.mark.parametrize("blend", BLENDS)
 @pytest.mark.parametrize(("old", "new"), LEGAL, ids=[f"{a.name}->{b.name}" for a, b in LEGAL])
-def test_legal_transition_succeeds(old, new):
+def test_legal_transition_succeeds(old, new, blend):
     slot = lone_slot()
-    to_stage(slot, old)
+    to_stage(slot, old, blend=blend)
     slot.on_epoch_end()
     events = []
     slot.add_listener(lambda _s, e: events.append(e))
@@ -508,10 +543,11 @@ def test_fossilize_with_gate_closed_raises_gate_closed():
     assert slot.stage is S.FOSSILIZED
 
 
+@pytest.mark.parametrize("blend", BLENDS)
 @pytest.mark.parametrize("stage", list(SeedStage))
-def test_cull(stage):
+def test_cull(stage, blend):
     slot = lone_slot()
-    to_stage(slot, stage)
+    to_stage(slot, stage, blend=blend)
     if stage.is_live:
         slot.cull()
         assert slot.stage is S.CULLED and slot.seed is None
@@ -786,3 +822,100 @@ def test_lifecycle_state_round_trip_needs_refresh():
         assert torch.equal(other(x), host(x))
     assert other.slot("hidden0").alpha == slot.alpha == 0.25
     assert other.slot("hidden0").lifecycle_state() == state
+
+
+# ---- 9. gated blending ---------------------------------------------------------------------------
+GATE_STAGES = [S.BLENDING, S.HOLDING, S.FOSSILIZED]
+
+
+def _host_with_gated_seeds(stage: SeedStage, blend_steps: int = 3) -> MorphoHost:
+    """An MLP host with a perturbed gated seed in every slot, each in ``stage`` (BLENDING: at
+    ``blend_steps`` of a linear 8-step ramp)."""
+    host = make_host("mlp", LifecycleConfig(alpha=AlphaSchedule(kind="linear", steps=8)))
+    for i, name in enumerate(SLOT_NAMES):
+        slot = host.germinate(name, spec_for(DEFAULT_BP["vector"], "gated"), generator_seed=10 + i)
+        for nxt in [S.TRAINING, S.BLENDING, S.HOLDING, S.FOSSILIZED][: [S.TRAINING, *GATE_STAGES].index(stage) + 1]:
+            slot.transition(nxt)
+        for _ in range(blend_steps if stage is S.BLENDING else 0):
+            slot.on_step()
+        perturb_seed(slot.seed, 20 + i)
+    return host
+
+
+@pytest.mark.parametrize("stage", GATE_STAGES)
+def test_a_gate_at_zero_leaves_the_host_output_bit_identical(stage):
+    host = _host_with_gated_seeds(stage)
+    plain = plain_twin(host, "mlp")
+    x, _ = batch("mlp", n=32)
+    with torch.no_grad():
+        assert not torch.equal(host(x), plain(x))  # open gates: the seeds change the output
+        for slot in host.slots.values():
+            set_gate(slot.seed, -math.inf)
+            assert torch.equal(torch.sigmoid(gate_logits(slot.seed, torch.randn(4, *slot.shape))), torch.zeros(4))
+        assert torch.equal(host(x), plain(x))
+
+
+@pytest.mark.parametrize("stage", GATE_STAGES)
+def test_a_gate_at_one_equals_the_ungated_blend(stage):
+    gated = _host_with_gated_seeds(stage)
+    ungated = make_host("mlp", LifecycleConfig(alpha=AlphaSchedule(kind="linear", steps=8)))
+    ungated.load_state_dict(gated.host_state_dict(), strict=False)
+    for name, slot in gated.slots.items():
+        twin = ungated.germinate(name, DEFAULT_BP["vector"], generator_seed=0)
+        twin_state = {k: v for k, v in slot.seed.state_dict().items() if not k.startswith("ops.gate")}
+        twin.seed.load_state_dict(twin_state, strict=True)  # the same body and gamma, no gate
+        for nxt in [S.TRAINING, S.BLENDING, S.HOLDING, S.FOSSILIZED][: [S.TRAINING, *GATE_STAGES].index(stage) + 1]:
+            twin.transition(nxt)
+        twin.blend_steps = slot.blend_steps
+        set_gate(slot.seed, math.inf)
+        assert twin.alpha == slot.alpha
+    x, _ = batch("mlp", n=32)
+    with torch.no_grad():
+        assert torch.equal(gated(x), ungated(x))
+
+
+def test_a_gated_seed_adds_its_gate_times_the_ungated_change():
+    spec = gated_blueprint(STANDARD_BLUEPRINTS["residual_mlp"])
+    seed = build_seed(spec, (24,), generator_seed=3)
+    perturb_seed(seed, 4)
+    plain = build_seed(STANDARD_BLUEPRINTS["residual_mlp"], (24,), generator_seed=3)
+    plain.load_state_dict({k: v for k, v in seed.state_dict().items() if not k.startswith("ops.gate")})
+    h = torch.randn(9, 24)
+    with torch.no_grad():
+        g = torch.sigmoid(gate_logits(seed, h))
+        assert float(g.min()) > 0 and float(g.max()) < 1 and float(g.std()) > 0  # per example, in (0, 1)
+        assert torch.allclose(seed(h), h + g[:, None] * (plain(h) - h), atol=1e-6)
+    # The slot's blend: h + g(h) * alpha * (seed(h) - h).
+    slot = SeedSlot("s", 1, (24,), LifecycleConfig(alpha=AlphaSchedule(kind="linear", steps=4)))
+    slot.germinate(seed)
+    slot.transition(S.TRAINING)
+    slot.transition(S.BLENDING)
+    slot.on_step()
+    with torch.no_grad():
+        assert torch.allclose(slot(h), h + g[:, None] * 0.25 * (plain(h) - h), atol=1e-6)
+
+
+def test_gated_specs_are_validated_and_hashed_apart():
+    base = STANDARD_BLUEPRINTS["residual_mlp"]
+    gated = gated_blueprint(base, width=8)
+    assert gated.blend == "gated" and gated.name == "residual_mlp.gated" and gated.parents == (base.content_hash,)
+    assert gated.content_hash != base.content_hash and gated_blueprint(gated) is gated
+    assert BlueprintSpec.from_json(gated.to_json()).content_hash == gated.content_hash
+    # The same nodes marked lerp build the same module but are another blueprint.
+    assert gated.model_copy(update={"blend": "lerp"}).content_hash != gated.content_hash
+    with pytest.raises(pydantic.ValidationError, match="needs a node 'gate'"):
+        base.model_copy(update={"blend": "gated"})
+    with pytest.raises(GateShapeError, match="reads vector blueprints only"):
+        gated_blueprint(STANDARD_BLUEPRINTS["conv1d"])
+    with pytest.raises(EsperError, match="gate width 0 out of range"):
+        gated_blueprint(base, width=0)
+
+
+@pytest.mark.parametrize(("kind", "slot_name"), [("cnn1d", "hidden0"), ("cnn2d", "hidden1"), ("cnn2d", "input")])
+def test_a_gated_blend_on_a_slot_the_gate_cannot_read_is_refused(kind, slot_name):
+    host = make_host(kind)
+    slot = host.slot(slot_name)
+    with pytest.raises(GateShapeError, match="a gated blend reads one vector per example") as info:
+        host.germinate(slot_name, spec_for("residual_mlp", "gated"))
+    assert "\n" not in str(info.value) and isinstance(info.value, EsperError)
+    assert slot.stage is S.DORMANT and slot.seed is None

@@ -61,6 +61,7 @@ _NULLABLE = {("linear", "width"): True, ("conv", "width"): True, ("conv", "group
 MAX_WIDTH = 4096
 MAX_KERNEL = 15
 MAX_NODES = 64
+GATE_NODE = "gate"  # a gated blueprint's gate: sigmoid of a width-1 linear (see BlueprintSpec.blend)
 
 
 class Node(BaseModel):
@@ -121,6 +122,10 @@ class BlueprintSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     kind: BlueprintKind
     nodes: tuple[Node, ...] = Field(min_length=1, max_length=MAX_NODES)
+    # How the slot mixes the seed in. "lerp": ``lerp(h, seed(h), alpha)``. "gated": the body is
+    # multiplied by a learned per-example gate ``g(h)`` (node GATE_NODE, a sigmoid of a width-1
+    # linear), so the seed adds ``g(h) * alpha * (seed(h) - h)``: see ``esper_ray.kasmina.gate``.
+    blend: Literal["lerp", "gated"] = "lerp"
     origin: str = "hand"  # "hand" | "karn" | ...; metadata, not hashed
     parents: tuple[str, ...] = ()  # content hashes of the specs this one came from; not hashed
 
@@ -138,12 +143,32 @@ class BlueprintSpec(BaseModel):
             if self.kind == "vector" and node.op in ("conv", "pool", "attn"):
                 raise ValueError(f"node {node.id}: op {node.op} needs a seq or image blueprint")
             seen.add(node.id)
+        if self.blend == "gated":
+            self._check_gate()
         return self
+
+    def _check_gate(self) -> None:
+        """A gated spec: vector kind, a node GATE_NODE = sigmoid(linear of width 1) that the last
+        node (a ``mul``) takes as one of its inputs."""
+        if self.kind != "vector":
+            raise ValueError(f"a gated blend needs a vector blueprint (the gate reads one vector), got {self.kind}")
+        by_id = {n.id: n for n in self.nodes}
+        gate = by_id.get(GATE_NODE)
+        if gate is None or gate.op != "act" or gate.arg("fn") != "sigmoid":
+            raise ValueError(f"a gated blueprint needs a node {GATE_NODE!r}: act with fn sigmoid")
+        logit = by_id.get(gate.inputs[0])
+        if logit is None or logit.op != "linear" or logit.arg("width") != 1:
+            raise ValueError(f"the gate node {GATE_NODE!r} must read a linear of width 1 (its logit)")
+        last = self.nodes[-1]
+        if last.op != "mul" or GATE_NODE not in last.inputs:
+            raise ValueError(f"a gated blueprint's last node must be a mul of the body and {GATE_NODE!r}")
 
     @cached_property
     def content_hash(self) -> str:
         """SHA-256 over what determines the built module (kind and nodes), not the name."""
         body = {"kind": self.kind, "nodes": [n.model_dump(mode="json") for n in self.nodes]}
+        if self.blend != "lerp":  # only then: the hashes of every lerp spec stay what they were
+            body["blend"] = self.blend
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -10,6 +10,10 @@ A slot sits on one host activation ``h``. What it outputs depends on the stage:
   ``alpha * seed + (1 - alpha) * host``: the host upstream only gets gradient through
   the ``(1 - alpha) * h`` path, never through the seed;
 - FOSSILIZED: ``seed(h)``; the seed is part of the host now and trains with it.
+
+A gated seed (``kasmina.gate``) is blended by the same rules: its own output is
+``h + g(h) * (seed(h) - h)``, so BLENDING / HOLDING give ``h + g(h) * alpha * (seed(h) - h)``
+with the gate reading ``h.detach()`` like the body.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from esper_ray.blueprints.builder import SeedModule, TokenShape, slot_kind
 from esper_ray.contracts import LEGAL_TRANSITIONS, EsperError, IllegalTransition, SeedStage
+from esper_ray.kasmina.gate import check_gate_fits
 from esper_ray.kasmina.lifecycle import LifecycleConfig
 
 
@@ -183,6 +188,7 @@ class SeedSlot(nn.Module):
             raise IllegalTransition(f"slot {self.name}: cannot germinate in stage {self.stage.name} (needs DORMANT)")
         if tuple(seed.slot_shape) != self.shape:
             raise EsperError(f"slot {self.name}: seed built for shape {seed.slot_shape}, slot has {self.shape}")
+        check_gate_fits(seed.spec, self.name, self.shape)  # a gated blend needs a slot its gate can read
         self.seed = seed
         self.transition(SeedStage.GERMINATED, reason)
 
