@@ -31,6 +31,15 @@ whole episodes; per-episode spread 0.022, 0.027, 0.083). The ratio env/plain (ta
 total plain time over total env time across the episodes; the range is that of the episodes.
 ``--quick`` (1 episode of 15 epochs) and ``--json PATH`` (the figures) are for benchmarks/run_all.py.
 
+Batched rows (``envs.batched``, issue "many host runs in one step"): env steps per second per core
+of ``BatchedMorphogenesisEnv`` at N = 1, 8, 32, 128 episodes (``--batched-n``) against the single
+env, both on one torch thread, timed in alternating blocks of ``BLOCK`` steps within one episode
+each (the same lockstep design as above), wait only and with a conv1d seed germinated at the input
+in every episode at the first step (seeds growing). The ratio is batched steps/s over single steps/s
+(target on the CPU: >= 3 at N = 32, MLP host, wait only). ``--batched-only`` skips the other rows;
+``--device cuda`` runs the batched env on a GPU (the single env stays on one CPU core: the
+baseline of the GPU target, >= 100x at the best N; benchmarks/gpu_check.sh runs it that way).
+
 Expect (2 CPU cores, one torch thread, 5 episodes of 30 epochs, 2026-11-26, shared box, six
 runs): plain ~19-23 ms/epoch; env ratio 0.917-0.999, median 0.928 (probe kept 0.94-0.99, fresh
 telemetry 0.71-0.76); with a conv1d seed ~4.5-5x slower than plain (the seed's compute, not the env).
@@ -124,6 +133,63 @@ def lockstep(epochs: int, seed: int, block: int = BLOCK, **env_options) -> tuple
     return spent[0], spent[1]
 
 
+def _germination(env) -> int:
+    """The action germinating a conv1d seed at the input of a reset single env."""
+    from esper_ray.contracts import ControllerAction
+
+    return env.space.encode(ControllerAction.germinate("input", "conv1d"), [e.name for e in env.trainer.candidates])
+
+
+def batched_lockstep(n: int, steps: int, seeded: bool, device: str = "cpu") -> tuple[float, float]:
+    """Env steps per second of one single env and of a batched env of ``n`` episodes, each over
+    ``steps`` steps of one episode, timed in alternating blocks of ``BLOCK`` steps."""
+    from envs.batched import BatchedMorphogenesisEnv
+
+    def config(dev: str) -> dict:
+        return {
+            "run": {"training": {"epochs": steps + 2, "device": dev}, "lineage": {"enabled": False}},
+            "train_tasks": [{"family": "mnist1d", "seed": 0}],
+        }
+
+    single = envs.MorphogenesisEnv(config("cpu"))
+    single.reset(seed=0, options={"task_index": 0, "train_seed": 0})
+    batched = BatchedMorphogenesisEnv(n, config(device))
+    batched.reset(seed=0, options={"task_index": 0})
+    first_single = _germination(single) if seeded else 0
+    first_batched = np.full(n, _germination(batched.envs[0]) if seeded else 0)
+    single.step(first_single)  # warm-up step (and the germination, outside the timing)
+    batched.step(first_batched)
+    wait = np.zeros(n, dtype=np.int64)
+    spent = [0.0, 0.0]
+    for b, first in enumerate(range(0, steps, BLOCK)):
+        sides = ((0, lambda: single.step(0)), (1, lambda: batched.step(wait)))
+        for side, step in sides if b % 2 else sides[::-1]:
+            start = time.perf_counter()
+            for _ in range(min(BLOCK, steps - first)):
+                step()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            spent[side] += time.perf_counter() - start
+    batched.close()
+    return steps / spent[0], n * steps / spent[1]
+
+
+def batched_rows(ns: list[int], steps: int, device: str) -> dict[str, dict[int, tuple[float, float]]]:
+    """Per variant (wait only, seeds growing) and N: (single, batched) env steps per second."""
+    rows: dict[str, dict[int, tuple[float, float]]] = {}
+    for name, seeded in (("wait only", False), ("seeds growing", True)):
+        rows[name] = {}
+        for n in ns:
+            single, batched = batched_lockstep(n, steps, seeded, device)
+            rows[name][n] = (single, batched)
+            print(
+                f"batched env N={n:4d} ({name:13s}, {device}): {batched:8.1f} env steps/s against single "
+                f"{single:6.1f} (1 CPU thread): ratio {batched / single:6.2f}",
+                flush=True,
+            )
+    return rows
+
+
 def ppo_iteration_seconds(iterations: int) -> float:
     import ray
 
@@ -149,10 +215,25 @@ def main() -> None:
     parser.add_argument("--ppo-iterations", type=int, default=0, help="also time PPO (0: skip)")
     parser.add_argument("--quick", action="store_true", help="1 episode of 15 epochs")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--batched-n", default="1,8,32,128", help="episodes per batched env, comma-separated")
+    parser.add_argument("--batched-steps", type=int, default=30, help="timed steps per batched row")
+    parser.add_argument("--batched-only", action="store_true", help="only the batched rows")
+    parser.add_argument("--device", default="cpu", help="device of the batched env (cpu, cuda)")
     args = parser.parse_args()
     if args.quick:
         args.episodes, args.epochs = 1, 15
+        args.batched_n, args.batched_steps = "1,8", 10
     torch.set_num_threads(1)
+    ns = [int(v) for v in args.batched_n.split(",") if v]
+    if args.batched_only:
+        rows = batched_rows(ns, args.batched_steps, args.device)
+        _print_batched(rows)
+        if args.json:
+            import json
+
+            with open(args.json, "w") as f:
+                json.dump({"batched": _batched_json(rows, args.device)}, f, indent=2)
+        return
     lockstep(2, 0, germinate=False)  # warm caches and code paths
     variants = {
         "env, wait only": dict(germinate=False),
@@ -184,7 +265,9 @@ def main() -> None:
         print(f"PPO (256 env steps/iteration, sampling in the driver): {seconds:.1f} s/iteration")
     ratio, per_episode = ratios["env, wait only"], sorted((plain / env).tolist())
     spread = f"episodes {per_episode[0]:.3f}-{per_episode[-1]:.3f}"
+    rows = batched_rows(ns, args.batched_steps, args.device)
     print(f"throughput ratio env/plain = {ratio:.3f} (target >= 0.9); {spread}")
+    _print_batched(rows)
     if args.json:
         import json
 
@@ -208,10 +291,34 @@ def main() -> None:
                     "target": 0.9,
                     "ppo_s_per_iteration": seconds,
                     "quick": args.quick,
+                    "batched": _batched_json(rows, args.device),
                 },
                 f,
                 indent=2,
             )
+
+
+def _print_batched(rows: dict[str, dict[int, tuple[float, float]]]) -> None:
+    for name, by_n in rows.items():
+        text = ", ".join(f"N={n} {b / s:.2f}" for n, (s, b) in by_n.items())
+        print(
+            f"batched/single env steps per core ({name}): {text}"
+            + (" (target >= 3 at N=32)" if name == "wait only" else "")
+        )
+
+
+def _batched_json(rows: dict[str, dict[int, tuple[float, float]]], device: str) -> dict:
+    return {
+        "device": device,
+        **{
+            name: {
+                str(n): {"single_steps_per_s": s, "batched_steps_per_s": b, "ratio": b / s}
+                for n, (s, b) in by_n.items()
+            }
+            for name, by_n in rows.items()
+        },
+        "target_ratio_n32_wait_only": 3.0,
+    }
 
 
 if __name__ == "__main__":

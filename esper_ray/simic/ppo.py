@@ -54,21 +54,23 @@ def build_ppo_config(cfg: SimicConfig):
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     import envs
+    from envs.batched import vector_env_settings
     from esper_ray.config import validate_model
     from esper_ray.simic.module import TamiyoSetModule
 
     # Validate the env config here, in the driver, so a bad value is one clear line.
     env_cfg = validate_model(envs.EnvConfig, cfg.env, "env config")
     p = cfg.ppo
+    # N > 1 episodes per env runner train their hosts as one batch (envs.batched, a vector env).
+    env_kwargs, runner_kwargs = vector_env_settings(cfg.env, cfg.num_envs_per_env_runner)
     return (
         PPOConfig()
-        # The class, not the gym id: remote env runners have not imported ``envs``.
-        .environment(env=envs.MorphogenesisEnv, env_config=cfg.env)
+        .environment(**env_kwargs)
         .env_runners(
             num_env_runners=cfg.num_env_runners,
             num_cpus_per_env_runner=cfg.num_cpus_per_env_runner,
             num_gpus_per_env_runner=cfg.num_gpus_per_env_runner,
-            num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+            **runner_kwargs,
             rollout_fragment_length="auto",
             # An env step trains a host epoch: a fragment can take minutes on a busy machine.
             sample_timeout_s=cfg.sample_timeout_s,

@@ -262,6 +262,16 @@ class Trainer:
         if culprit is not None:
             culprit.cull(f"governor: {why}")
 
+    def governor_rollback(self, why: str) -> None:
+        """The governor's answer to a bad loss (rollback, then cull the seed responsible), for a
+        caller that ran the training step itself (``tolaria.batched``)."""
+        self._governor_rollback(why)
+
+    def set_host_grad_norms(self, norms: dict[str, float]) -> None:
+        """Per slot, the last batch's gradient norm of the host module reading it, for a caller
+        that ran the training step itself (``tolaria.batched``); SlotTelemetry reports them."""
+        self._host_grad.update(norms)
+
     def _culprit(self) -> SeedSlot | None:
         live = [s for s in self.host.slots.values() if s.stage.is_live]
         for slot in live:  # a seed whose weights went bad is guilty for sure

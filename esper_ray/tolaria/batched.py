@@ -1,0 +1,550 @@
+"""Train the epochs of many MLP host runs at once: host weights stacked along a leading axis.
+
+``HostStack`` holds N rows. Each row belongs to one ``Trainer`` (one episode); that trainer's
+host parameters become views of its row (``p.data = W[i]``) and its Adam state for them
+(``exp_avg``, ``exp_avg_sq``, ``step``) views of the stacked moments. Everything else the
+trainer has (its slots and seeds, lifecycle, governor, rollback point, probe, candidate table)
+stays per run and keeps working unchanged, because it reads and writes the same memory:
+a rollback or a cull's snapshot restore copies into the views, and a restore that replaces the
+optimizer's state tensors is noticed (by identity) and copied back into the row before the next
+epoch (``HostStack.sync``).
+
+``HostStack.train_epochs(trainers)`` is ``Trainer.train_epoch`` for several trainers at once:
+per batch one batched forward (``torch.baddbmm`` per layer over the rows), one backward, one
+Adam step over the stacked weights, with the same arithmetic per row as ``torch.optim.Adam``'s
+single-tensor path. Seeds are grouped by blueprint and stage across rows at each slot; a
+group's members run as one ``torch.func.vmap`` over their stacked weights when it has more
+than one member (else the slot module itself runs), and their Adam step is one fused
+``torch._foreach`` update over every seed tensor of every row. Per row: its own batch order
+(its trainer's generator), governor (a bad loss rolls back and culls in that row only, which
+then sits out the rest of the epoch, exactly as ``train_epoch`` breaks), alpha ramp, gradient
+norms, validation, counterfactual contributions and lifecycle steps.
+
+Only the MLP host batches (``batchable``); other hosts, and runs with a custom loss
+(distillation), run ``Trainer.train_epoch`` one after the other.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esper_ray.contracts import EsperError, SeedStage
+from esper_ray.tolaria.telemetry import grad_norms
+from esper_ray.tolaria.trainer import Trainer
+
+# How a slot transforms its activation, by stage (kasmina.slot's forward modes).
+_IDENTITY, _ISOLATED, _BLEND, _FOSSIL = range(4)
+_MODE = {
+    SeedStage.TRAINING: _ISOLATED,
+    SeedStage.BLENDING: _BLEND,
+    SeedStage.HOLDING: _BLEND,
+    SeedStage.FOSSILIZED: _FOSSIL,
+}
+_ABLATABLE = (SeedStage.BLENDING, SeedStage.HOLDING, SeedStage.FOSSILIZED)
+
+
+class _Grad:
+    """A gradient tensor in the shape ``telemetry.grad_norms`` reads (``.grad``)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self, grad: torch.Tensor | None):
+        self.grad = grad
+
+
+def mlp_layers(trainer: Trainer) -> list[nn.Linear] | None:
+    """The Linear layers of an MLP host (blocks then head), or None when the host is not a plain
+    MLP of ``Linear + ReLU`` blocks that ``HostStack`` can batch."""
+    host = trainer.host
+    layers: list[nn.Linear] = []
+    for i, block in enumerate(host.blocks):
+        mods = list(block) if type(block) is nn.Sequential else [block]
+        if i == 0 and mods and type(mods[0]) is nn.Flatten:
+            mods = mods[1:]
+        if len(mods) != 2 or type(mods[0]) is not nn.Linear or type(mods[1]) is not nn.ReLU:
+            return None
+        layers.append(mods[0])
+    if type(host.head) is not nn.Linear:
+        return None
+    layers.append(host.head)
+    return layers
+
+
+def batchable(trainer: Trainer) -> str:
+    """'' when ``HostStack`` can train this run, else why it cannot."""
+    if trainer.cfg.host.kind != "mlp" or mlp_layers(trainer) is None:
+        return f"host kind {trainer.cfg.host.kind} is not batched (only the MLP host is)"
+    if trainer.loss_fn is not None:
+        return "a custom loss (distillation) is not batched"
+    for group in trainer.opt.param_groups:
+        if group.get("weight_decay", 0) or group.get("amsgrad") or group.get("maximize"):
+            return "Adam with weight decay, amsgrad or maximize is not batched"
+    return ""
+
+
+def skeleton(trainer: Trainer) -> tuple:
+    """What rows of one stack must share: the host's parameter shapes and its input shape."""
+    return (tuple(trainer.data.input_shape), tuple(tuple(p.shape) for p in trainer.host.host_parameters()))
+
+
+class HostStack:
+    """N MLP host runs whose weights live stacked; see the module docstring."""
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise EsperError(f"a host stack needs at least 1 row, got {n}")
+        self.n = n
+        self.trainers: list[Trainer | None] = [None] * n
+        self.params: list[torch.Tensor] = []  # per host parameter: (n, *shape), leaf, requires grad
+        self.exp_avg: list[torch.Tensor] = []
+        self.exp_avg_sq: list[torch.Tensor] = []
+        self.steps: torch.Tensor | None = None  # (n,) Adam step counts, float32 like torch's
+        self.shape: tuple | None = None
+        self.first_task = ""
+        self._views: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per row: param, m, v views
+        self._plans: dict[tuple, list] = {}  # see _plan
+        self.grouped_calls = 0  # seed groups run as one vmapped call (for tests and benchmarks)
+
+    # ---- rows ----------------------------------------------------------------------------------
+    def attach(self, row: int, trainer: Trainer) -> None:
+        """Make ``row`` belong to ``trainer`` (a fresh run): its host weights and Adam state move
+        into the row and become views of it. EsperError when its host has another skeleton."""
+        shape = skeleton(trainer)
+        if self.shape is None:
+            self.shape, self.first_task = shape, trainer.data.name
+            device = trainer.device
+            self.params = [
+                torch.zeros((self.n, *p.shape), device=device, requires_grad=True)
+                for p in trainer.host.host_parameters()
+            ]
+            self.exp_avg = [torch.zeros_like(p, requires_grad=False) for p in self.params]
+            self.exp_avg_sq = [torch.zeros_like(p, requires_grad=False) for p in self.params]
+            self.steps = torch.zeros(self.n)
+        elif shape != self.shape:
+            raise EsperError(
+                f"batched env: task {trainer.data.name} gives a host of another skeleton than task "
+                f"{self.first_task} (input {shape[0]} vs {self.shape[0]}, parameter shapes {list(shape[1])} vs "
+                f"{list(self.shape[1])}); every task of one batched env must give the same host shape"
+            )
+        self.trainers[row] = trainer
+        with torch.no_grad():
+            for k, p in enumerate(trainer.host.host_parameters()):
+                self.params[k][row].copy_(p)
+                self.exp_avg[k][row].zero_()
+                self.exp_avg_sq[k][row].zero_()
+                p.data = self.params[k].data[row]
+            self.steps[row] = 0.0
+        self._link_state(row, trainer, copy=True)
+
+    def _link_state(self, row: int, trainer: Trainer, copy: bool) -> None:
+        """Point the trainer's Adam state of its host parameters at the row (copying in any
+        state it holds first, e.g. one a rollback or a cull's snapshot restore just loaded)."""
+        views = []
+        state = trainer.opt.state
+        params = trainer.opt.param_groups[0]["params"]
+        step_view = self.steps[row]
+        with torch.no_grad():
+            for k, p in enumerate(params):
+                m, v = self.exp_avg[k][row], self.exp_avg_sq[k][row]
+                old = state.get(p)
+                if copy and old:
+                    m.copy_(old["exp_avg"])
+                    v.copy_(old["exp_avg_sq"])
+                    step_view.fill_(float(old["step"]))
+                elif copy:
+                    m.zero_()
+                    v.zero_()
+                    step_view.fill_(0.0)
+                state[p] = {"step": step_view, "exp_avg": m, "exp_avg_sq": v}
+                views += [p, m, v]
+        self._views[row] = views
+
+    def sync(self, row: int) -> None:
+        """Re-link a row whose trainer's Adam state tensors were replaced (rollback, cull)."""
+        trainer = self.trainers[row]
+        state = trainer.opt.state
+        views = self._views[row]
+        params = trainer.opt.param_groups[0]["params"]
+        for k, p in enumerate(params):
+            st = state.get(p)
+            if st is None or st.get("exp_avg") is not views[3 * k + 1] or st.get("exp_avg_sq") is not views[3 * k + 2]:
+                self._link_state(row, trainer, copy=True)
+                return
+            if p.data_ptr() != self.params[k][row].data_ptr():
+                raise EsperError(f"row {row}: host parameter {k} no longer shares the stack's memory")
+
+    # ---- one epoch -----------------------------------------------------------------------------
+    def train_epochs(self, rows: Sequence[int]) -> None:
+        """``Trainer.train_epoch`` for the trainers of ``rows`` at once (their ``last`` is set)."""
+        rows = list(rows)
+        if not rows:
+            return
+        started = time.perf_counter()
+        self._plans.clear()
+        for r in rows:
+            self.sync(r)
+        trainers = [self.trainers[r] for r in rows]
+        orders = []
+        for t in trainers:
+            x, y = t.data.x_train, t.data.y_train
+            perm = torch.randperm(len(x), generator=t.gen).to(x.device)
+            orders.append((x[perm], y[perm], len(x)))
+            t.host.train()
+        bs = trainers[0].cfg.training.batch_size
+        n_batches = [math.ceil(n / bs) for _, _, n in orders]
+        blending = [[s for s in t.host.slots.values() if s.stage is SeedStage.BLENDING] for t in trainers]
+        total = [0.0] * len(rows)
+        seen = [0] * len(rows)
+        tripped = [""] * len(rows)
+        stacked = None
+        if len({n for _, _, n in orders}) == 1:  # one gather per epoch; each batch is then a view
+            stacked = (torch.stack([o[0] for o in orders]), torch.stack([o[1] for o in orders]))
+        for b in range(max(n_batches)):
+            live = [j for j in range(len(rows)) if b < n_batches[j] and not tripped[j]]
+            if not live:
+                break
+            by_size: dict[int, list[int]] = defaultdict(list)
+            for j in live:
+                by_size[min(bs, orders[j][2] - b * bs)].append(j)
+            for size, members in by_size.items():
+                if stacked is not None and len(members) == len(rows):
+                    xb = stacked[0][:, b * bs : b * bs + size]
+                    yb = stacked[1][:, b * bs : b * bs + size]
+                else:
+                    xb = torch.stack([orders[j][0][b * bs : b * bs + size] for j in members])
+                    yb = torch.stack([orders[j][1][b * bs : b * bs + size] for j in members])
+                self._train_batch(rows, trainers, members, xb, yb, b, n_batches, total, seen, tripped, blending)
+        self._finish(rows, trainers, total, seen, tripped, started)
+
+    def _train_batch(self, rows, trainers, members, xb, yb, b, n_batches, total, seen, tripped, blending) -> None:
+        stack_rows = [rows[j] for j in members]
+        index = None if stack_rows == list(range(self.n)) else torch.tensor(stack_rows, device=xb.device)
+        weights = self.params if index is None else [p.index_select(0, index) for p in self.params]
+        logits = self.forward(weights, [trainers[j] for j in members], xb)
+        m, size = len(members), xb.shape[1]
+        losses = F.cross_entropy(logits.reshape(m * size, -1), yb.reshape(-1), reduction="none").view(m, size).mean(1)
+        values = losses.tolist()
+        keep = []
+        for pos, j in enumerate(members):
+            why = trainers[j].governor.check(values[pos])
+            if why:
+                tripped[j] = why
+            else:
+                keep.append(pos)
+        for p in self.params:
+            p.grad = None
+        seed_params = [
+            [p for s in trainers[j].host.slots.values() if s.seed is not None for p in s.seed.parameters()]
+            for j in members
+        ]
+        for params in seed_params:
+            for p in params:
+                p.grad = None
+        if keep:
+            loss = losses.sum() if len(keep) == m else losses[torch.tensor(keep, device=losses.device)].sum()
+            loss.backward()
+        with torch.no_grad():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            if index is not None:
+                grads = [g.index_select(0, index) for g in grads]
+            if len(keep) < m:  # rows that tripped: nothing of theirs moves (their gradient may be NaN)
+                drop = torch.tensor([pos for pos in range(m) if pos not in keep], device=xb.device)
+                for g in grads:
+                    g.index_fill_(0, drop, 0.0)
+                for pos in drop.tolist():
+                    for p in seed_params[pos]:
+                        p.grad = None
+            last = [pos for pos in keep if b == n_batches[members[pos]] - 1]
+            if last:
+                self._measure_grads([trainers[members[pos]] for pos in last], [grads_row(grads, pos) for pos in last])
+            self._adam_host([stack_rows[pos] for pos in keep], keep, grads, index is None and len(keep) == m)
+            self._adam_seeds([trainers[members[pos]] for pos in keep])
+        for pos in keep:
+            j = members[pos]
+            t = trainers[j]
+            t.step += 1
+            for slot in blending[j]:
+                slot.on_step()
+            total[j] += values[pos] * size
+            seen[j] += size
+        for pos in range(m):
+            j = members[pos]
+            if tripped[j] and pos not in keep:
+                trainers[j].governor_rollback(tripped[j])
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        weights: list[torch.Tensor],
+        trainers: list[Trainer],
+        x: torch.Tensor,
+        ablated: dict[int, str] | None = None,
+    ) -> torch.Tensor:
+        """Logits (rows, batch, classes) of the hosts of ``trainers`` (rows of ``weights``) with
+        their slots, on ``x`` (rows, batch, *input); ``ablated``: row position -> a slot that
+        outputs its input whatever its seed (``SeedSlot.ablated``)."""
+        h = x.flatten(2) if x.dim() > 3 else x
+        n_layers = len(weights) // 2
+        plan = self._plan(trainers, ablated or {}, n_layers, x.device)
+        for i in range(n_layers):
+            if i > 0:
+                h = torch.relu(h)
+            if plan[i]:
+                h = self._slots(plan[i], h)
+            h = torch.baddbmm(weights[2 * i + 1].unsqueeze(1), h, weights[2 * i].transpose(1, 2))
+        return h
+
+    def _plan(self, trainers: list[Trainer], ablated: dict[int, str], n_layers: int, device) -> list:
+        """Per boundary, the groups of rows whose slot there computes something: (mode, row
+        positions, slots, positions as a tensor), grouped by blueprint and mode. Stages change only
+        between epochs (a rollback mid-epoch takes its row out of the rest of the epoch), so a plan
+        is kept for the epoch (``_plans``, emptied by ``train_epochs``)."""
+        key = (tuple(map(id, trainers)), tuple(sorted(ablated.items())))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        plan = []
+        for index in range(n_layers):
+            groups: dict[tuple, list[tuple[int, object]]] = defaultdict(list)
+            for pos, t in enumerate(trainers):
+                for slot in t.host.slots.values():
+                    if slot.index != index or slot.seed is None or ablated.get(pos) == slot.name:
+                        continue
+                    mode = _MODE.get(slot.stage, _IDENTITY)
+                    if mode != _IDENTITY:
+                        groups[(slot.seed.blueprint_hash, mode)].append((pos, slot))
+            plan.append(
+                [(mode, [p for p, _ in members], [s for _, s in members]) for (_, mode), members in groups.items()]
+            )
+            if groups:
+                positions = [p for _, idx, _ in plan[-1] for p in idx]
+                plan[-1] = (plan[-1], torch.tensor(positions, device=device))
+        self._plans[key] = plan
+        return plan
+
+    def _slots(self, step: tuple, h: torch.Tensor) -> torch.Tensor:
+        """The slots at one boundary of every row: each group of one blueprint and mode is one
+        vmapped call (a lone member runs its slot module itself)."""
+        groups, index_t = step
+        outs = []
+        for mode, idx, slots in groups:
+            if len(idx) == 1:
+                outs.append(slots[0](h[idx[0]]).unsqueeze(0))
+            else:
+                outs.append(self._group_forward(mode, slots, h[idx]))
+        return h.index_copy(0, index_t, torch.cat(outs) if len(outs) > 1 else outs[0])
+
+    def _group_forward(self, mode: int, slots: list, h: torch.Tensor) -> torch.Tensor:
+        """``SeedSlot.forward`` for several slots with seeds of one blueprint, in one mode."""
+        template = slots[0].seed
+        self.grouped_calls += 1
+        names = [name for name, _ in template.named_parameters()]
+        stacked = {name: torch.stack([dict(s.seed.named_parameters())[name] for s in slots]) for name in names}
+
+        def call(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(template, params, (x,))
+
+        s = torch.func.vmap(call)(stacked, h if mode == _FOSSIL else h.detach())
+        if mode == _FOSSIL:
+            return s
+        if mode == _ISOLATED:
+            return h + (s - s.detach())
+        alpha = torch.tensor([slot.alpha for slot in slots], dtype=h.dtype, device=h.device)
+        return torch.lerp(h, s, alpha.view(-1, *([1] * (h.dim() - 1))))
+
+    # ---- optimizer -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _adam_host(self, stack_rows: list[int], keep: list[int], grads: list[torch.Tensor], whole: bool) -> None:
+        """``torch.optim.Adam``'s single-tensor step for the host rows in ``stack_rows`` (``keep``:
+        their positions in ``grads``), with the same arithmetic per row: rows that share a step
+        count and a learning rate step together (scalar coefficients), as a whole-tensor update
+        when they are every row."""
+        if not stack_rows:
+            return
+        trainers = [self.trainers[r] for r in stack_rows]
+        self.steps[torch.tensor(stack_rows)] += 1.0
+        steps = self.steps[torch.tensor(stack_rows)].tolist()
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, t in enumerate(trainers):
+            g = t.opt.param_groups[0]
+            groups[(steps[i], g["lr"], g["betas"], g["eps"])].append(i)
+        for (step, lr, (beta1, beta2), eps), members in groups.items():
+            bc1 = 1 - beta1**step
+            step_size = lr / bc1
+            bc2_sqrt = (1 - beta2**step) ** 0.5
+            every = whole and len(members) == len(stack_rows)
+            rows_t = None if every else torch.tensor([stack_rows[i] for i in members], device=grads[0].device)
+            grow_t = None if every else torch.tensor([keep[i] for i in members], device=grads[0].device)
+            for k, p in enumerate(self.params):
+                g = grads[k] if every else grads[k].index_select(0, grow_t)
+                if every:
+                    param, m, v = p.data, self.exp_avg[k], self.exp_avg_sq[k]
+                else:
+                    param = p.data.index_select(0, rows_t)
+                    m = self.exp_avg[k].index_select(0, rows_t)
+                    v = self.exp_avg_sq[k].index_select(0, rows_t)
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / bc2_sqrt).add_(eps)
+                param.addcdiv_(m, denom, value=-step_size)
+                if not every:
+                    p.data.index_copy_(0, rows_t, param)
+                    self.exp_avg[k].index_copy_(0, rows_t, m)
+                    self.exp_avg_sq[k].index_copy_(0, rows_t, v)
+
+    @torch.no_grad()
+    def _adam_seeds(self, trainers: list[Trainer]) -> None:
+        """Adam's single-tensor step for every seed parameter of these runs, fused with
+        ``torch._foreach`` ops (each tensor keeps its own step count and learning rate)."""
+        params, grads, ms, vs, steps, lrs, betas = [], [], [], [], [], [], []
+        for t in trainers:
+            for group in t.opt.param_groups[1:]:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = t.opt.state[p]
+                    if not state:
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    params.append(p)
+                    grads.append(p.grad)
+                    ms.append(state["exp_avg"])
+                    vs.append(state["exp_avg_sq"])
+                    steps.append(state["step"])
+                    lrs.append(group["lr"])
+                    betas.append((group["betas"], group["eps"]))
+        if not params:
+            return
+        torch._foreach_add_(steps, 1.0)
+        counts = torch.stack(steps).tolist()
+        if len(set(betas)) != 1:
+            raise EsperError("batched Adam: seed param groups with different betas or eps")
+        (beta1, beta2), eps = betas[0]
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [(1 - beta2**s) ** 0.5 for s in counts])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, ms, denom, [-lr / (1 - beta1**s) for lr, s in zip(lrs, counts, strict=True)])
+
+    # ---- telemetry and the epoch's end --------------------------------------------------------
+    def _measure_grads(self, trainers: list[Trainer], row_grads: list[list[torch.Tensor]]) -> None:
+        """Per slot, the last batch's gradient norm of the host layer reading it, and of its seed
+        (what ``Trainer`` measures), with one fused norm for all these rows."""
+        groups, layout = [], []
+        for t, grads in zip(trainers, row_grads, strict=True):
+            slots = list(t.host.slots.values())
+            n_layers = len(grads) // 2
+            for slot in slots:
+                k = min(slot.index, n_layers - 1)
+                groups.append([_Grad(grads[2 * k]), _Grad(grads[2 * k + 1])])
+            seeded = [s for s in slots if s.seed is not None]
+            groups += [list(s.seed.parameters()) for s in seeded]
+            layout.append((t, slots, seeded))
+        norms = grad_norms(groups)
+        at = 0
+        for t, slots, seeded in layout:
+            t.set_host_grad_norms({s.name: norms[at + i] for i, s in enumerate(slots)})
+            at += len(slots)
+            for s in seeded:
+                s.seed_grad_norm = norms[at]
+                at += 1
+
+    @torch.no_grad()
+    def _evaluate(
+        self, rows: list[int], x: list[torch.Tensor], y: list[torch.Tensor], ablated: str = ""
+    ) -> list[tuple[float, float]]:
+        """Mean cross-entropy and accuracy of each row's current model on its (x, y) (with the
+        slot ``ablated`` of each row ablated)."""
+        out: list[tuple[float, float]] = [(0.0, 0.0)] * len(rows)
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for j in range(len(rows)):
+            by_shape[tuple(x[j].shape)].append(j)
+        for members in by_shape.values():
+            stack_rows = [rows[j] for j in members]
+            index = None if stack_rows == list(range(self.n)) else torch.tensor(stack_rows, device=x[0].device)
+            weights = self.params if index is None else [p.index_select(0, index) for p in self.params]
+            xs = torch.stack([x[j] for j in members])
+            ys = torch.stack([y[j] for j in members])
+            skip = dict.fromkeys(range(len(members)), ablated) if ablated else None
+            logits = self.forward(weights, [self.trainers[r] for r in stack_rows], xs, skip)
+            loss = torch.logsumexp(logits, 2).sum(1) - logits.gather(2, ys[..., None]).sum((1, 2))
+            correct = (logits.argmax(2) == ys).sum(1)
+            n = xs.shape[1]
+            for pos, (lo, c) in enumerate(zip(loss.tolist(), correct.tolist(), strict=True)):
+                out[members[pos]] = (lo / n, c / n)
+        return out
+
+    def _finish(self, rows, trainers, total, seen, tripped, started) -> None:
+        """Validation, test at the last epoch, contributions and lifecycle steps, per row."""
+        self._plans.clear()  # rollbacks changed stages
+        for t in trainers:
+            t.host.eval()
+        try:
+            val = self._evaluate(rows, [t.data.x_val for t in trainers], [t.data.y_val for t in trainers])
+            scored = [
+                j for j, t in enumerate(trainers) if t.cfg.training.eval_test or t.epoch + 1 >= t.cfg.training.epochs
+            ]
+            test = {}
+            if scored:
+                res = self._evaluate(
+                    [rows[j] for j in scored],
+                    [trainers[j].data.x_test for j in scored],
+                    [trainers[j].data.y_test for j in scored],
+                )
+                test = {j: acc for j, (_, acc) in zip(scored, res, strict=True)}
+            self._contributions(rows, trainers, val)
+        finally:
+            for t in trainers:
+                t.host.train()
+        self._plans.clear()  # the lifecycle steps below change stages
+        seconds = time.perf_counter() - started
+        for j, t in enumerate(trainers):
+            val_loss, val_acc = val[j]
+            if val_acc > t.best_val + 1e-9:
+                t.best_val, t.plateau = val_acc, 0
+            else:
+                t.plateau += 1
+            t.epoch += 1
+            t.last = {
+                "train_loss": total[j] / seen[j] if seen[j] else float("nan"),
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "test_acc": test.get(j, math.nan),
+            }
+            for slot in t.host.slots.values():
+                slot.on_epoch_end()
+                slot.advance()
+            t.last["rolled_back"] = float(bool(tripped[j]))
+            t.last["epoch_seconds"] = seconds / len(trainers)  # the batched epoch's share
+
+    def _contributions(self, rows, trainers, val) -> None:
+        """Validation accuracy with each blended seed ablated, batched per slot name."""
+        names = sorted({name for t in trainers for name, s in t.host.slots.items() if s.stage in _ABLATABLE})
+        for name in names:
+            members = [
+                j for j, t in enumerate(trainers) if name in t.host.slots and t.host.slots[name].stage in _ABLATABLE
+            ]
+            slots = [trainers[j].host.slots[name] for j in members]
+            res = self._evaluate(
+                [rows[j] for j in members],
+                [trainers[j].data.x_val for j in members],
+                [trainers[j].data.y_val for j in members],
+                ablated=name,
+            )
+            for j, s, (_, ablated) in zip(members, slots, res, strict=True):
+                s.contribution = val[j][1] - ablated
+
+
+def grads_row(grads: list[torch.Tensor], pos: int) -> list[torch.Tensor]:
+    """Row ``pos`` of each stacked gradient."""
+    return [g[pos] for g in grads]

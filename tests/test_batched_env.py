@@ -1,0 +1,230 @@
+"""The batched vector env (envs.batched): same semantics as N single envs, per-episode isolation."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import envs  # noqa: F401  (registers the env id and its vector entry point)
+from envs.batched import BatchedMorphogenesisEnv
+from envs.morphogenesis import MorphogenesisEnv
+from esper_ray.contracts import EsperError
+
+ENV_ID = "esper/Morphogenesis-v0"
+
+# Float tolerance of the equivalence with single envs. The batched host runs its layers as one
+# torch.baddbmm over the episodes where a single env calls F.linear (addmm), and sums each
+# episode's loss over a (N, batch) view: the same arithmetic in another order of accumulation,
+# so float32 results differ in the last bits (at most 4.8e-6 on the observation vector over this
+# test, 98.6% of its entries bitwise equal). Masks, lifecycle stages, rewards and
+# accuracies (counts of correct examples) came out equal; an argmax flip would move a reward by 1/800.
+OBS_ATOL = 1e-4
+REWARD_ATOL = 1e-6
+
+
+def _config(epochs: int = 7, **training) -> dict:
+    return {
+        "run": {
+            "training": {"epochs": epochs, **training},
+            "lineage": {"enabled": False},
+            # short gates (and any contribution fossilizes), so a few epochs walk every lifecycle edge
+            "lifecycle": {
+                "min_training_epochs": 1,
+                "min_holding_epochs": 1,
+                "min_improvement": -1.0,
+                "alpha": {"steps": 40},
+            },
+        },
+        "train_tasks": [{"family": "mnist1d", "seed": 0}, {"family": "mnist1d", "seed": 1}],
+    }
+
+
+def _kinds(env: MorphogenesisEnv) -> dict[str, range]:
+    """Index ranges of each action kind (wait, germinate(s, k), fossilize(s), cull(s))."""
+    space = env.space
+    width = getattr(space, "width", len(space.slots))
+    g = 1 + width * space.k
+    return {"germinate": range(1, g), "fossilize": range(g, g + width), "cull": range(g + width, g + 2 * width)}
+
+
+def _policy(kinds: dict[str, range], episode: int, step: int, mask: np.ndarray) -> int:
+    """A scripted controller that walks every lifecycle edge: germinate at once (a different legal
+    choice for odd episodes), fossilize whenever allowed, episode 1 culls its seed at step 3."""
+    legal = set(np.flatnonzero(mask).tolist())
+    fossil = [a for a in kinds["fossilize"] if a in legal]
+    if fossil:
+        return fossil[0]
+    if episode % 3 == 1 and step == 3:
+        cull = [a for a in kinds["cull"] if a in legal]
+        if cull:
+            return cull[0]
+    germ = [a for a in kinds["germinate"] if a in legal]
+    if step in (0, 4) and germ:  # episodes 0 and 2 grow the same seed: one vmapped group
+        return germ[(7 * (episode % 2) + step) % len(germ)]
+    return 0
+
+
+def _events(env: MorphogenesisEnv) -> set[str]:
+    """Kinds of the run's events and the stages its seeds entered."""
+    return {e["kind"] for e in env.trainer.events} | {e.get("new", "") for e in env.trainer.events}
+
+
+@pytest.mark.slow
+def test_batched_env_matches_single_envs(torch_seed):
+    n, steps = 3, 10  # episodes of 6 steps: the last 4 steps run after an autoreset
+    venv = gym.make_vec(ENV_ID, num_envs=n, vectorization_mode="vector_entry_point", config=_config())
+    assert isinstance(venv, BatchedMorphogenesisEnv)
+    singles = [MorphogenesisEnv(_config()) for _ in range(n)]
+    obs, _ = venv.reset(seed=5)
+    single_obs = [env.reset(seed=5 + i)[0] for i, env in enumerate(singles)]
+    kinds = _kinds(singles[0])
+    done = [False] * n
+    seen_events: set[str] = set()
+    resets = 0
+    for step in range(steps):
+        for i in range(n):
+            np.testing.assert_allclose(obs["observations"][i], single_obs[i]["observations"], atol=OBS_ATOL)
+            np.testing.assert_array_equal(obs["action_mask"][i], single_obs[i]["action_mask"])
+        actions = np.array([_policy(kinds, i, step, obs["action_mask"][i]) for i in range(n)])
+        obs, rewards, terminated, truncated, infos = venv.step(actions)
+        for i, env in enumerate(singles):
+            if done[i]:  # NEXT_STEP autoreset: this step reset the episode, reward 0
+                single_obs[i], info = env.reset()
+                assert rewards[i] == 0.0 and not terminated[i]
+                done[i] = False
+                resets += 1
+                continue
+            single_obs[i], reward, term, _, info = env.step(int(actions[i]))
+            seen_events.update(_events(env))
+            assert rewards[i] == pytest.approx(reward, abs=REWARD_ATOL)
+            assert terminated[i] == term
+            assert infos["val_acc"][i] == pytest.approx(info["val_acc"], abs=1e-9)
+            if term:
+                assert infos["test_acc"][i] == pytest.approx(info["test_acc"], abs=1e-9)  # the final accuracy
+                done[i] = True
+    assert resets == n
+    assert venv.stack.grouped_calls > 0  # seeds of one blueprint in several episodes ran as one vmapped call
+    # The script exercised every lifecycle edge the env has (else this test would prove little).
+    assert {"germinate", "fossilize", "cull", "BLENDING", "HOLDING"} <= seen_events
+
+
+def test_nan_in_one_episode_touches_no_other(torch_seed):
+    cfg = _config(epochs=5)
+    runs = []
+    for poison in (False, True):
+        venv = BatchedMorphogenesisEnv(3, cfg)
+        obs, _ = venv.reset(seed=11)
+        kinds = _kinds(venv.envs[0])
+        germ = [a for a in kinds["germinate"] if obs["action_mask"][1][a]]
+        actions = np.zeros(3, dtype=int)
+        actions[1] = germ[0]
+        venv.step(actions)  # episode 1 grows a seed
+        if poison:
+            slot = next(s for s in venv.trainers[1].host.slots.values() if s.seed is not None)
+            with torch.no_grad():
+                for p in slot.seed.parameters():
+                    p.fill_(float("nan"))
+        obs, rewards, *_ = venv.step(np.zeros(3, dtype=int))
+        runs.append((obs, rewards, venv))
+    (clean, clean_r, _), (dirty, dirty_r, venv) = runs
+    for i in (0, 2):  # the other episodes: bit for bit what they were without the NaN
+        np.testing.assert_array_equal(dirty["observations"][i], clean["observations"][i])
+        assert dirty_r[i] == clean_r[i]
+    events = venv.trainers[1].events
+    assert any(e["kind"] == "rollback" and "non-finite" in e["reason"] for e in events)
+    assert any(e["kind"] == "cull" and "governor" in e["reason"] for e in events)
+    for i in (0, 2):
+        assert not any(e["kind"] in ("rollback", "cull") for e in venv.trainers[i].events)
+    for p in venv.trainers[1].host.host_parameters():  # rolled back to finite weights
+        assert torch.isfinite(p).all()
+    assert np.isfinite(dirty["observations"][1]).all()
+
+
+def test_masks_per_episode_and_sampling(torch_seed):
+    venv = BatchedMorphogenesisEnv(2, _config(epochs=4))
+    obs, _ = venv.reset(seed=3)
+    kinds = _kinds(venv.envs[0])
+    germ = [a for a in kinds["germinate"] if obs["action_mask"][0][a]]
+    obs, *_ = venv.step(np.array([germ[0], 0]))
+    np.testing.assert_array_equal(obs["action_mask"], venv.action_masks())
+    assert not np.array_equal(obs["action_mask"][0], obs["action_mask"][1])  # episode 0 has a seed now
+    for _ in range(20):  # random exploration draws only legal actions, per episode
+        a = venv.action_space.sample()
+        assert all(obs["action_mask"][i][a[i]] == 1 for i in range(2))
+    epochs = [t.epoch for t in venv.trainers]
+    illegal = np.array([0, int(np.flatnonzero(obs["action_mask"][1] == 0)[0])])
+    with pytest.raises(EsperError, match="episode 1: action"):
+        venv.step(illegal)
+    assert [t.epoch for t in venv.trainers] == epochs  # nothing moved
+
+
+def test_check_env_on_a_sub_env(torch_seed):
+    from gymnasium.utils.env_checker import check_env
+
+    venv = BatchedMorphogenesisEnv(2, _config(epochs=4))
+    venv.reset(seed=0)
+    check_env(venv.envs[1], skip_render_check=True)  # a sub-env called on its own trains its epochs alone
+    assert venv.single_observation_space == venv.envs[0].observation_space
+    assert venv.observation_space["observations"].shape[0] == 2
+
+
+def test_bad_input_is_one_line(torch_seed):
+    with pytest.raises(EsperError, match="num_envs must be an integer >= 1"):
+        BatchedMorphogenesisEnv(0, _config())
+    with pytest.raises(EsperError, match="num_envs"):
+        gym.make_vec(ENV_ID, num_envs=0, vectorization_mode="vector_entry_point", config=_config())
+    if not torch.cuda.is_available():
+        with pytest.raises(EsperError, match="CUDA is not available"):
+            BatchedMorphogenesisEnv(2, _config(device="cuda"))
+    cfg = _config(epochs=3)
+    cfg["train_tasks"] = [
+        {"family": "mnist1d", "seed": 0},
+        {"family": "bottleneck", "seed": 0, "bottleneck_slot": 0, "input_dim": 24},
+    ]
+    venv = BatchedMorphogenesisEnv(2, cfg)
+    with pytest.raises(EsperError, match=r"task bottleneck\S* gives a host of another skeleton") as err:
+        venv.reset(seed=0, options={"per_env": [{"task_index": 0}, {"task_index": 1}]})
+    assert "\n" not in str(err.value)
+
+
+def test_vector_env_settings_for_rllib():
+    from envs.batched import make_env, vector_env_settings
+
+    env_kwargs, runner_kwargs = vector_env_settings({"run": {"training": {"epochs": 3}}}, 1)
+    assert env_kwargs["env"] is MorphogenesisEnv and runner_kwargs == {"num_envs_per_env_runner": 1}
+    env_kwargs, runner_kwargs = vector_env_settings({}, 4)
+    assert runner_kwargs == {"num_envs_per_env_runner": 4, "gym_env_vectorize_mode": "vector_entry_point"}
+    assert env_kwargs["env"] is make_env
+    with pytest.raises(EsperError, match="num_envs_per_env_runner must be an integer >= 1"):
+        vector_env_settings({}, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_ppo_iterations_on_the_batched_env(ray_session, tmp_path):
+    from esper_ray.simic.config import SimicConfig
+    from esper_ray.simic.ppo import build_ppo_config, summarize
+
+    cfg = SimicConfig(
+        iterations=2,
+        num_env_runners=0,
+        num_envs_per_env_runner=4,
+        ppo={"train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1, "hidden": 16},
+        env={
+            "run": {"training": {"epochs": 4}, "lineage": {"enabled": False}},
+            "train_tasks": [{"family": "mnist1d", "seed": 0, "n_train": 400}],
+        },
+    )
+    algo = build_ppo_config(cfg).build_algo()
+    try:
+        env = algo.env_runner.env.unwrapped
+        assert isinstance(env, BatchedMorphogenesisEnv) and env.num_envs == 4
+        rows = [summarize(algo.train()) for _ in range(2)]
+    finally:
+        algo.stop()
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert rows[-1]["env_steps"] >= 2 * 32
+    assert 0.0 < rows[-1]["esper_final_val_acc"] <= 1.0  # episodes ran to the end and were logged
+    assert sum(t.epoch for t in env.trainers) > 0
