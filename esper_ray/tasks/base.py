@@ -6,15 +6,17 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from esper_ray.contracts import EsperError
+from esper_ray.hosts import HostConfig
 
-TASK_FAMILIES: tuple[str, ...] = ("mnist1d", "digits", "bottleneck", "cifar10")
-"""Every task family, in the order used by the one-hot block of :meth:`TaskData.features`."""
+TaskFamily = Literal["mnist1d", "digits", "bottleneck", "cifar10", "scaleshift", "interaction", "saturated", "text"]
+TASK_FAMILIES: tuple[str, ...] = get_args(TaskFamily)
+"""Every task family (what ``TaskConfig.family`` accepts)."""
 
 FEATURE_NAMES: tuple[str, ...] = (
     "log_n_train",  # log10(len(x_train)) / 5: 0.5 at 316 examples, 1.0 at 100k
@@ -22,9 +24,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_num_classes",  # log10(num_classes) / 2: 0.5 for 10 classes
     "spatial_rank",  # (len(input_shape) - 1) / 2: 0 for a flat vector, 1 for (C, H, W)
     "majority_share",  # share of the commonest label in y_train (the constant predictor's accuracy)
-    *(f"family={name}" for name in TASK_FAMILIES),  # one-hot over TASK_FAMILIES
 )
-"""Names of the entries of :meth:`TaskData.features`, in order (``5 + len(TASK_FAMILIES)``)."""
+"""Names of the entries of :meth:`TaskData.features`, in order. Generic statistics of the data only:
+no family or task identity, so a controller has to read the run to tell tasks apart."""
 
 TEST_FRACTION = 0.2
 """Share of a family's labelled examples held out as the test split, where the source has none."""
@@ -46,7 +48,7 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    family: Literal["mnist1d", "digits", "bottleneck", "cifar10"] = "mnist1d"
+    family: TaskFamily = "mnist1d"
     seed: int = Field(0, ge=0, le=_MAX_SEED, description="data generation / split seed")
     n_train: int | None = Field(None, ge=1, description="keep only this many training examples (None = all)")
     val_fraction: float = Field(0.2, gt=0.0, le=0.5, description="share of the non-test labelled data held out for val")
@@ -58,6 +60,13 @@ class TaskConfig(BaseModel):
     num_classes: int = Field(10, ge=2)
     wide: int = Field(512, ge=1)
     n_samples: int = Field(6000, ge=20)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the family's own generator settings (see esper_ray.tasks.params); unknown names are errors",
+    )
+    host: HostConfig | None = Field(
+        None, description="the host this task is played with; None: the run's host (RunConfig.host)"
+    )
 
     @model_validator(mode="after")
     def _slot_in_range(self) -> TaskConfig:
@@ -67,6 +76,16 @@ class TaskConfig(BaseModel):
             raise ValueError(
                 f"bottleneck_slot={self.bottleneck_slot} is out of range for hidden={self.hidden}; valid slots: {slots}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _params_and_host(self) -> TaskConfig:
+        # Imported here: the parameter models live beside the families, which import this module.
+        from esper_ray.tasks.params import check_host, parse_params
+
+        parse_params(self.family, self.params)
+        if self.host is not None:
+            check_host(self)
         return self
 
 
@@ -115,28 +134,25 @@ class TaskData:
     def features(self) -> list[float]:
         """A fixed-length numeric description of the task for a controller's observation.
 
-        Layout (``len == 5 + len(TASK_FAMILIES) == 9``), every entry roughly in [0, 1]:
+        Layout (``len == len(FEATURE_NAMES) == 5``), every entry roughly in [0, 1]:
 
         0. ``log10(n_train) / 5``
         1. ``log10(prod(input_shape)) / 4``
         2. ``log10(num_classes) / 2``
         3. ``(len(input_shape) - 1) / 2`` (0 = flat vector, 1 = image ``(C, H, W)``)
         4. share of the commonest label in ``y_train``
-        5..8. one-hot of the family over ``TASK_FAMILIES`` (mnist1d, digits, bottleneck, cifar10)
 
-        Nothing about a bottleneck task's ground-truth slot is included: that is what a
-        controller is meant to discover.
+        Nothing names the task or its family, and nothing about a bottleneck task's ground-truth
+        slot is included: which growth helps is what a controller is meant to discover.
         """
         n_train = max(int(self.y_train.numel()), 1)
-        counts = torch.bincount(self.y_train, minlength=self.num_classes)
-        family = self.meta.get("family")
+        counts = torch.bincount(self.y_train.flatten(), minlength=self.num_classes)  # (N, T) for text
         return [
             math.log10(n_train) / 5.0,
             math.log10(max(math.prod(self.input_shape), 1)) / 4.0,
             math.log10(self.num_classes) / 2.0,
             (len(self.input_shape) - 1) / 2.0,
             float(counts.max()) / n_train,
-            *(1.0 if family == name else 0.0 for name in TASK_FAMILIES),
         ]
 
 
@@ -175,3 +191,57 @@ def class_shares(y: torch.Tensor, num_classes: int) -> list[float]:
     """Share of each label in ``y``, as plain floats (for ``meta``)."""
     counts = torch.bincount(y, minlength=num_classes).double()
     return [round(float(c), 6) for c in counts / max(y.numel(), 1)]
+
+
+def synthetic_splits(
+    n_samples: int, cfg: TaskConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train_idx, val_idx, test_idx)`` of ``n_samples`` drawn examples: ``TEST_FRACTION`` of them
+    test, val carved from the rest by :func:`split_pool` (``n_train`` honoured)."""
+    perm = torch.randperm(n_samples, generator=generator)
+    n_test = round(TEST_FRACTION * n_samples)
+    test_idx, pool_idx = perm[:n_test], perm[n_test:]
+    train_pos, val_pos = split_pool(pool_idx.numel(), cfg, generator)
+    return pool_idx[train_pos], pool_idx[val_pos], test_idx
+
+
+def balanced_argmax(scores: torch.Tensor, calibration: torch.Tensor, rounds: int = 50) -> torch.Tensor:
+    """Labels ``argmax(scores)`` after a per-class affine fit on ``calibration`` (scores of other
+    inputs from the same distribution) that makes the classes about equally common: each column
+    z-scored, then per-class offsets nudged for ``rounds`` rounds towards equal argmax shares (a
+    skewed score, e.g. a product, would otherwise let a few classes win most inputs)."""
+    mu, sd = calibration.mean(0), calibration.std(0).clamp_min(1e-12)
+    z_cal = (calibration - mu) / sd
+    k = calibration.shape[1]
+    offset = torch.zeros(k, dtype=calibration.dtype)
+    for _ in range(rounds):
+        shares = torch.bincount((z_cal + offset).argmax(1), minlength=k).to(calibration.dtype) / len(z_cal)
+        offset -= 0.3 * torch.log((shares * k).clamp_min(0.05))
+    return ((scores - mu) / sd + offset).argmax(1)
+
+
+def synthetic_task(
+    cfg: TaskConfig, stem: str, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, meta: dict[str, Any]
+) -> TaskData:
+    """A TaskData from drawn vectors ``x`` (float64 ok) and labels ``y``: seeded splits, float32 / int64."""
+    num_classes = int(meta["num_classes"])
+    train_idx, val_idx, test_idx = synthetic_splits(x.shape[0], cfg, generator)
+    return TaskData(
+        name=task_name(cfg, stem),
+        x_train=finish(x[train_idx], torch.float32),
+        y_train=finish(y[train_idx], torch.int64),
+        x_val=finish(x[val_idx], torch.float32),
+        y_val=finish(y[val_idx], torch.int64),
+        x_test=finish(x[test_idx], torch.float32),
+        y_test=finish(y[test_idx], torch.int64),
+        input_shape=tuple(x.shape[1:]),
+        num_classes=num_classes,
+        meta={
+            **meta,
+            "seed": cfg.seed,
+            "class_shares": class_shares(y, num_classes),
+            "n_train": int(train_idx.numel()),
+            "n_val": int(val_idx.numel()),
+            "n_test": int(test_idx.numel()),
+        },
+    )

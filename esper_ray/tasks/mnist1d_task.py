@@ -1,4 +1,23 @@
-"""MNIST-1D, generated locally from its seed and cached in-process and on disk."""
+"""MNIST-1D, generated locally from its seed (and generator settings) and cached in-process and on disk.
+
+**What the task is.** Ten fixed 1-D templates (digits drawn as 12-step curves), each signal one of
+them padded, scaled, translated, sheared and noised, then resampled to ``final_seq_length``
+steps. The label is the template.
+
+**Which growth should help and why.** The class is a local shape that appears anywhere in the
+signal (``max_translation``), so a translation-equivariant local feature extractor, a
+``conv1d`` seed at the ``input`` slot, gives an MLP host what it lacks. With
+``shuffle_seq: true`` the positions are permuted by one fixed permutation: neighbours are no
+longer neighbours, locality is gone and a convolution should stop helping (a control that
+looks the same to a controller). A cnn1d host already has convolutions, so the same seed
+should add less there.
+
+**Sampled parameters** (``TaskConfig.params``, :class:`esper_ray.tasks.params.Mnist1dParams`):
+``num_samples``, ``scale_coeff``, ``max_translation``, ``corr_noise_scale``,
+``iid_noise_scale``, ``shear_scale``, ``final_seq_length``, ``shuffle_seq``; the defaults are
+the package's own (the original MNIST-1D). Only ``mnist1d.data.make_dataset`` is called, never
+``get_dataset`` (which downloads).
+"""
 
 from __future__ import annotations
 
@@ -17,41 +36,50 @@ import numpy as np
 import torch
 
 from esper_ray.tasks.base import TaskConfig, TaskData, cache_dir, finish, split_pool, task_name
+from esper_ray.tasks.params import Mnist1dParams, parse_params
+
+_DEFAULT = Mnist1dParams()
 
 # Bump when the cached arrays change meaning, so stale files are never read.
 _FORMAT_VERSION = 1
 _KEYS = ("x", "y", "x_test", "y_test")
 
 
-def _dataset_args(seed: int) -> object:
+def _dataset_args(seed: int, params: Mnist1dParams = _DEFAULT) -> object:
     # Only make_dataset / get_dataset_args: get_dataset would try to download.
     from mnist1d.data import get_dataset_args
 
     args = get_dataset_args()
     args.seed = seed
+    for name, value in params.model_dump().items():
+        setattr(args, name, value)
     return args
 
 
-def cache_path(seed: int) -> Path:
-    """Where the generated arrays for ``seed`` live on disk.
+def cache_path(seed: int, params: Mnist1dParams = _DEFAULT) -> Path:
+    """Where the generated arrays for ``seed`` (and generator ``params``) live on disk.
 
-    The name carries a digest of the installed mnist1d version and this module's format
-    version, so an upgrade gets a new file instead of silently reusing an old one. It avoids
-    importing mnist1d (~0.8 s, it pulls in matplotlib) so that a cache hit stays fast.
+    The name carries a digest of the installed mnist1d version, this module's format version
+    and any non-default generator settings, so an upgrade or another setting gets a new file
+    instead of silently reusing an old one. It avoids importing mnist1d (~0.8 s, it pulls in
+    matplotlib) so that a cache hit stays fast.
     """
-    key = {"mnist1d": importlib.metadata.version("mnist1d"), "format": _FORMAT_VERSION}
+    key: dict[str, object] = {"mnist1d": importlib.metadata.version("mnist1d"), "format": _FORMAT_VERSION}
+    changed = params.model_dump(exclude_defaults=True)
+    if changed:  # the default settings keep the name they always had
+        key["args"] = changed
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir() / f"mnist1d-s{seed}-{digest}.npz"
 
 
-def _generate(seed: int) -> dict[str, np.ndarray]:
+def _generate(seed: int, params: Mnist1dParams = _DEFAULT) -> dict[str, np.ndarray]:
     from mnist1d.data import make_dataset
 
     # make_dataset reseeds the global `random` and `numpy.random` generators; put them back so
     # loading data never changes what other code draws from them.
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        data = make_dataset(_dataset_args(seed))
+        data = make_dataset(_dataset_args(seed, params))
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
@@ -91,17 +119,19 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-@functools.lru_cache(maxsize=8)
-def raw_arrays(seed: int) -> dict[str, np.ndarray]:
-    """The generator's output for ``seed``: x (4000, 40), y, x_test (1000, 40), y_test.
+@functools.lru_cache(maxsize=32)
+def raw_arrays(seed: int, params: Mnist1dParams = _DEFAULT) -> dict[str, np.ndarray]:
+    """The generator's output for ``seed``: x (4000, 40), y, x_test (1000, 40), y_test with the
+    default ``params`` (80 / 20 % of ``num_samples`` signals of ``final_seq_length`` steps).
 
-    Read from the disk cache when present (milliseconds), else generated (~1 s) and saved.
-    The arrays are shared by every caller in the process, so they are made read-only.
+    Read from the disk cache when present (milliseconds), else generated (~1 s for 5000
+    signals) and saved. The arrays are shared by every caller in the process, so they are
+    made read-only.
     """
-    path = cache_path(seed)
+    path = cache_path(seed, params)
     arrays = _read(path)
     if arrays is None:
-        arrays = _generate(seed)
+        arrays = _generate(seed) if params == _DEFAULT else _generate(seed, params)
         _write(path, arrays)
     for a in arrays.values():
         a.setflags(write=False)
@@ -115,7 +145,9 @@ def load_mnist1d(cfg: TaskConfig) -> TaskData:
     before any ``n_train`` subsampling, so every ``n_train`` sees identical inputs); a scalar,
     not per position, because the signals are translated and a 1-D CNN should see one scale.
     """
-    raw = raw_arrays(cfg.seed)
+    params = parse_params("mnist1d", cfg.params)
+    assert isinstance(params, Mnist1dParams)
+    raw = raw_arrays(cfg.seed) if params == _DEFAULT else raw_arrays(cfg.seed, params)
     x = torch.from_numpy(raw["x"].astype(np.float64))
     y = torch.from_numpy(raw["y"].astype(np.int64))
     x_test = torch.from_numpy(raw["x_test"].astype(np.float64))
@@ -130,8 +162,10 @@ def load_mnist1d(cfg: TaskConfig) -> TaskData:
     def norm(t: torch.Tensor) -> torch.Tensor:
         return finish((t - mean) / std, torch.float32)
 
+    changed = params.model_dump(exclude_defaults=True)
+    stem = "mnist1d" if not changed else "mnist1d[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
     return TaskData(
-        name=task_name(cfg, "mnist1d"),
+        name=task_name(cfg, stem),
         x_train=norm(x[train_idx]),
         y_train=finish(y[train_idx], torch.int64),
         x_val=norm(x[val_idx]),
@@ -148,5 +182,6 @@ def load_mnist1d(cfg: TaskConfig) -> TaskData:
             "n_test": int(y_test.numel()),
             "input_mean": float(mean),
             "input_std": float(std),
+            "params": params.model_dump(),
         },
     )
