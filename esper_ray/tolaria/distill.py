@@ -36,6 +36,13 @@ seed at the input lowers every slot's gap (input to ~0.35, hidden1 to ~0.12). Th
 slot's gap is constant until a seed there changes what leaves it. Cost: one student
 forward pass on the probe and one small ridge solve per slot (a few ms).
 
+Sequence models (the transformer host on a text task: logits ``(B, T, classes)``, labels
+``(B, T)``) are distilled per position: the KL is averaged over every (example, position), the
+teacher's training-set logits are kept in float16 (they are ``n_train x T x classes``), and a slot
+gap is fit on rows of (example, position) with the slot's ``D`` channels as features and the
+teacher's logits *at the same position* as targets: a read-out across positions would let a later
+position (which has seen the next byte) predict an earlier one's logits.
+
 Teachers are cached: in-process (a dict keyed by teacher settings + a content hash of the
 task's tensors) and on disk (``<cache_dir>/teachers/<key>/teacher.safetensors`` + ``teacher.json``),
 so the Gymnasium env reuses the same teacher on every reset and in every process. A teacher
@@ -48,6 +55,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -65,6 +73,7 @@ from safetensors.torch import load, save_file
 from esper_ray.config import RunConfig, StrictModel, format_validation_error, validate_model
 from esper_ray.contracts import EsperError
 from esper_ray.hosts import HostConfig, MorphoHost, build_host
+from esper_ray.hosts.transformer import TransformerHost
 from esper_ray.tasks import TaskData, cache_dir
 
 FORMAT = "esper-ray-teacher/1"
@@ -123,7 +132,11 @@ def load_distill_config(path: str | Path | None, overrides: list[str] | None = N
 def kd_loss(
     student: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, temperature: float, weight: float
 ) -> torch.Tensor:
-    """``(1-w) CE(student, y) + w T^2 KL(softmax(teacher/T) || softmax(student/T))`` (batch mean)."""
+    """``(1-w) CE(student, y) + w T^2 KL(softmax(teacher/T) || softmax(student/T))`` (batch mean).
+
+    Logits ``(B, T, classes)`` with labels ``(B, T)`` count every position as an example."""
+    if student.dim() > 2:
+        student, y, teacher = student.flatten(0, -2), y.flatten(), teacher.flatten(0, -2)
     ce = F.cross_entropy(student, y)
     if weight == 0:
         return ce
@@ -208,6 +221,13 @@ class DistillationLoss:
         return gaps
 
 
+def _rows(h: torch.Tensor, per_position: bool) -> torch.Tensor:
+    """One row per example, flattened; with ``per_position`` one row per (example, position) of a
+    ``(B, T, D)`` sequence (a transformer's stream or logits: the read-out must not look across
+    positions)."""
+    return h.flatten(0, 1) if per_position else h.flatten(1)
+
+
 def slot_outputs(host: MorphoHost, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The activation leaving each slot (after its seed, if any), flattened, in eval mode."""
     was_training = host.training
@@ -222,21 +242,23 @@ def slot_outputs(host: MorphoHost, x: torch.Tensor) -> dict[str, torch.Tensor]:
             if i in by_index:
                 name, slot = by_index[i]
                 h = slot(h)  # identity while dormant
-                outs[name] = h.flatten(1)
+                outs[name] = _rows(h, slot.kind == "tokens")
         return outs
     finally:
         host.train(was_training)
 
 
 def teacher_stages(host: MorphoHost, x: torch.Tensor) -> list[torch.Tensor]:
-    """The teacher's block outputs and its logits on ``x``, each flattened (n_t + 1 tensors)."""
+    """The teacher's block outputs and its logits on ``x``, each flattened (n_t + 1 tensors); rows
+    per (example, position) for a transformer."""
     host.eval()
     out, h = [], x
+    per_position = isinstance(host, TransformerHost)
     with torch.no_grad():
         for block in host.blocks:
             h = block(h)
-            out.append(h.flatten(1))
-        out.append(host.head(h))
+            out.append(_rows(h, per_position))
+        out.append(_rows(host.head(h), per_position) if per_position else host.head(h))
     return out
 
 
@@ -296,9 +318,21 @@ def teacher_cache_dir(cfg: DistillConfig) -> Path:
 
 @torch.no_grad()
 def _accuracy(host: MorphoHost, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of correct predictions (of every position, for a sequence model)."""
     host.eval()
-    correct = sum(int((host(x[i : i + 4096]).argmax(1) == y[i : i + 4096]).sum()) for i in range(0, len(x), 4096))
-    return correct / max(len(x), 1)
+    correct = sum(int((host(x[i : i + 4096]).argmax(-1) == y[i : i + 4096]).sum()) for i in range(0, len(x), 4096))
+    return correct / max(y.numel(), 1)
+
+
+@torch.no_grad()
+def _mean_ce(host: MorphoHost, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean cross-entropy in nats (per position, for a sequence model)."""
+    host.eval()
+    total = 0.0
+    for i in range(0, len(x), 1024):
+        logits = host(x[i : i + 1024])
+        total += float(F.cross_entropy(logits.flatten(0, -2), y[i : i + 1024].flatten(), reduction="sum"))
+    return total / max(y.numel(), 1)
 
 
 def train_teacher(cfg: DistillConfig, data: TaskData) -> tuple[MorphoHost, dict[str, Any]]:
@@ -311,23 +345,25 @@ def train_teacher(cfg: DistillConfig, data: TaskData) -> tuple[MorphoHost, dict[
     gen = torch.Generator().manual_seed(cfg.teacher_seed)
     opt = torch.optim.Adam(host.parameters(), lr=cfg.teacher_lr)
     x, y, bs = data.x_train, data.y_train, cfg.teacher_batch_size
-    best, best_state, best_epoch = -1.0, None, 0
+    best, best_state, best_epoch = -math.inf, None, 0
+    sequence = isinstance(host, TransformerHost)
     for epoch in range(cfg.teacher_epochs):
         host.train()
         perm = torch.randperm(len(x), generator=gen)
         for b in range(0, len(x), bs):
             idx = perm[b : b + bs]
-            loss = F.cross_entropy(host(x[idx]), y[idx])
+            loss = F.cross_entropy(host(x[idx]).flatten(0, -2), y[idx].flatten())  # also (B, T, classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        val = _accuracy(host, data.x_val, data.y_val)
+        # A language model is kept at its best validation loss (bits per byte is what it is judged on).
+        val = -_mean_ce(host, data.x_val, data.y_val) if sequence else _accuracy(host, data.x_val, data.y_val)
         if val > best:
             best, best_epoch = val, epoch + 1
             best_state = host.host_state_dict()
     host.load_host_state_dict(best_state)
     metrics = {
-        "val_acc": best,
+        "val_acc": _accuracy(host, data.x_val, data.y_val) if sequence else best,
         "test_acc": _accuracy(host, data.x_test, data.y_test),
         "best_epoch": best_epoch,
         "epochs": cfg.teacher_epochs,
@@ -401,7 +437,10 @@ def _finish(host: MorphoHost, cfg: DistillConfig, data: TaskData, key: str, sour
     host.eval()
     host.requires_grad_(False)
     with torch.no_grad():
-        logits = torch.cat([host(data.x_train[i : i + 4096]) for i in range(0, len(data.x_train), 4096)])
+        chunk = 256 if isinstance(host, TransformerHost) else 4096  # a sequence's logits are T x classes each
+        logits = torch.cat([host(data.x_train[i : i + chunk]) for i in range(0, len(data.x_train), chunk)])
+    if logits.dim() > 2:  # n_train x T x classes: half the memory; the KD loss casts back to float32
+        logits = logits.to(torch.float16)
     probe_x = data.x_val[: cfg.gap_probe].clone()
     # Accuracy on this task's splits, measured here (a checkpoint may come from elsewhere).
     meta = {
@@ -410,6 +449,14 @@ def _finish(host: MorphoHost, cfg: DistillConfig, data: TaskData, key: str, sour
             **meta.get("metrics", {}),
             "val_acc": _accuracy(host, data.x_val, data.y_val),
             "test_acc": _accuracy(host, data.x_test, data.y_test),
+            **(
+                {
+                    "test_loss": _mean_ce(host, data.x_test, data.y_test),
+                    "val_loss": _mean_ce(host, data.x_val, data.y_val),
+                }
+                if isinstance(host, TransformerHost)
+                else {}
+            ),
         },
     }
     return Teacher(
@@ -564,5 +611,15 @@ def run_distillation(
         "retained": student / teacher.test_acc if teacher.test_acc > 0 else float("nan"),
         "config": cfg.model_dump(mode="json"),
     }
+    if "test_loss" in teacher.meta["metrics"]:  # a text task: bits per byte, the figure that matters
+        student_loss = result.trainer.evaluate(data.x_test, data.y_test)[0]
+        record["teacher"]["test_bits_per_byte"] = teacher.meta["metrics"]["test_loss"] / math.log(2)
+        record["student"]["test_bits_per_byte"] = student_loss / math.log(2)
+        if progress:
+            print(
+                f"[{run.name}] test bits per byte: teacher {record['teacher']['test_bits_per_byte']:.4f}, "
+                f"student {record['student']['test_bits_per_byte']:.4f}",
+                flush=True,
+            )
     (result.run_dir / "distill.json").write_text(json.dumps(record, indent=1))
     return result, loss
