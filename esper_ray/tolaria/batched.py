@@ -13,9 +13,10 @@ epoch (``HostStack.sync``).
 per batch one batched forward (``torch.baddbmm`` per layer over the rows), one backward, one
 Adam step over the stacked weights, with the same arithmetic per row as ``torch.optim.Adam``'s
 single-tensor path. Seeds are grouped by blueprint and stage across rows at each slot; a
-group's members run as one ``torch.func.vmap`` over their stacked weights when it has more
-than one member (else the slot module itself runs), and their Adam step is one fused
-``torch._foreach`` update over every seed tensor of every row. Per row: its own batch order
+group of blending, holding or fossilized seeds runs as one ``torch.func.vmap`` over their
+stacked weights (a lone seed, and seeds in isolated TRAINING, run through their slot's own
+forward, whose custom autograd keeps a seed's NaN off the host), and their Adam step is one
+fused ``torch._foreach`` update over every seed tensor of every row. Per row: its own batch order
 (its trainer's generator), governor (a bad loss rolls back and culls in that row only, which
 then sits out the rest of the epoch, exactly as ``train_epoch`` breaks), alpha ramp, gradient
 norms, validation, counterfactual contributions and lifecycle steps.
@@ -330,19 +331,22 @@ class HostStack:
         return plan
 
     def _slots(self, step: tuple, h: torch.Tensor) -> torch.Tensor:
-        """The slots at one boundary of every row: each group of one blueprint and mode is one
-        vmapped call (a lone member runs its slot module itself)."""
+        """The slots at one boundary of every row, group by group (see the module docstring)."""
         groups, index_t = step
         outs = []
         for mode, idx, slots in groups:
-            if len(idx) == 1:
-                outs.append(slots[0](h[idx[0]]).unsqueeze(0))
+            if len(idx) == 1 or mode == _ISOLATED:
+                # The slot's own forward: isolation's custom autograd (value h, gradient to the
+                # seed) stays kasmina's alone; the seed's compute is the same either way.
+                outs.append(torch.stack([slot(h[i]) for i, slot in zip(idx, slots, strict=True)]))
             else:
                 outs.append(self._group_forward(mode, slots, h[idx]))
         return h.index_copy(0, index_t, torch.cat(outs) if len(outs) > 1 else outs[0])
 
     def _group_forward(self, mode: int, slots: list, h: torch.Tensor) -> torch.Tensor:
-        """``SeedSlot.forward`` for several slots with seeds of one blueprint, in one mode."""
+        """``SeedSlot.forward`` for several slots with seeds of one blueprint, in one mode (fossilized:
+        ``seed(h)``; blending or holding: ``lerp(h, seed(h.detach()), alpha)``), the seeds as one
+        vmapped call over their stacked weights."""
         template = slots[0].seed
         self.grouped_calls += 1
         names = [name for name, _ in template.named_parameters()]
@@ -354,8 +358,6 @@ class HostStack:
         s = torch.func.vmap(call)(stacked, h if mode == _FOSSIL else h.detach())
         if mode == _FOSSIL:
             return s
-        if mode == _ISOLATED:
-            return h + (s - s.detach())
         alpha = torch.tensor([slot.alpha for slot in slots], dtype=h.dtype, device=h.device)
         return torch.lerp(h, s, alpha.view(-1, *([1] * (h.dim() - 1))))
 
