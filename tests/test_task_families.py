@@ -189,8 +189,8 @@ def test_bad_family_setting_is_one_line(family: str, params: dict, needle: str) 
     assert "\n" not in msg and needle in msg
 
 
-def test_every_family_has_a_settings_model() -> None:
-    assert set(FAMILY_PARAMS) == set(TASK_FAMILIES)
+def test_every_family_checks_its_settings() -> None:
+    assert set(FAMILY_PARAMS) <= set(TASK_FAMILIES)
     for family in TASK_FAMILIES:
         with pytest.raises(pydantic.ValidationError):
             TaskConfig(family=family, params={"no_such_setting": 1})

@@ -65,7 +65,7 @@ _LOADERS: dict[str, Callable[[TaskConfig], TaskData]] = {
     "saturated": load_saturated,
     "text": load_text,
 }
-assert set(_LOADERS) == set(TASK_FAMILIES) == set(FAMILY_PARAMS)  # every family can be loaded and configured
+assert set(_LOADERS) == set(TASK_FAMILIES) >= set(FAMILY_PARAMS)  # every family can be loaded
 
 
 def load_task(cfg: TaskConfig | Mapping[str, Any]) -> TaskData:

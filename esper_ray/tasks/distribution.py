@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from esper_ray.contracts import EsperError
 from esper_ray.hosts import HostConfig
 from esper_ray.tasks.base import TaskConfig, TaskFamily
-from esper_ray.tasks.params import FAMILY_PARAMS, IMAGE_FAMILIES
+from esper_ray.tasks.params import FAMILY_PARAMS, IMAGE_FAMILIES, NoParams
 
 _COMMON_FIELDS = frozenset({"n_train", "val_fraction"})
 _BOTTLENECK_FIELDS = frozenset({"input_dim", "num_classes", "wide", "n_samples", "bottleneck_slot"})
@@ -145,7 +145,7 @@ class FamilySpec(_Strict):
 
     @model_validator(mode="after")
     def _known_settings(self) -> FamilySpec:
-        known = set(_COMMON_FIELDS) | set(FAMILY_PARAMS[self.family].model_fields)
+        known = set(_COMMON_FIELDS) | set(FAMILY_PARAMS.get(self.family, NoParams).model_fields)
         if self.family == "bottleneck":
             known |= _BOTTLENECK_FIELDS
         for name in [*self.fixed, *self.ranges]:

@@ -99,7 +99,8 @@ FAMILY_PARAMS: dict[str, type[FamilyParams]] = {
     "saturated": SaturatedParams,
     "text": TextParams,
 }
-"""The settings model of every family (``TaskConfig.params`` is validated against it)."""
+"""The settings model of each family (``TaskConfig.params`` is validated against it; a family
+missing here takes none)."""
 
 IMAGE_FAMILIES = frozenset({"digits", "cifar10"})
 """Families whose inputs are images ``(C, H, W)``: a cnn2d host fits them, a cnn1d host does not."""
@@ -111,7 +112,7 @@ def parse_params(family: str, params: dict[str, Any]) -> FamilyParams:
     Raises ValueError with one line naming the setting: an unknown name (listing the known
     ones) or a value out of range.
     """
-    model = FAMILY_PARAMS[family]
+    model = FAMILY_PARAMS.get(family, NoParams)  # a family without a model here takes no settings
     try:
         return model.model_validate(params)
     except ValidationError as err:
