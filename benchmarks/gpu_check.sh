@@ -7,7 +7,9 @@
 # checkpoint resume on cuda and across devices; Tezzeret's torch.compile on cuda against eager;
 # Urabrask's CUDA latency and measured peak memory; Tezzeret and Urabrask placed by Ray on
 # half a GPU each, compiling and benchmarking a blueprint on it). Then a short timing of
-# Trainer.train_epoch on cuda against the CPU (1 thread), MNIST-1D, MLP and 1-D CNN hosts.
+# Trainer.train_epoch on cuda against the CPU (1 thread), MNIST-1D, MLP and 1-D CNN hosts; and the
+# batched env's rows of benchmarks/env_throughput.py (N episodes' host epochs as one batch on the GPU
+# against one single env on one CPU thread).
 #
 # How it is run: with the workplace's device tool, `run` with carry [".whl"] and the command
 #     bash benchmarks/gpu_check.sh
@@ -16,7 +18,7 @@
 # (made here by `.venv/bin/python benchmarks/gpu_wheels.py`; git-ignored, never committed) and
 # are installed under /tmp/site. The repository is not pip-installed there: PYTHONPATH makes
 # esper_ray, envs and actors importable (nothing reads esper-ray's package metadata).
-# Logs go to $OUT (cuda_tests.log, timing.log) when $OUT is set. About 3-5 minutes.
+# Logs go to $OUT (cuda_tests.log, timing.log, batched.log) when $OUT is set. About 5-8 minutes.
 #
 # CI never runs this (no GPU there; tests/test_cuda.py skips itself without CUDA).
 #
@@ -141,4 +143,17 @@ for kind in ("mlp", "cnn1d"):
     print(f"{kind}: {text}{ratio}  (cpu: 1 thread, training.threads)")
 EOF
 echo "timing exit status: $?"
+
+section "timing: batched env (envs.batched), env steps/s against one single env on one CPU thread"
+# The batched rows of env_throughput.py with the batched env on the GPU (target: >= 100x one single env
+# on one CPU core at the best N); a dry run without CUDA times small N on the CPU.
+if [ -n "$LOGDIR" ]; then BATCHED_LOG="$LOGDIR/batched.log"; else BATCHED_LOG=/dev/null; fi
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    BATCHED_ARGS=(--device cuda --batched-n "${BATCHED_N:-1,32,128,512,1024}" --batched-steps 10)
+else
+    BATCHED_ARGS=(--device cpu --batched-n 1,8 --batched-steps 5)
+fi
+timeout -k 10 "${BATCHED_TIMEOUT:-300}" "$PY" benchmarks/env_throughput.py --batched-only "${BATCHED_ARGS[@]}" 2>&1 \
+    | tee "$BATCHED_LOG"
+echo "batched timing exit status: $?"
 exit "$status"
