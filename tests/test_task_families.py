@@ -408,3 +408,17 @@ def test_committed_distributions_hold_out_families_and_depths() -> None:
     kinds = {t.host.kind for t in train if t.host is not None}
     assert kinds == {"mlp", "cnn1d"}
     assert all(math.isfinite(v) for v in load_task(train[0]).features())
+
+
+@pytest.mark.parametrize("slot", [0, 2, 5])
+def test_bottleneck_at_any_depth_and_width(slot: int) -> None:
+    hidden = [32, 96, 48, 64, 32]
+    d = load_task(
+        TaskConfig(family="bottleneck", seed=slot, hidden=hidden, bottleneck_slot=slot, n_samples=600, input_dim=24)
+    )
+    assert d.meta["ground_truth_slot"] == ["input", "hidden0", "hidden1", "hidden2", "hidden3", "hidden4"][slot]
+    assert d.meta["label_change_if_removed"] > 0.5  # the missing map decides most labels
+    assert d.meta["host_init_test_accuracy"] < 0.3  # so the damaged host is far from solving it
+    assert max(d.meta["class_shares"]) < 0.25
+    host = build_host(HostConfig(hidden=hidden), d.input_shape, d.num_classes)
+    host.load_host_state_dict(d.host_init)  # the damaged teacher is a host of exactly these widths
