@@ -103,12 +103,17 @@ class BestFixedConfig(StrictModel):
 class TrialConfig(StrictModel):
     """``trial``: the heuristic that picks growth by short what-if trials (see TrialHeuristic)."""
 
-    steps: int = Field(120, ge=1, description="training batches of a confirming trial")
+    steps: int = Field(200, ge=1, description="training batches of a confirming trial")
     screen_steps: int = Field(30, ge=1, description="training batches of a screening trial (every candidate)")
     keep: int = Field(2, ge=1, description="candidates per slot confirmed after the screen")
     lr_scale: float = Field(10.0, gt=0, description="the seed's learning rate in a trial, times the run's seed_lr")
     every: int = Field(4, ge=1, description="decisions between trial rounds while a slot is open and none is live")
-    min_gain: float = Field(0.03, description="germinate when a seed removes more than this share of the val loss")
+    min_gain: float = Field(0.05, description="germinate when a seed removes more than this share of the val loss")
+    cull_below: float = Field(
+        -0.01,
+        description="cull a holding seed whose ablation contribution is below this; a seed chosen by trial is kept "
+        "unless it clearly hurts (one that has barely started to matter at the end of blending often pays off later)",
+    )
     min_epochs_left: int = Field(5, ge=0, description="no new germination with fewer epochs than this left")
     max_rounds: int = Field(3, ge=1, description="trial rounds per run at most")
     top_slots: int | None = Field(None, ge=1, description="trial only the N open slots the signals rank highest")

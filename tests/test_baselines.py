@@ -124,10 +124,10 @@ def test_trial_heuristic_waits_when_no_seed_removes_enough_loss_and_until_the_ne
 def test_trial_heuristic_fossilizes_culls_and_waits_while_a_seed_is_live() -> None:
     trials = FakeTrials({("input", "norm"): 0.5})
     c = TrialHeuristic(trials, TrialConfig())
-    holding = _slot("hidden0", 1, SeedStage.HOLDING, contribution=0.03, blueprint="lowrank")
+    holding = _slot("hidden0", 1, SeedStage.HOLDING, contribution=-0.005, blueprint="lowrank")
     obs = _obs([THREE[0], holding, THREE[2]])
-    assert c.act(obs, _legal(obs)) == ControllerAction.fossilize("hidden0")
-    useless = _slot("hidden0", 1, SeedStage.HOLDING, contribution=-0.01, blueprint="lowrank")
+    assert c.act(obs, _legal(obs)) == ControllerAction.fossilize("hidden0")  # kept: it does not clearly hurt
+    useless = _slot("hidden0", 1, SeedStage.HOLDING, contribution=-0.02, blueprint="lowrank")
     obs = _obs([THREE[0], useless, THREE[2]], epoch=2)
     assert c.act(obs, _legal(obs)) == ControllerAction.cull("hidden0")
     assert c.failed == {"hidden0": ["lowrank"]}  # never retried there

@@ -334,9 +334,7 @@ def baseline_factories(
         elif name == "heuristic":
             factories[name] = lambda seed: HeuristicController(settings.plateau_patience, settings.cull_below)
         elif name == "trial":
-            factories[name] = lambda seed: TrialHeuristic(
-                run, settings.trial, settings.cull_below, settings.plateau_patience
-            )
+            factories[name] = lambda seed: TrialHeuristic(run, settings.trial, settings.plateau_patience)
         elif name == "fixed":
             if not settings.schedule:
                 raise EsperError("baseline fixed needs env.run.controller.schedule (a list of steps)")

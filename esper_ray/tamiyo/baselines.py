@@ -275,8 +275,9 @@ class TrialHeuristic:
 
     At each decision, in order:
 
-    1. Fossilize a seed whose fossilize gate is open and whose ablation contribution is above
-       ``cull_below``; cull a HOLDING seed at or below it.
+    1. Fossilize a seed whose fossilize gate is open and whose ablation contribution is at least
+       ``trial.cull_below`` (slightly negative by default: a seed the trials chose is kept unless it
+       clearly hurts); cull a HOLDING seed below it.
     2. While a seed is live (its trial is the run itself), wait.
     3. Every ``trial.every`` decisions from the run's first (and at once when the host's accuracy
        has plateaued for ``plateau_patience`` epochs), with a slot open and the germination budget
@@ -312,12 +313,11 @@ class TrialHeuristic:
         self,
         trials: CandidateTrials,
         settings: TrialConfig | None = None,
-        cull_below: float = 0.0,
         plateau_patience: int = 3,
     ):
         self.trials = trials
         self.settings = settings or TrialConfig()
-        self.cull_below = cull_below
+        self.cull_below = self.settings.cull_below
         self.plateau_patience = plateau_patience
         self.counter = _EpisodeCounter()
         self.last_round = -(10**9)
@@ -332,12 +332,12 @@ class TrialHeuristic:
             if s.stage is SeedStage.CULLED and s.blueprint and s.blueprint not in self.failed.get(s.name, []):
                 self.failed.setdefault(s.name, []).append(s.blueprint)
         for a in legal:
-            if a.kind is ActionKind.FOSSILIZE and by_slot[a.slot].contribution > self.cull_below:
+            if a.kind is ActionKind.FOSSILIZE and by_slot[a.slot].contribution >= self.cull_below:
                 return a
         for a in legal:
             if a.kind is ActionKind.CULL:
                 s = by_slot[a.slot]
-                if s.stage is SeedStage.HOLDING and s.contribution <= self.cull_below:
+                if s.stage is SeedStage.HOLDING and s.contribution < self.cull_below:
                     self.failed.setdefault(s.name, []).append(s.blueprint or "")
                     return a
         if any(s.stage.is_live for s in obs.slots):

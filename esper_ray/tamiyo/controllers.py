@@ -181,7 +181,7 @@ def make_controller(cfg, seed: int = 0, run=None) -> Controller:
     if cfg.kind in ("trial", "best-fixed") and run is None:
         raise EsperError(f"controller.kind={cfg.kind} needs the run it plays in (make_controller(..., run=trainer))")
     if cfg.kind == "trial":
-        return baselines.TrialHeuristic(run, cfg.trial, cfg.cull_below, cfg.plateau_patience)
+        return baselines.TrialHeuristic(run, cfg.trial, cfg.plateau_patience)
     if cfg.kind == "best-fixed":
         if not cfg.best_fixed.table:
             raise EsperError(
