@@ -147,7 +147,10 @@ def batched_lockstep(n: int, steps: int, seeded: bool, device: str = "cpu") -> t
 
     def config(dev: str) -> dict:
         return {
-            "run": {"training": {"epochs": steps + 2, "device": dev}, "lineage": {"enabled": False}},
+            "run": {
+                "training": {"epochs": steps + 2, "device": dev, "signal_every": envs.SIGNAL_EVERY},
+                "lineage": {"enabled": False},
+            },
             "train_tasks": [{"family": "mnist1d", "seed": 0}],
         }
 
