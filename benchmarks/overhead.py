@@ -16,7 +16,10 @@ What it measures, all in one run:
     same host built with ``slots=[]`` and the same weights. The two run interleaved in
     alternating blocks (ABBA order after a warm-up) so that machine noise hits both alike; the
     script prints the median per-step time of each and the ratio dormant / plain, for the MLP
-    40-64-64-10 host and the 1-D CNN host, by process CPU time (robust when other processes
+    40-64-64-10 host and the 1-D CNN host, and for the byte-level transformer (2 blocks, d_model 64,
+    3 dormant slots on its residual stream, batch 32 of 64 tokens, 256 classes, against
+    ``hosts.transformer.PlainTransformer`` with the same weights; a tenth of the steps per block,
+    each step being ~20x the MLP's), by process CPU time (robust when other processes
     share the cores; the summary uses it) and by wall clock, plus the median of per-block ratios.
     Expect: ratio ~1.00 (dormant slots are not even called); target <= 1.02. On a busy machine
     single ratios wander by a few percent either way; the paired ratio is the steadier one.
@@ -51,16 +54,25 @@ import torch.nn.functional as F
 
 from esper_ray.contracts import SeedStage
 from esper_ray.hosts import HostConfig, MorphoHost, build_host
+from esper_ray.hosts.transformer import PlainTransformer
 from esper_ray.kasmina import AlphaSchedule, LifecycleConfig
 
 BATCH = 100
 FEATURES = 40
 CLASSES = 10
+TOKENS = HostConfig(kind="transformer", hidden=[64, 64], heads=4, context=64)  # the transformer row's host
+SEQ, SEQ_BATCH = 64, 32
 
 
 # ---- (a) step time ---------------------------------------------------------------------------------
-def _twins(kind: str) -> tuple[MorphoHost, MorphoHost]:
+def _twins(kind: str) -> tuple[MorphoHost, torch.nn.Module]:
     torch.manual_seed(0)
+    if kind == "transformer":
+        dormant = build_host(TOKENS, (SEQ,), 256)
+        plain = PlainTransformer(TOKENS, (SEQ,), 256)
+        plain.load_state_dict(dormant.host_state_dict(), strict=True)
+        assert len(dormant.slots) == 3
+        return dormant, plain
     dormant = build_host(HostConfig(kind=kind, slots="all"), (FEATURES,), CLASSES)
     plain = build_host(HostConfig(kind=kind, slots=[]), (FEATURES,), CLASSES)
     plain.load_state_dict(dormant.host_state_dict(), strict=True)
@@ -80,7 +92,8 @@ def _stepper(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
             x, y = batches[state["i"] % len(batches)]
             state["i"] += 1
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            out = model(x)
+            F.cross_entropy(out.flatten(0, -2), y.flatten()).backward()  # also (B, T, classes) logits
             opt.step()
         return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
@@ -90,10 +103,17 @@ def _stepper(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
 def step_time(kind: str, steps: int, blocks: int) -> dict[str, float]:
     dormant, plain = _twins(kind)
     gen = torch.Generator().manual_seed(1)
-    batches = [
-        (torch.randn(BATCH, FEATURES, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen))
-        for _ in range(32)
-    ]
+    if kind == "transformer":
+        steps = max(4, steps // 10)
+        batches = [
+            (torch.randint(0, 256, (SEQ_BATCH, SEQ), generator=gen).float(), torch.randint(0, 256, (SEQ_BATCH, SEQ)))
+            for _ in range(8)
+        ]
+    else:
+        batches = [
+            (torch.randn(BATCH, FEATURES, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen))
+            for _ in range(32)
+        ]
     run = {"dormant": _stepper(dormant, batches), "plain": _stepper(plain, batches)}
     for fn in run.values():  # warm-up
         fn(max(20, steps // 4))
@@ -103,7 +123,7 @@ def step_time(kind: str, steps: int, blocks: int) -> dict[str, float]:
         for name in order:
             per_step[name].append(run[name](steps))
     # Same data, same weights, same optimizer: both ran the same computation.
-    for p_d, p_p in zip(dormant.host_parameters(), plain.host_parameters(), strict=True):
+    for p_d, p_p in zip(dormant.host_parameters(), plain.parameters(), strict=True):
         assert torch.equal(p_d, p_p), "dormant and plain hosts diverged"
     out = {}
     for clock, i in (("wall", 0), ("cpu", 1)):
@@ -276,13 +296,13 @@ def main() -> None:
     )
     print(f"{'host':6s} {'clock':5s} {'dormant (3 slots)':>18s} {'plain (slots=[])':>17s} {'ratio':>6s} {'paired':>7s}")
     ratios, timings = {}, {}
-    for kind in ("mlp", "cnn1d"):
+    for kind in ("mlp", "cnn1d", "transformer"):
         r = step_time(kind, args.steps, args.blocks)
         ratios[kind], timings[kind] = r["cpu"]["ratio"], r
         for clock in ("cpu", "wall"):
             c = r[clock]
             print(
-                f"{kind:6s} {clock:5s} {c['dormant'] * 1e3:15.4f} ms {c['plain'] * 1e3:14.4f} ms "
+                f"{kind[:6]:6s} {clock:5s} {c['dormant'] * 1e3:15.4f} ms {c['plain'] * 1e3:14.4f} ms "
                 f"{c['ratio']:6.3f} {c['paired']:7.3f}"
             )
     print(
@@ -319,7 +339,8 @@ def main() -> None:
     final_between = max(final[f"between:{k}"] for k in keys)
     final_twin = max(final[f"twin:{k}"] for k in keys)
     print(
-        f"\nSUMMARY: dormant/plain step time (cpu) mlp {ratios['mlp']:.3f}, cnn1d {ratios['cnn1d']:.3f} "
+        f"\nSUMMARY: dormant/plain step time (cpu) mlp {ratios['mlp']:.3f}, cnn1d {ratios['cnn1d']:.3f}, "
+        f"transformer {ratios['transformer']:.3f} "
         f"(target <= 1.02); upstream seeded-vs-twin cosine drift: end of TRAINING "
         f"{max(training[f'between:{k}'] for k in keys):.1e}"
         f"{' (bitwise equal)' if training['between_exact'] else ''}, final {final_between:.1e} "

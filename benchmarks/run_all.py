@@ -73,6 +73,8 @@ BENCHES = [
     Bench("nonblocking", "nonblocking.py", timeout=900),
     Bench("env_throughput", "env_throughput.py", timeout=900),
     Bench("lineage_verify", "lineage_verify.py", timeout=300),
+    Bench("distill_transformer", "distill_transformer.py", timeout=2400, out_dir=True),
+    Bench("adapt_transformer", "adapt_transformer.py", timeout=1800),
 ]
 
 
@@ -176,6 +178,13 @@ def pct(x: float | None, digits: int = 1, sign: bool = False) -> str:
 
 def pm(mean: float, ci: float, fmt: str = ".3f") -> str:
     return f"{mean:{fmt}} ± {ci:{fmt.lstrip('+')}}"
+
+
+def _pm_pct(value: float | None, ci: float | None) -> str:
+    """A share ± its CI as percentages; empty where undefined (JSON null or NaN)."""
+    if value is None or math.isnan(value):
+        return ""
+    return pct(value) if ci is None or math.isnan(ci) else f"{pct(value)} ± {pct(ci)}"
 
 
 def met(ok: bool | None) -> str:
@@ -638,7 +647,7 @@ class Page:
         rec = self.r.get("overhead")
         if rec and rec["status"] == "ok":
             f = rec["figures"]
-            for kind in ("mlp", "cnn1d"):
+            for kind in [k for k in ("mlp", "cnn1d", "transformer") if k in f["step_time"]]:
                 c = f["step_time"][kind]["cpu"]
                 rows.append(
                     [
@@ -726,6 +735,76 @@ class Page:
             "",
             OTHERS_NOTES,
         ]
+        return "\n".join(out)
+
+    # -- transformers --
+    def transformers(self) -> str:
+        """The byte-level transformer: distillation into a grown student, and adaptation to a shifted domain."""
+        out = ["## Transformers: distillation and parameter-efficient adaptation on text", ""]
+        rec = self.r.get("distill_transformer")
+        if rec and rec["status"] == "ok":
+            f = rec["figures"]
+            rows = []
+            for r in f["table"]:
+                if r["n"] == 0:
+                    rows.append([r["row"], "0", r["note"], "", "", "", ""])
+                    continue
+                closed = _pm_pct(r.get("gap_closed"), r.get("gap_closed_ci95"))
+                rows.append(
+                    [
+                        r["row"],
+                        str(r["n"]),
+                        pm(r["test_bpb"], r["test_bpb_ci95"], ".4f"),
+                        pm(r["test_acc"], r["test_acc_ci95"], ".4f"),
+                        closed,
+                        f"{r['params']:,.0f}",
+                        r["note"],
+                    ]
+                )
+            teacher, student = f["teacher"], f["student"]
+            out += [
+                f"Distillation on `{f['task']}` (English prose, {f['context']}-byte windows; lower bits per byte is "
+                "better): a "
+                f"transformer teacher with {len(teacher['hidden'])} blocks of d_model {teacher['hidden'][0]} into a "
+                f"student with {len(student['hidden'])} blocks of d_model {student['hidden'][0]} and seed slots on its "
+                f"residual stream, {f['epochs']} student epochs; mean ± 95% CI over {f['seeds']} seed(s); gap closed: "
+                "the share of the teacher's bits-per-byte advantage over the student alone that the arm recovers. "
+                f"{f['seconds']:.0f} s; {self.cmd('distill_transformer')}, {self.date}, {self.machine}.",
+                "",
+                table(["arm", "n", "test bits/byte", "next-byte accuracy", "gap closed", "weights", "grown"], rows),
+                "",
+            ]
+        else:
+            out += [f"Distillation (`benchmarks/distill_transformer.py`): {self._not_ok('distill_transformer')}", ""]
+        rec = self.r.get("adapt_transformer")
+        if rec and rec["status"] == "ok":
+            f = rec["figures"]
+            rows = [
+                [
+                    r["arm"],
+                    f"{r['trainable']:,}",
+                    f"{r['fewer']:.0f}x",
+                    f"{r['test_bpb']:.4f}",
+                    pm(r["gain"], r["gain_ci95"], "+.4f"),
+                    pm(r["share_of_full"], r["share_ci95"], ".2f"),
+                    ", ".join(f"{v:g}" for v in r["lrs"]),
+                ]
+                for r in f["table"]
+            ]
+            out += [
+                f"Parameter efficiency: the student-sized host pretrained {f['pretrain_epochs']} epochs on the prose "
+                f"({f['docs_bpb']:.4f} bits/byte there) adapted {f['epochs']} epochs to Python source (before: "
+                f"{f['before_test_bpb']:.4f} bits/byte); full fine-tuning against seeds only (host frozen, one seed "
+                "per slot from the start); learning rates chosen per arm and seed on validation; mean ± 95% CI over "
+                f"{f['seeds']} seed(s). {f['seconds']:.0f} s; {self.cmd('adapt_transformer')}, {self.date}, "
+                f"{self.machine}.",
+                "",
+                table(["arm", "trainable", "fewer", "test bits/byte", "gain", "share of full's gain", "lr"], rows),
+                "",
+                f"Verdict (10-100x fewer trainable weights for >= 90% of full fine-tuning's gain): {f['verdict']}.",
+            ]
+        else:
+            out += [f"Parameter efficiency (`benchmarks/adapt_transformer.py`): {self._not_ok('adapt_transformer')}"]
         return "\n".join(out)
 
     def _not_ok(self, name: str) -> str:
@@ -831,7 +910,8 @@ class Page:
             SUMMARY_NOTE,
             "",
         ]
-        return "\n\n".join(["\n".join(head), *sections, self.others(), self.tamiyo(), self.runtimes()]) + "\n"
+        pages = [*sections, self.others(), self.transformers(), self.tamiyo(), self.runtimes()]
+        return "\n\n".join(["\n".join(head), *pages]) + "\n"
 
 
 def _num(row: dict[str, str], key: str, fmt: str) -> str:

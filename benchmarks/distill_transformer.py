@@ -1,0 +1,295 @@
+"""Distillation into a byte-level transformer with a seed lattice, in bits per byte.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/distill_transformer.py [--config configs/distill_transformer.yaml]
+        [--seeds 3] [--policy runs/tamiyo-ppo/policy] [--out runs/bench-distill-transformer] [KEY=VALUE ...]
+
+On the task, student, teacher and epoch budget of ``--config`` (default: English text, 64-byte
+windows; a 4-block d_model 128 transformer teacher; a 2-block d_model 64 student with three slots on
+its residual stream), for each seed ``s`` in ``0..seeds-1`` (student init and data order; the teacher
+is trained once, seed ``distill.teacher_seed``, and cached):
+
+- ``teacher``: the teacher (``distill.teacher_epochs``, best validation epoch kept);
+- ``student alone (CE)``: the student, cross-entropy only, no seeds;
+- ``student distilled``: the KD loss (per byte), no seeds;
+- ``distilled + heuristic``: the KD loss, seeds grown by the heuristic controller;
+- ``distilled + tamiyo``: the same with the exported policy ``--policy`` (else "not given");
+- ``big static (grown size)``: the distilled student with the heuristic run's final seeds present,
+  fossilized, from epoch 0: the grown size without growth.
+
+Printed: mean ± 95% CI (Student t) over seeds of test bits per byte (lower is better) and next-byte
+accuracy, the share of the teacher's bits-per-byte advantage over the student alone that each arm
+closes, parameters and wall seconds. Written to ``--out``: ``table.csv`` and ``runs.csv``.
+``--quick`` (1 seed; a tiny teacher and student on 32-byte windows, a few epochs; about a minute)
+and ``--json PATH`` are for CI and benchmarks/run_all.py. Measured figures are in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Run as a script from a checkout: make the package importable without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from esper_ray.blueprints import BlueprintSpec  # noqa: E402
+from esper_ray.config import RunConfig  # noqa: E402
+from esper_ray.contracts import SeedStage  # noqa: E402
+from esper_ray.simic.evaluate import mean_ci  # noqa: E402
+from esper_ray.tamiyo.controllers import HeuristicController, StaticController  # noqa: E402
+from esper_ray.tasks import load_task  # noqa: E402
+from esper_ray.tolaria.distill import load_distill_config, make_distillation  # noqa: E402
+from esper_ray.tolaria.trainer import Trainer  # noqa: E402
+
+ROWS = (
+    "teacher",
+    "student alone (CE)",
+    "student distilled",
+    "distilled + heuristic",
+    "distilled + tamiyo",
+    "big static (grown size)",
+)
+QUICK = [
+    "task.n_train=96",
+    "task.params.context=32",
+    "host.hidden=[32,32]",
+    "host.context=32",
+    "distill.teacher.hidden=[64,64]",
+    "distill.teacher.context=32",
+    "distill.teacher_epochs=3",
+    "distill.gap_probe=32",
+    "training.epochs=4",
+    "training.probe_size=32",
+    "blueprints.max_seed_params=20000",
+]
+LN2 = math.log(2.0)
+
+
+def _run_cfg(base: RunConfig, seed: int, controller: str) -> RunConfig:
+    return base.model_copy(
+        update={
+            "training": base.training.model_copy(update={"seed": seed}),
+            "controller": base.controller.model_copy(update={"kind": controller}),
+            "lineage": base.lineage.model_copy(update={"enabled": False}),
+        }
+    )
+
+
+def _play(trainer: Trainer, controller) -> Trainer:
+    while not trainer.done:
+        trainer.train_epoch()
+        trainer.end_epoch(trainer.apply_decision(controller))
+    return trainer
+
+
+def _grown(trainer: Trainer) -> dict[str, str]:
+    return {
+        s.name: s.seed.spec_json
+        for s in trainer.host.slots.values()
+        if s.seed is not None and s.stage is not SeedStage.CULLED
+    }
+
+
+def _row(name: str, seed: int, trainer: Trainer, started: float) -> dict[str, Any]:
+    loss, acc = trainer.evaluate(trainer.data.x_test, trainer.data.y_test)
+    counts = trainer.host.param_count()
+    return {
+        "row": name,
+        "seed": seed,
+        "test_bpb": loss / LN2,
+        "test_acc": acc,
+        "params": counts["total"],
+        "seed_params": counts["seeds"],
+        "germinations": sum(e.get("kind") == "germinate" for e in trainer.events),
+        "grown": ",".join(f"{k}:{BlueprintSpec.from_json(v).name}" for k, v in _grown(trainer).items()),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def one_seed(base: RunConfig, loss, data, seed: int, policy) -> list[dict[str, Any]]:
+    """Every student arm for one seed (the teacher's row is added by the caller)."""
+    rows = []
+    t = time.perf_counter()
+    rows.append(
+        _row("student alone (CE)", seed, _play(Trainer(_run_cfg(base, seed, "static"), data), StaticController()), t)
+    )
+    t = time.perf_counter()
+    distilled = _play(Trainer(_run_cfg(base, seed, "static"), data, loss_fn=loss), StaticController())
+    rows.append(_row("student distilled", seed, distilled, t))
+    t = time.perf_counter()
+    cfg_h = _run_cfg(base, seed, "heuristic")
+    heuristic = HeuristicController(cfg_h.controller.plateau_patience, cfg_h.controller.cull_below)
+    grown = _play(Trainer(cfg_h, data, loss_fn=loss), heuristic)
+    rows.append(_row("distilled + heuristic", seed, grown, t))
+    if policy is not None:
+        t = time.perf_counter()
+        rows.append(
+            _row(
+                "distilled + tamiyo",
+                seed,
+                _play(Trainer(_run_cfg(base, seed, "static"), data, loss_fn=loss), policy),
+                t,
+            )
+        )
+    t = time.perf_counter()
+    big = Trainer(_run_cfg(base, seed, "static"), data, loss_fn=loss)
+    for slot, spec_json in _grown(grown).items():
+        big.graft_fossilized(slot, BlueprintSpec.from_json(spec_json))
+    rows.append(_row("big static (grown size)", seed, _play(big, StaticController()), t))
+    return rows
+
+
+def summarise(runs: list[dict[str, Any]], policy_given: bool) -> list[dict[str, Any]]:
+    """One row per arm: mean ± 95% CI of bits per byte and accuracy, and the share of the teacher's
+    advantage over the student alone that the arm closes (per seed, then averaged)."""
+    teacher = next(r for r in runs if r["row"] == "teacher")
+    alone = {r["seed"]: r["test_bpb"] for r in runs if r["row"] == "student alone (CE)"}
+    table = []
+    for name in ROWS:
+        rs = [r for r in runs if r["row"] == name]
+        if not rs:
+            note = "not given (--policy PATH)" if name == "distilled + tamiyo" and not policy_given else "no runs"
+            table.append({"row": name, "n": 0, "note": note})
+            continue
+        bpb, acc = mean_ci([r["test_bpb"] for r in rs]), mean_ci([r["test_acc"] for r in rs])
+        closed = [
+            (alone[r["seed"]] - r["test_bpb"]) / (alone[r["seed"]] - teacher["test_bpb"])
+            for r in rs
+            if r["seed"] in alone and alone[r["seed"]] > teacher["test_bpb"]
+        ]
+        gap = mean_ci(closed) if closed and name != "teacher" else None
+        table.append(
+            {
+                "row": name,
+                "n": len(rs),
+                "test_bpb": bpb.mean,
+                "test_bpb_ci95": bpb.half_width,
+                "test_acc": acc.mean,
+                "test_acc_ci95": acc.half_width,
+                "gap_closed": gap.mean if gap else math.nan,
+                "gap_closed_ci95": gap.half_width if gap else math.nan,
+                "params": sum(r["params"] for r in rs) / len(rs),
+                "germinations": sum(r["germinations"] for r in rs) / len(rs),
+                "seconds": sum(r["seconds"] for r in rs) / len(rs),
+                "note": "; ".join(sorted({r["grown"] for r in rs if r["grown"]})),
+            }
+        )
+    return table
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'':<25}{'n':>2}  {'test bits/byte':>15}  {'next-byte acc':>15}  {'gap closed':>15}  {'params':>8}  "
+        f"{'germ.':>5}  {'sec':>6}  note"
+    ]
+    for r in table:
+        if r["n"] == 0:
+            lines.append(f"{r['row']:<25}{0:>2}  {r['note']}")
+            continue
+        closed = "" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:>6.1%} ± {r['gap_closed_ci95']:>5.1%}"
+        lines.append(
+            f"{r['row']:<25}{r['n']:>2}  {r['test_bpb']:.4f} ± {r['test_bpb_ci95']:.4f}  "
+            f"{r['test_acc']:.4f} ± {r['test_acc_ci95']:.4f}  {closed:>15}  {r['params']:>8,.0f}  "
+            f"{r['germinations']:>5.2f}  {r['seconds']:>6.1f}  {r['note']}"
+        )
+    return "\n".join(lines)
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/distill_transformer.yaml")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--policy", help="an exported Tamiyo policy folder (else the row says 'not given')")
+    p.add_argument("--out", default="runs/bench-distill-transformer", help="folder for the CSV files")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. training.epochs=8")
+    p.add_argument("--quick", action="store_true", help="1 seed, a tiny teacher and student, a few epochs")
+    p.add_argument("--json", help="also write the table to this JSON file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = 1
+        args.overrides = [*QUICK, *args.overrides]
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    base, dcfg = load_distill_config(args.config, args.overrides)
+    policy = None
+    if args.policy:
+        from esper_ray.tamiyo.policy import load_policy
+
+        policy = load_policy(args.policy)
+    data = load_task(base.task)
+    loss = make_distillation(dcfg, data, base)
+    teacher = loss.teacher
+    runs: list[dict[str, Any]] = [
+        {
+            "row": "teacher",
+            "seed": dcfg.teacher_seed,
+            "test_bpb": teacher.meta["metrics"]["test_loss"] / LN2,
+            "test_acc": teacher.test_acc,
+            "params": teacher.host.param_count()["host"],
+            "seed_params": 0,
+            "germinations": 0,
+            "grown": f"({teacher.source})",
+            "seconds": teacher.meta["metrics"].get("train_seconds", 0.0),
+        }
+    ]
+    print(
+        f"teacher ({teacher.source}): test {runs[0]['test_bpb']:.4f} bits/byte, acc {teacher.test_acc:.4f}", flush=True
+    )
+    for seed in range(args.seeds):
+        rs = one_seed(base, loss, data, seed, policy)
+        runs += rs
+        print(f"seed {seed}: " + ", ".join(f"{r['row']} {r['test_bpb']:.4f}" for r in rs), flush=True)
+    table = summarise(runs, policy is not None)
+    print(
+        f"\n{data.name}: teacher {dcfg.teacher.kind} {dcfg.teacher.hidden} ({runs[0]['params']:,} weights), "
+        f"student {base.host.kind} {base.host.hidden}, {base.training.epochs} epochs, T={dcfg.temperature}, "
+        f"w={dcfg.weight}; mean ± 95% CI over {args.seeds} seeds; bits per byte on the test split\n"
+    )
+    print(format_table(table))
+    seconds = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(table, out / "table.csv")
+    _write_csv(runs, out / "runs.csv")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "seeds": args.seeds,
+                    "quick": args.quick,
+                    "task": data.name,
+                    "context": data.input_shape[0],
+                    "epochs": base.training.epochs,
+                    "teacher": dcfg.teacher.model_dump(mode="json"),
+                    "student": base.host.model_dump(mode="json"),
+                    "table": table,
+                    "runs": runs,
+                    "seconds": seconds,
+                },
+                indent=2,
+                default=lambda v: None,
+            )
+        )
+    print(f"\nwritten: {out}/table.csv, {out}/runs.csv ({seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
