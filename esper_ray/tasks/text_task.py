@@ -36,13 +36,12 @@ import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from esper_ray.contracts import EsperError
 from esper_ray.tasks.base import TEST_FRACTION, TaskConfig, TaskData, cache_dir, finish, task_name
+from esper_ray.tasks.params import TextParams
 
 VOCAB = 256
 """Byte values: the number of classes of every text task."""
@@ -72,16 +71,6 @@ CORPORA: dict[str, Corpus] = {
         "CPython 3.11.7 Lib/argparse.py; PSF License",
     ),
 }
-
-
-class TextParams(BaseModel):
-    """Settings of the text family (``TaskConfig.params``; registered in :mod:`esper_ray.tasks.params`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    domain: Literal["docs", "code"] = Field("docs", description="docs: English prose; code: Python source")
-    context: int = Field(64, ge=4, le=4096, description="bytes per sequence (the host's context must cover it)")
-    tokenizer: Literal["byte"] = Field("byte", description="byte: one token per UTF-8 byte, 256 classes")
 
 
 def _shipped(corpus: Corpus) -> bytes:
