@@ -13,7 +13,9 @@ invents from another seed, in a shuffled order. Then:
 - germination fidelity on the held-out bottleneck tasks (depth 5, never trained on).
 
 Run:     .venv/bin/python benchmarks/tamiyo_generalization.py --policy policies/tamiyo --seeds 2
-         (--quick: one seed and the first two tasks of each held-out family, to try it out)
+         (--policy is repeatable; --quick: one seed and two tasks of each held-out family. Each
+         group of controllers keeps its rows under runs/tamiyo-generalization, keyed by the config
+         and seeds, so a second policy replays none of the baselines.)
 Expect:  the whole comparison takes roughly an hour on 2 cores (the trial heuristic and the
          best-fixed search dominate); figures in BENCHMARKS.md. Writes
          benchmarks/results/tamiyo_generalization.json (the figures) and
@@ -24,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -93,78 +95,121 @@ def heldout_env(env: dict[str, Any], *, reverse: bool = False, quick: bool = Fal
     return out
 
 
+SCALARS = ("controller", "task", "seed", "final_test_acc", "final_val_acc", "seed_params", "germinations")
+SCALARS += ("culls", "seconds", "fidelity_hits", "ground_truth_slot")
+
+
+def cached_rows(work: Path, name: str, key: str, play) -> list[dict[str, Any]]:
+    """The rows of one group of controllers: from ``work/<name>-<key>.json`` when an earlier run
+    with the same config and seeds wrote it (episodes are deterministic), else played now and kept."""
+    path = work / f"{name}-{key}.json"
+    if path.exists():
+        print(f"{name}: rows from {path}")
+        return json.loads(path.read_text())
+    rows = [{k: r.get(k) for k in SCALARS} for r in play()]
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", type=Path, default=REPO / "policies" / "tamiyo")
+    parser.add_argument("--policy", type=Path, action="append", help="an exported policy (repeatable)")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "tamiyo.yaml")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--baselines", default=",".join(BASELINES[:-1]), help="comma-separated (replay is per policy)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     from esper_ray.config import load_config
     from esper_ray.simic.config import SimicConfig
-    from esper_ray.simic.evaluate import evaluate_controllers, format_table, run_evaluation
+    from esper_ray.simic.evaluate import evaluate_controllers, format_table, run_evaluation, summary_table
     from esper_ray.tamiyo.policy import load_policy
     from esper_ray.tasks import cache_dir
 
     start = time.perf_counter()
     cfg = load_config(args.config, model=SimicConfig)
-    policy = load_policy(args.policy)
     seeds = list(range(1 if args.quick else args.seeds))
     env = heldout_env(cfg.env, quick=args.quick)
+    key = hashlib.sha256(json.dumps([env, seeds], sort_keys=True, default=str).encode()).hexdigest()[:12]
     work = Path(cfg.out_dir) / "tamiyo-generalization"
-    rows, table, _ = run_evaluation(
-        env, BASELINES, {TAMIYO: policy}, seeds, work, progress=print, cache=cache_dir() / "best_fixed"
-    )
-    rows += evaluate_controllers(
-        {f"{TAMIYO}(reversed)": lambda seed: policy}, heldout_env(cfg.env, reverse=True, quick=args.quick), seeds
-    )
-    print(format_table(table))
+    best_fixed_cache = cache_dir() / "best_fixed"
 
+    def play(baselines, policies):
+        return lambda: run_evaluation(
+            env, baselines, policies, seeds, work / "evaluation", progress=print, cache=best_fixed_cache
+        )[0]
+
+    rows: list[dict[str, Any]] = []
+    for name in [b for b in args.baselines.split(",") if b]:
+        rows += cached_rows(work, name, key, play([name], {}))
+    labels = []
+    for path in args.policy or []:
+        policy, label = load_policy(path), f"policy:{path.name if path.name != 'policy' else path.parent.name}"
+        labels.append(label)
+        pkey = hashlib.sha256((key + (path / "policy.safetensors").read_bytes().hex()).encode()).hexdigest()[:12]
+        rows += cached_rows(work, label.replace(":", "-"), pkey, play(["replay"], {label: policy}))
+        rows += cached_rows(
+            work,
+            label.replace(":", "-") + "-reversed",
+            pkey,
+            lambda p=policy, lab=label: evaluate_controllers(
+                {f"{lab}(reversed)": lambda seed: p}, heldout_env(cfg.env, reverse=True, quick=args.quick), seeds
+            ),
+        )
+    table = summary_table(rows)
+    print(format_table(table))
     acc = {t["controller"]: t for t in table}
-    others = [n for n in acc if n != TAMIYO and not n.startswith("big-static")]
-    pooled = [paired(rows, TAMIYO, n) for n in others]
-    strongest = max(("heuristic", "trial"), key=lambda n: acc[n]["test_acc"])
-    families = sorted({family(r["task"]) for r in rows})
-    per_family = {f: paired(rows, TAMIYO, strongest, keep=lambda r, f=f: family(r["task"]) == f) for f in families}
-    reversed_acc = [r["final_test_acc"] for r in rows if r["controller"] == f"{TAMIYO}(reversed)"]
-    mine = [r for r in rows if r["controller"] == TAMIYO]
-    bottleneck = [r for r in mine if r["fidelity_hits"] is not None and r["germinations"]]
-    fidelity = sum(r["fidelity_hits"] for r in bottleneck) / sum(r["germinations"] for r in bottleneck) if bottleneck else None
-    figures = Figures(
-        policy=str(args.policy),
-        seeds=seeds,
-        heldout_tasks=len({r["task"] for r in mine}),
-        controllers={
-            n: {k: acc[n][k] for k in ("test_acc", "test_acc_ci95", "germinations", "culls", "seconds")} for n in acc
-        },
-        pooled=pooled,
-        strongest_heuristic=strongest,
-        per_family=per_family,
-        reversed_catalogue_change=sum(reversed_acc) / len(reversed_acc) - acc[TAMIYO]["test_acc"],
-        heldout_bottleneck_fidelity=fidelity,
-        seconds=time.perf_counter() - start,
-    )
-    print(f"\nTamiyo minus (pooled, {figures.heldout_tasks} held-out tasks x {len(seeds)} seeds):")
-    for p in pooled:
-        print(f"  {p.versus:<26} {p.mean:+.4f} ± {p.ci95:.4f}  (n={p.episodes})")
-    print(f"per held-out family, Tamiyo minus the strongest heuristic ({strongest}):")
-    for f, p in per_family.items():
-        print(f"  {f:<26} {p.mean:+.4f} ± {p.ci95:.4f}  (n={p.episodes})")
-    print(f"reversed catalogue: mean accuracy changes by {figures.reversed_catalogue_change:+.4f}")
-    if fidelity is not None:
-        print(f"germination fidelity on held-out bottleneck tasks: {fidelity:.1%}")
+    strongest = max((n for n in ("heuristic", "trial") if n in acc), key=lambda n: acc[n]["test_acc"])
     suffix = "_quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"tamiyo_generalization{suffix}.json").write_text(json.dumps(asdict(figures), indent=1))
+    results = []
+    for label in labels:
+        others = [n for n in acc if n != label and not n.startswith(("policy:", "big-static"))]
+        others += [f"replay({label})", f"big-static({label})"]
+        pooled = [paired(rows, label, n) for n in others if n in acc]
+        families = sorted({family(r["task"]) for r in rows})
+        per_family = {f: paired(rows, label, strongest, keep=lambda r, f=f: family(r["task"]) == f) for f in families}
+        mine = [r for r in rows if r["controller"] == label]
+        reversed_acc = [r["final_test_acc"] for r in rows if r["controller"] == f"{label}(reversed)"]
+        bottleneck = [r for r in mine if r["fidelity_hits"] is not None and r["germinations"]]
+        placed = sum(r["germinations"] for r in bottleneck)
+        fidelity = sum(r["fidelity_hits"] for r in bottleneck) / placed if placed else None
+        figures = Figures(
+            policy=label,
+            seeds=seeds,
+            heldout_tasks=len({r["task"] for r in mine}),
+            controllers={
+                n: {k: acc[n][k] for k in ("test_acc", "test_acc_ci95", "germinations", "culls", "seconds")}
+                for n in acc
+            },
+            pooled=pooled,
+            strongest_heuristic=strongest,
+            per_family=per_family,
+            reversed_catalogue_change=sum(reversed_acc) / len(reversed_acc) - acc[label]["test_acc"],
+            heldout_bottleneck_fidelity=fidelity,
+            seconds=time.perf_counter() - start,
+        )
+        results.append(asdict(figures))
+        print(f"\n{label} minus (pooled, {figures.heldout_tasks} held-out tasks x {len(seeds)} seeds):")
+        for p in pooled:
+            print(f"  {p.versus:<34} {p.mean:+.4f} ± {p.ci95:.4f}  (n={p.episodes})")
+        print(f"per held-out family, {label} minus the strongest heuristic ({strongest}):")
+        for f, p in per_family.items():
+            print(f"  {f:<34} {p.mean:+.4f} ± {p.ci95:.4f}  (n={p.episodes})")
+        print(f"reversed catalogue: mean accuracy changes by {figures.reversed_catalogue_change:+.4f}")
+        if fidelity is not None:
+            print(f"germination fidelity on held-out bottleneck tasks: {fidelity:.1%}")
+    (args.out / f"tamiyo_generalization{suffix}.json").write_text(
+        json.dumps({"table": table, "policies": results}, indent=1, default=str)
+    )
     with (args.out / f"tamiyo_generalization{suffix}_episodes.csv").open("w", newline="") as f:
-        keys = ["controller", "task", "seed", "final_test_acc", "seed_params", "germinations", "culls", "seconds"]
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(SCALARS), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({k: r.get(k, math.nan) for k in keys} for r in rows)
-    print(f"written: {args.out}/tamiyo_generalization{suffix}.json and _episodes.csv ({figures.seconds:.0f} s)")
+        writer.writerows(rows)
+    print(f"written: {args.out}/tamiyo_generalization{suffix}.json and _episodes.csv")
     return 0
 
 

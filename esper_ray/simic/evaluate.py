@@ -363,8 +363,12 @@ def best_fixed_cache_key(env_config: dict[str, Any], settings) -> str:
     from envs import EnvConfig
 
     cfg = EnvConfig.model_validate({**env_config, "split": "train"})
+    # The other baselines' settings do not change what a schedule scores.
+    others = {"trial", "schedule", "best_fixed", "kind", "path", "p_act", "plateau_patience", "cull_below"}
     payload = {
-        "env": cfg.model_dump(mode="json", exclude={"heldout_tasks", "split"}),
+        "env": cfg.model_dump(
+            mode="json", exclude={"heldout_tasks": True, "split": True, "run": {"controller": others}}
+        ),
         "grid": settings.model_dump(mode="json", exclude={"table"}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
