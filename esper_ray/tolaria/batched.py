@@ -51,6 +51,26 @@ _MODE = {
 _ABLATABLE = (SeedStage.BLENDING, SeedStage.HOLDING, SeedStage.FOSSILIZED)
 
 
+class _BatchedLinear(torch.autograd.Function):
+    """``F.linear`` for each row of a stack: ``x[i] @ W[i].T + b[i]``, with the gradients computed
+    as ``F.linear``'s backward computes them (the weight's as ``g.T @ x``, which autograd's own
+    ``baddbmm`` backward computes as ``(x.T @ g).T``: the same numbers summed in another order), so
+    that on the CPU a row's forward and gradients are bit for bit those of the single host."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(1) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
 class _Grad:
     """A gradient tensor in the shape ``telemetry.grad_norms`` reads (``.grad``)."""
 
@@ -103,9 +123,13 @@ class HostStack:
             raise EsperError(f"a host stack needs at least 1 row, got {n}")
         self.n = n
         self.trainers: list[Trainer | None] = [None] * n
-        self.params: list[torch.Tensor] = []  # per host parameter: (n, *shape), leaf, requires grad
-        self.exp_avg: list[torch.Tensor] = []
-        self.exp_avg_sq: list[torch.Tensor] = []
+        # Every host parameter of every row in one flat leaf, layer by layer (each layer's (n, *shape)
+        # block contiguous, as a fast batched matmul wants), and Adam's moments likewise, so that a
+        # step is a handful of whole-tensor ops; ``split`` gives the per-layer views.
+        self.flat = torch.zeros(0)
+        self.exp_avg = torch.zeros(0)
+        self.exp_avg_sq = torch.zeros(0)
+        self._layout: list[tuple[int, int, tuple[int, ...]]] = []  # per parameter: start, end, shape
         self.steps: torch.Tensor | None = None  # (n,) Adam step counts, float32 like torch's
         self.shape: tuple | None = None
         self.first_task = ""
@@ -120,13 +144,13 @@ class HostStack:
         shape = skeleton(trainer)
         if self.shape is None:
             self.shape, self.first_task = shape, trainer.data.name
-            device = trainer.device
-            self.params = [
-                torch.zeros((self.n, *p.shape), device=device, requires_grad=True)
-                for p in trainer.host.host_parameters()
-            ]
-            self.exp_avg = [torch.zeros_like(p, requires_grad=False) for p in self.params]
-            self.exp_avg_sq = [torch.zeros_like(p, requires_grad=False) for p in self.params]
+            start = 0
+            for p in trainer.host.host_parameters():
+                self._layout.append((start, start + self.n * p.numel(), tuple(p.shape)))
+                start += self.n * p.numel()
+            self.flat = torch.zeros(start, device=trainer.device, requires_grad=True)
+            self.exp_avg = torch.zeros(start, device=trainer.device)
+            self.exp_avg_sq = torch.zeros(start, device=trainer.device)
             self.steps = torch.zeros(self.n)
         elif shape != self.shape:
             raise EsperError(
@@ -135,12 +159,14 @@ class HostStack:
                 f"{list(self.shape[1])}); every task of one batched env must give the same host shape"
             )
         self.trainers[row] = trainer
+        rows = self.split(self.flat.data)
         with torch.no_grad():
             for k, p in enumerate(trainer.host.host_parameters()):
-                self.params[k][row].copy_(p)
-                self.exp_avg[k][row].zero_()
-                self.exp_avg_sq[k][row].zero_()
-                p.data = self.params[k].data[row]
+                rows[k][row].copy_(p)
+                p.data = rows[k][row]
+            for m, v in zip(self.split(self.exp_avg), self.split(self.exp_avg_sq), strict=True):
+                m[row].zero_()
+                v[row].zero_()
             self.steps[row] = 0.0
         self._link_state(row, trainer, copy=True)
 
@@ -151,9 +177,10 @@ class HostStack:
         state = trainer.opt.state
         params = trainer.opt.param_groups[0]["params"]
         step_view = self.steps[row]
+        ms, vs = self.split(self.exp_avg), self.split(self.exp_avg_sq)
         with torch.no_grad():
             for k, p in enumerate(params):
-                m, v = self.exp_avg[k][row], self.exp_avg_sq[k][row]
+                m, v = ms[k][row], vs[k][row]
                 old = state.get(p)
                 if copy and old:
                     m.copy_(old["exp_avg"])
@@ -178,8 +205,12 @@ class HostStack:
             if st is None or st.get("exp_avg") is not views[3 * k + 1] or st.get("exp_avg_sq") is not views[3 * k + 2]:
                 self._link_state(row, trainer, copy=True)
                 return
-            if p.data_ptr() != self.params[k][row].data_ptr():
+            if p.data_ptr() != self.split(self.flat.data)[k][row].data_ptr():
                 raise EsperError(f"row {row}: host parameter {k} no longer shares the stack's memory")
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per host parameter, its (n, *shape) view of a flat tensor laid out like ``flat``."""
+        return [flat[a:b].view(self.n, *shape) for a, b, shape in self._layout]
 
     # ---- one epoch -----------------------------------------------------------------------------
     def train_epochs(self, rows: Sequence[int]) -> None:
@@ -227,11 +258,15 @@ class HostStack:
     def _train_batch(self, rows, trainers, members, xb, yb, b, n_batches, total, seen, tripped, blending) -> None:
         stack_rows = [rows[j] for j in members]
         index = None if stack_rows == list(range(self.n)) else torch.tensor(stack_rows, device=xb.device)
-        weights = self.params if index is None else [p.index_select(0, index) for p in self.params]
+        weights = self.split(self.flat)
+        if index is not None:
+            weights = [w.index_select(0, index) for w in weights]
         logits = self.forward(weights, [trainers[j] for j in members], xb)
         m, size = len(members), xb.shape[1]
         losses = F.cross_entropy(logits.reshape(m * size, -1), yb.reshape(-1), reduction="none").view(m, size).mean(1)
-        values = losses.tolist()
+        with torch.no_grad():  # each row's loss as F.cross_entropy's mean reduction sums it (its own order)
+            lsm = F.log_softmax(logits.detach(), 2)
+            values = [float(F.nll_loss(lsm[pos], yb[pos])) for pos in range(m)]
         keep = []
         for pos, j in enumerate(members):
             why = trainers[j].governor.check(values[pos])
@@ -239,8 +274,7 @@ class HostStack:
                 tripped[j] = why
             else:
                 keep.append(pos)
-        for p in self.params:
-            p.grad = None
+        self.flat.grad = None
         seed_params = [
             [p for s in trainers[j].host.slots.values() if s.seed is not None for p in s.seed.parameters()]
             for j in members
@@ -252,20 +286,25 @@ class HostStack:
             loss = losses.sum() if len(keep) == m else losses[torch.tensor(keep, device=losses.device)].sum()
             loss.backward()
         with torch.no_grad():
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat_grad = self.flat.grad if self.flat.grad is not None else torch.zeros_like(self.flat)
+            per_layer = self.split(flat_grad)
             if index is not None:
-                grads = [g.index_select(0, index) for g in grads]
+                per_layer = [g.index_select(0, index) for g in per_layer]
             if len(keep) < m:  # rows that tripped: nothing of theirs moves (their gradient may be NaN)
                 drop = torch.tensor([pos for pos in range(m) if pos not in keep], device=xb.device)
-                for g in grads:
+                for g in per_layer:
                     g.index_fill_(0, drop, 0.0)
                 for pos in drop.tolist():
                     for p in seed_params[pos]:
                         p.grad = None
             last = [pos for pos in keep if b == n_batches[members[pos]] - 1]
             if last:
-                self._measure_grads([trainers[members[pos]] for pos in last], [grads_row(grads, pos) for pos in last])
-            self._adam_host([stack_rows[pos] for pos in keep], keep, grads, index is None and len(keep) == m)
+                self._measure_grads(
+                    [trainers[members[pos]] for pos in last], [[g[pos] for g in per_layer] for pos in last]
+                )
+            self._adam_host(
+                [stack_rows[pos] for pos in keep], keep, flat_grad, per_layer, index is None and len(keep) == m
+            )
             self._adam_seeds([trainers[members[pos]] for pos in keep])
         for pos in keep:
             j = members[pos]
@@ -299,7 +338,7 @@ class HostStack:
                 h = torch.relu(h)
             if plan[i]:
                 h = self._slots(plan[i], h)
-            h = torch.baddbmm(weights[2 * i + 1].unsqueeze(1), h, weights[2 * i].transpose(1, 2))
+            h = _BatchedLinear.apply(h, weights[2 * i], weights[2 * i + 1])
         return h
 
     def _plan(self, trainers: list[Trainer], ablated: dict[int, str], n_layers: int, device) -> list:
@@ -363,16 +402,19 @@ class HostStack:
 
     # ---- optimizer -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _adam_host(self, stack_rows: list[int], keep: list[int], grads: list[torch.Tensor], whole: bool) -> None:
+    def _adam_host(
+        self, stack_rows: list[int], keep: list[int], flat_grad: torch.Tensor, grads: list[torch.Tensor], whole: bool
+    ) -> None:
         """``torch.optim.Adam``'s single-tensor step for the host rows in ``stack_rows`` (``keep``:
-        their positions in ``grads``), with the same arithmetic per row: rows that share a step
-        count and a learning rate step together (scalar coefficients), as a whole-tensor update
-        when they are every row."""
+        their positions in each of ``grads``, the per-layer gradients), with the same arithmetic per
+        row: rows that share a step count and a learning rate step together (scalar coefficients),
+        as one update of the whole flat tensors (``flat_grad``) when they are every row."""
         if not stack_rows:
             return
         trainers = [self.trainers[r] for r in stack_rows]
-        self.steps[torch.tensor(stack_rows)] += 1.0
-        steps = self.steps[torch.tensor(stack_rows)].tolist()
+        rows_cpu = torch.tensor(stack_rows)
+        self.steps[rows_cpu] += 1.0
+        steps = self.steps[rows_cpu].tolist()
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, t in enumerate(trainers):
             g = t.opt.param_groups[0]
@@ -381,25 +423,26 @@ class HostStack:
             bc1 = 1 - beta1**step
             step_size = lr / bc1
             bc2_sqrt = (1 - beta2**step) ** 0.5
-            every = whole and len(members) == len(stack_rows)
-            rows_t = None if every else torch.tensor([stack_rows[i] for i in members], device=grads[0].device)
-            grow_t = None if every else torch.tensor([keep[i] for i in members], device=grads[0].device)
-            for k, p in enumerate(self.params):
-                g = grads[k] if every else grads[k].index_select(0, grow_t)
-                if every:
-                    param, m, v = p.data, self.exp_avg[k], self.exp_avg_sq[k]
-                else:
-                    param = p.data.index_select(0, rows_t)
-                    m = self.exp_avg[k].index_select(0, rows_t)
-                    v = self.exp_avg_sq[k].index_select(0, rows_t)
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / bc2_sqrt).add_(eps)
-                param.addcdiv_(m, denom, value=-step_size)
-                if not every:
-                    p.data.index_copy_(0, rows_t, param)
-                    self.exp_avg[k].index_copy_(0, rows_t, m)
-                    self.exp_avg_sq[k].index_copy_(0, rows_t, v)
+            if whole and len(members) == len(stack_rows):
+                _adam_update(
+                    self.flat.data, self.exp_avg, self.exp_avg_sq, flat_grad, beta1, beta2, eps, step_size, bc2_sqrt
+                )
+                continue
+            rows_t = torch.tensor([stack_rows[i] for i in members], device=flat_grad.device)
+            pos_t = torch.tensor([keep[i] for i in members], device=flat_grad.device)
+            layers = zip(
+                self.split(self.flat.data), self.split(self.exp_avg), self.split(self.exp_avg_sq), grads, strict=True
+            )
+            for p_all, m_all, v_all, g_all in layers:
+                param, m, v = (
+                    p_all.index_select(0, rows_t),
+                    m_all.index_select(0, rows_t),
+                    v_all.index_select(0, rows_t),
+                )
+                _adam_update(param, m, v, g_all.index_select(0, pos_t), beta1, beta2, eps, step_size, bc2_sqrt)
+                p_all.index_copy_(0, rows_t, param)
+                m_all.index_copy_(0, rows_t, m)
+                v_all.index_copy_(0, rows_t, v)
 
     @torch.no_grad()
     def _adam_seeds(self, trainers: list[Trainer]) -> None:
@@ -474,7 +517,9 @@ class HostStack:
         for members in by_shape.values():
             stack_rows = [rows[j] for j in members]
             index = None if stack_rows == list(range(self.n)) else torch.tensor(stack_rows, device=x[0].device)
-            weights = self.params if index is None else [p.index_select(0, index) for p in self.params]
+            weights = self.split(self.flat)
+            if index is not None:
+                weights = [w.index_select(0, index) for w in weights]
             xs = torch.stack([x[j] for j in members])
             ys = torch.stack([y[j] for j in members])
             skip = dict.fromkeys(range(len(members)), ablated) if ablated else None
@@ -547,6 +592,9 @@ class HostStack:
                 s.contribution = val[j][1] - ablated
 
 
-def grads_row(grads: list[torch.Tensor], pos: int) -> list[torch.Tensor]:
-    """Row ``pos`` of each stacked gradient."""
-    return [g[pos] for g in grads]
+def _adam_update(param, m, v, g, beta1: float, beta2: float, eps: float, step_size: float, bc2_sqrt: float) -> None:
+    """The arithmetic of ``torch.optim.Adam``'s single-tensor step (no weight decay, no amsgrad)."""
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    param.addcdiv_(m, denom, value=-step_size)
