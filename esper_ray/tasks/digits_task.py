@@ -28,7 +28,7 @@ from esper_ray.tasks.base import (
     split_pool,
     task_name,
 )
-from esper_ray.tasks.params import DigitsParams, parse_params
+from esper_ray.tasks.params import DigitsParams, parse_params, settings_tag
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,8 +66,7 @@ def load_digits_task(cfg: TaskConfig) -> TaskData:
     if params.noise:
         x = x + params.noise * torch.randn(x.shape, generator=gen)
 
-    changed = params.model_dump(exclude_defaults=True)
-    stem = "digits" if not changed else "digits[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
+    stem = settings_tag("digits", params)
     return TaskData(
         name=task_name(cfg, stem),
         x_train=finish(x[train_idx], torch.float32),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from esper_ray.tasks.base import TaskConfig, TaskData, cache_dir, finish, split_pool, task_name
-from esper_ray.tasks.params import Mnist1dParams, parse_params
+from esper_ray.tasks.params import Mnist1dParams, parse_params, settings_tag
 
 _DEFAULT = Mnist1dParams()
 
@@ -162,8 +162,7 @@ def load_mnist1d(cfg: TaskConfig) -> TaskData:
     def norm(t: torch.Tensor) -> torch.Tensor:
         return finish((t - mean) / std, torch.float32)
 
-    changed = params.model_dump(exclude_defaults=True)
-    stem = "mnist1d" if not changed else "mnist1d[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
+    stem = settings_tag("mnist1d", params)
     return TaskData(
         name=task_name(cfg, stem),
         x_train=norm(x[train_idx]),

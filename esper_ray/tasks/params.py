@@ -124,6 +124,16 @@ def parse_params(family: str, params: dict[str, Any]) -> FamilyParams:
         raise ValueError(f"params.{name}: {first['msg']} (family {family!r})") from None
 
 
+def settings_tag(stem: str, params: FamilyParams) -> str:
+    """``stem`` plus the settings that differ from their defaults, for task names:
+    ``mnist1d[max_translation=30,shuffle_seq=True]`` (floats to 3 significant digits)."""
+    changed = params.model_dump(exclude_defaults=True)
+    if not changed:
+        return stem
+    parts = (f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(changed.items()))
+    return f"{stem}[{','.join(parts)}]"
+
+
 def check_host(cfg: TaskConfig) -> None:
     """ValueError (one line) when ``cfg.host`` cannot play ``cfg``'s task.
 
