@@ -200,7 +200,7 @@ class BatchedMorphogenesisEnv(VectorEnv):
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None):
         """Reset every episode (``seed``: an int gives episode i ``seed + i``; or one per episode).
         ``options`` go to every episode, or per episode as ``{"per_env": [options_0, ...]}``."""
-        super().reset(seed=seed)
+        super().reset(seed=seed if isinstance(seed, int) else None)
         seeds = (
             [None if seed is None else seed + i for i in range(self.num_envs)] if not isinstance(seed, list) else seed
         )

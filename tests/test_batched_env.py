@@ -255,3 +255,12 @@ def test_two_ppo_iterations_on_the_batched_env(ray_session, tmp_path):
     assert rows[-1]["env_steps"] >= 2 * 32
     assert 0.0 < rows[-1]["esper_final_val_acc"] <= 1.0  # episodes ran to the end and were logged
     assert sum(t.epoch for t in env.trainers) > 0
+
+
+def test_reset_takes_one_seed_per_episode(torch_seed):
+    venv = BatchedMorphogenesisEnv(2, _config(epochs=3))
+    obs, _ = venv.reset(seed=[7, 8])
+    single = MorphogenesisEnv(_config(epochs=3))
+    np.testing.assert_array_equal(obs["observations"][1], single.reset(seed=8)[0]["observations"])
+    with pytest.raises(EsperError, match="3 seeds for 2 episodes"):
+        venv.reset(seed=[1, 2, 3])
