@@ -68,7 +68,9 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.controller:
-        if args.controller in BASELINES:
+        if args.controller == "tamiyo":  # the shipped policy
+            overrides.append("controller.kind=policy")
+        elif args.controller in BASELINES:
             overrides.append(f"controller.kind={args.controller}")
         else:
             overrides += ["controller.kind=policy", f"controller.path={args.controller}"]
@@ -213,10 +215,27 @@ def _record(args: argparse.Namespace) -> int:
         cfg.env,
         range(args.seeds),
         out,
+        tasks=_task_slice(args.tasks),
         progress=None if args.no_progress else print,
     )
     print(f"recorded decisions: {file}\ntrain on them: esper-ray simic --offline {out}")
     return 0
+
+
+def _task_slice(text: str | None) -> slice | None:
+    """``--tasks START:STOP[:STEP]`` as a slice of the training tasks (None: every task)."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        bounds = [int(p) if p.strip() else None for p in parts]
+        if len(bounds) == 3 and bounds[2] is not None and bounds[2] < 1:
+            raise ValueError
+    except ValueError:
+        raise EsperError(f"--tasks {text!r} is not START:STOP[:STEP] with STEP >= 1 (e.g. 0:96:3)") from None
+    return slice(*bounds)
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -261,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a host while a controller grows seeds in it")
     train.add_argument("--config", type=Path, help=f"YAML config (default {DEFAULT_CONFIG})")
     train.add_argument("--out", type=Path, help="run folder (default <out_dir>/<name>-<time>)")
-    train.add_argument("--controller", help=f"{', '.join(BASELINES)} or an exported Tamiyo policy folder")
+    train.add_argument(
+        "--controller", help=f"tamiyo (the shipped policy), {', '.join(BASELINES)}, or an exported policy folder"
+    )
     train.add_argument("--resume", type=Path, help="continue the run in this folder from its checkpoint")
     train.add_argument(
         "--device",
@@ -309,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--config", type=Path, help=f"YAML SimicConfig whose env is used (default {SIMIC_CONFIG})")
     rec.add_argument("--controller", action="append", help=f"{', '.join(BASELINES)} or a policy folder (repeatable)")
     rec.add_argument("--seeds", type=int, default=3, help="training seeds per training task")
+    rec.add_argument("--tasks", help="training tasks to play, START:STOP[:STEP] of their indices (default all)")
     rec.add_argument("--out", type=Path, help="a new folder for the recording (default <out_dir>/decisions)")
     rec.add_argument("--no-progress", action="store_true")
     rec.add_argument("overrides", nargs="*", metavar="KEY=VALUE")

@@ -158,6 +158,27 @@ def test_cli_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> 
     assert len(err) == 1 and "already holds a recording" in err[0], err
 
 
+def test_cli_record_plays_a_slice_of_the_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from esper_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    tiny = [
+        "env.run.training.epochs=2",
+        "env.run.host.hidden=[8]",
+        "env.train_tasks=[{family: mnist1d, seed: 0, n_train: 200}, {family: mnist1d, seed: 1, n_train: 200},"
+        " {family: mnist1d, seed: 2, n_train: 200}]",
+    ]
+    args = ["record", "--seeds", "1", "--controller", "static", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--tasks", "0:3:2", *tiny]) == 0
+    _, meta = read_recording(tmp_path / "a")
+    assert [e["task_index"] for e in meta["episodes"]] == [0, 2]
+    for bad in ("3", "0:3:0", "a:b"):
+        assert main([*args, "--out", str(tmp_path / "b"), "--tasks", bad, *tiny]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "--tasks" in err[0], err
+    assert not (tmp_path / "b").exists()
+
+
 def test_recording_of_another_encoding_is_refused(recording: Path, tmp_path: Path) -> None:
     from esper_ray.simic.offline import train_offline
 

@@ -148,11 +148,12 @@ def record_episodes(
     seeds: Iterable[int],
     path: str | Path,
     *,
-    tasks: Sequence[int] | None = None,
+    tasks: Sequence[int] | slice | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Play every controller on the env's TRAINING tasks (``tasks``: indices, default all) for
-    each seed, and write the decisions to ``path/decisions.parquet``. Returns that file.
+    """Play every controller on the env's TRAINING tasks (``tasks``: indices or a slice of them,
+    default all) for each seed, and write the decisions to ``path/decisions.parquet``. Returns
+    that file.
 
     ``controllers``: name -> factory(seed) as in ``evaluate_controllers``, or specs for
     ``controller_factories`` (``["trial", "random", "runs/tamiyo-ppo/policy"]``), built with the
@@ -173,7 +174,8 @@ def record_episodes(
         raise EsperError(f"{path} already holds a recording; choose another folder")
     env = envs.MorphogenesisEnv({**env_config, "split": "train"})
     run.env = env
-    indices = list(range(len(env.config.tasks))) if tasks is None else list(tasks)
+    every = list(range(len(env.config.tasks)))
+    indices = every if tasks is None else every[tasks] if isinstance(tasks, slice) else list(tasks)
     for i in indices:
         if not 0 <= i < len(env.config.tasks):
             raise EsperError(f"task index {i} out of range: {len(env.config.tasks)} training tasks")

@@ -23,6 +23,8 @@ from esper_ray.tamiyo.encoding import ActionSpace, ObsEncoder, SetLayout
 from esper_ray.tamiyo.setnet import SetPolicyNet
 
 FORMAT = "esper-ray-tamiyo-policy/2"
+SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "tamiyo"
+"""The Tamiyo that ships with the package (``controller.kind: policy`` without a path)."""
 
 
 def export_net(net: SetPolicyNet, path: str | Path) -> Path:
@@ -85,10 +87,9 @@ def _positive_int(meta: dict[str, Any], key: str, path: Path) -> int:
 
 
 def load_policy(path: str | Path | None) -> PolicyController:
-    """Load an exported policy folder; one-line EsperError if missing, corrupt or mismatched."""
-    if path is None:
-        raise EsperError("controller.kind=policy needs controller.path (an exported policy folder)")
-    path = Path(path)
+    """Load an exported policy folder (None: the shipped one); one-line EsperError if missing, corrupt
+    or mismatched."""
+    path = SHIPPED_POLICY if path is None else Path(path)
     meta_file, weights_file = path / "policy.json", path / "policy.safetensors"
     if not meta_file.is_file() or not weights_file.is_file():
         raise EsperError(f"no exported policy at {path} (expected policy.json and policy.safetensors)")
