@@ -20,7 +20,7 @@ fine-tuning; low-rank adapters are known to get there on transformers. Protocol,
    only reported). Arms: ``full`` (every host weight trains), and seeds only: the host frozen
    (``training.freeze_host``) and a seed in each of the three slots from the start, fossilized (no
    lifecycle: the arm measures what the seeds can carry, not a controller): ``tok_norm`` (LayerNorm
-   over d_model), ``adapter r`` (a rank-r residual adapter, ``h + gamma * W2 W1 h``, r = 2, 8, 32),
+   over d_model), ``adapter r`` (a rank-r residual adapter, ``h + gamma * W2 W1 h``, r = 8, 32),
    ``mlp_expand`` (a pre-norm 128-wide GELU MLP).
 4. Gain = before - after, in test bits per byte. Trainable weights are counted from the optimizer
    (every parameter in a param group with a learning rate > 0). "Same gain": the smallest seed
@@ -72,7 +72,6 @@ def arms() -> dict[str, list[tuple[str, BlueprintSpec]]]:
     """Arm name -> the seeds it puts in which slots (``full``: none, every host weight trains)."""
     every = {
         "tok_norm": TRANSFORMER_BLUEPRINTS["tok_norm"],
-        "adapter2": adapter(2),
         "adapter8": TRANSFORMER_BLUEPRINTS["adapter8"],
         "adapter32": adapter(32),
         "mlp_expand": TRANSFORMER_BLUEPRINTS["mlp_expand"],
