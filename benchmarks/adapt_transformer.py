@@ -3,7 +3,7 @@ full fine-tuning against seeds only (host frozen).
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/adapt_transformer.py [--seeds 2] [--epochs 5] [--pretrain 6] [--json PATH]
+    .venv/bin/python benchmarks/adapt_transformer.py [--seeds 2] [--epochs 4] [--pretrain 5] [--json PATH]
     .venv/bin/python benchmarks/adapt_transformer.py --quick     # 1 seed, a tiny host, two arms
 
 The design's target: for the same gain, 10-100x fewer trainable weights with seeds than with full
@@ -140,8 +140,8 @@ def adapt(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--pretrain", type=int, default=6, help="epochs of pretraining on the docs task")
-    p.add_argument("--epochs", type=int, default=5, help="epochs of adaptation on the code task")
+    p.add_argument("--pretrain", type=int, default=5, help="epochs of pretraining on the docs task")
+    p.add_argument("--epochs", type=int, default=4, help="epochs of adaptation on the code task")
     p.add_argument("--lrs", default="5e-4,2e-3,8e-3", help="learning rates tried per arm (chosen on val)")
     p.add_argument("--quick", action="store_true", help="1 seed, a tiny host, two arms, two learning rates")
     p.add_argument("--json", help="also write the figures to this JSON file")
