@@ -10,7 +10,11 @@ windows; a 4-block d_model 128 transformer teacher; a 2-block d_model 64 student
 its residual stream), for each seed ``s`` in ``0..seeds-1`` (student init and data order; the teacher
 is trained once, seed ``distill.teacher_seed``, and cached):
 
-- ``teacher``: the teacher (``distill.teacher_epochs``, best validation epoch kept);
+- ``teacher``: the teacher (``distill.teacher_epochs``, best validation epoch kept), trained on the
+  task's whole training split (``--teacher-windows all``, the default) or its first N windows, while
+  the students see ``task.n_train`` of them: the setting where distillation carries what the teacher
+  learned from data the student never saw. It is saved to ``--out``/teacher and distilled from
+  there (``distill.teacher_checkpoint``); ``--teacher-windows 0`` trains it on the student's windows;
 - ``student alone (CE)``: the student, cross-entropy only, no seeds;
 - ``student distilled``: the KD loss (per byte), no seeds;
 - ``distilled + heuristic``: the KD loss, seeds grown by the heuristic controller;
@@ -21,7 +25,7 @@ is trained once, seed ``distill.teacher_seed``, and cached):
 Printed: mean ± 95% CI (Student t) over seeds of test bits per byte (lower is better) and next-byte
 accuracy, the share of the teacher's bits-per-byte advantage over the student alone that each arm
 closes, parameters and wall seconds. Written to ``--out``: ``table.csv`` and ``runs.csv``.
-``--quick`` (1 seed; a tiny teacher and student on 32-byte windows, a few epochs; about a minute)
+``--quick`` (1 seed; a tiny teacher on 400 windows and student on 96, 32-byte windows, a few epochs)
 and ``--json PATH`` are for CI and benchmarks/run_all.py. Measured figures are in BENCHMARKS.md.
 """
 
@@ -47,7 +51,7 @@ from esper_ray.contracts import SeedStage  # noqa: E402
 from esper_ray.simic.evaluate import mean_ci  # noqa: E402
 from esper_ray.tamiyo.controllers import HeuristicController, StaticController  # noqa: E402
 from esper_ray.tasks import load_task  # noqa: E402
-from esper_ray.tolaria.distill import load_distill_config, make_distillation  # noqa: E402
+from esper_ray.tolaria.distill import get_teacher, load_distill_config, make_distillation  # noqa: E402
 from esper_ray.tolaria.trainer import Trainer  # noqa: E402
 
 ROWS = (
@@ -221,10 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. training.epochs=8")
     p.add_argument("--quick", action="store_true", help="1 seed, a tiny teacher and student, a few epochs")
     p.add_argument("--json", help="also write the table to this JSON file")
+    p.add_argument(
+        "--teacher-windows",
+        default="all",
+        help="training windows the teacher sees: all (the whole training split), N, or 0 (the student's)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = 1
         args.overrides = [*QUICK, *args.overrides]
+        args.teacher_windows = "400" if args.teacher_windows == "all" else args.teacher_windows
     torch.set_num_threads(1)
     started = time.perf_counter()
     base, dcfg = load_distill_config(args.config, args.overrides)
@@ -234,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
 
         policy = load_policy(args.policy)
     data = load_task(base.task)
+    out = Path(args.out)
+    if args.teacher_windows != "0":
+        n = None if args.teacher_windows == "all" else int(args.teacher_windows)
+        teacher_task = base.task.model_copy(update={"n_train": n})
+        own = get_teacher(dcfg, load_task(teacher_task))  # trained once, then from the disk cache
+        folder = own.save(out / "teacher")
+        dcfg = dcfg.model_copy(update={"teacher_checkpoint": str(folder)})
     loss = make_distillation(dcfg, data, base)
     teacher = loss.teacher
     runs: list[dict[str, Any]] = [
@@ -264,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_table(table))
     seconds = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(table, out / "table.csv")
     _write_csv(runs, out / "runs.csv")
@@ -277,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                     "task": data.name,
                     "context": data.input_shape[0],
                     "epochs": base.training.epochs,
+                    "student_windows": len(data.x_train),
+                    "teacher_windows": args.teacher_windows,
                     "teacher": dcfg.teacher.model_dump(mode="json"),
                     "student": base.host.model_dump(mode="json"),
                     "table": table,
