@@ -180,6 +180,15 @@ def pm(mean: float, ci: float, fmt: str = ".3f") -> str:
     return f"{mean:{fmt}} ± {ci:{fmt.lstrip('+')}}"
 
 
+def _pm_or_na(row: dict[str, Any], key: str, fmt: str) -> str:
+    """``pm`` of ``row[key]`` and its CI; n/a where the figure is missing (older JSON) or undefined."""
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    ci = row.get(key + "_ci95", math.nan)
+    return pm(value, ci, fmt) if not math.isnan(ci) else f"{value:{fmt}}"
+
+
 def _pm_pct(value: float | None, ci: float | None) -> str:
     """A share ± its CI as percentages; empty where undefined (JSON null or NaN)."""
     if value is None or math.isnan(value):
@@ -307,7 +316,7 @@ class Page:
         for scenario, sc in fig["scenarios"].items():
             for arm, a in sc["arms"].items():
                 grew = a["germinations"] > 0
-                verdict = "n/a (bound)" if a.get("bound") else (met(a["met"]) if grew else "n/a")
+                verdict = "n/a (bound)" if a.get("bound") else (met(a.get("met_gated", a["met"])) if grew else "n/a")
                 foss = f"{a['fossilizations']:.1f} (min {a['min_fossilizations']})" if grew else "0"
                 detail.append(
                     [
@@ -316,11 +325,14 @@ class Page:
                         pm(a["a0"], a["a0_ci95"]),
                         pm(a["a_end"], a["a_end_ci95"]),
                         f"{pct(a['degradation'], 1, True)} ± {pct(a['degradation_ci95'], 1)}",
+                        _pm_or_na(a, "average_accuracy", ".3f"),
+                        _pm_or_na(a, "bwt_new", "+.3f"),
                         f"{a['tasks']:.1f}",
                         f"{a['germinations']:.1f}",
                         foss,
                         f"{a['culls']:.1f}",
-                        f"{a['new_before']:.3f} → {a['new_after']:.3f} ({a['new_gain']:+.3f})",
+                        f"{a['new_before']:.3f} → {a['new_after']:.3f}",
+                        _pm_or_na(a, "new_gain", "+.3f"),
                         f"{a['added_params']:,.0f}",
                         verdict,
                     ]
@@ -330,11 +342,16 @@ class Page:
                     tag += ", trivial by construction (each task's seeds act only on that task's inputs)"
                 if a.get("replay_examples"):
                     tag += f", replaying {a['replay_examples']} original-task training examples"
+                if "met_gated" in a:
+                    tag += (
+                        f"; new-task gain {a['gain_vs_full']:.2f} of full fine-tuning's (target >= 0.5), "
+                        f"{pct(a['cull_share'], 0)} of its seeds culled (target <= 25%)"
+                    )
                 after = (
                     f"after {a['fossilizations']:.1f} fossilized germinations (min {a['min_fossilizations']}) of "
                     f"{a['germinations']:.1f}"
                     if grew
-                    else f"after {a['tasks']:.0f} tasks of full fine-tuning (contrast)"
+                    else f"after {a['tasks']:.0f} tasks training every weight (contrast)"
                 )
                 what = f"{scenario}: {a['label']}{tag}: (A0 - A_end) / A0 {after}, mean ± 95% CI over {n} seed(s)"
                 rows.append(
@@ -359,14 +376,26 @@ class Page:
                 label += f" ({buffer} original-task training examples replayed{guard})"
             summary.append(
                 f"{label}: "
-                + ", ".join(f"{s} {pct(a['degradation'], 1, True)} (new tasks {a['new_gain']:+.3f})" for s, a in got)
+                + ", ".join(
+                    f"{s} {pct(a['degradation'], 1, True)} (new tasks {a['new_gain']:+.3f}"
+                    + (
+                        f", {a['gain_vs_full']:.2f} of full fine-tuning's, {pct(a['cull_share'], 0)} culled"
+                        if "met_gated" in a
+                        else ""
+                    )
+                    + ")"
+                    for s, a in got
+                )
             )
             verdicts.append(f"{got[0][1]['label']}: " + ", ".join(self._stability_verdict(s, a, fig) for s, a in got))
         self.summary.append(["2. stability", "; ".join(summary), "< 5% after 20+", "; ".join(verdicts) or "n/a"])
         out += [
-            f"All arms, mean ± 95% CI over {n} seed(s) (A0, A_end: test accuracy on the original task; new "
-            "tasks: mean test accuracy on each new task before → after its adaptation; added: weights the "
-            "absorbed seeds added to the host):",
+            f"All arms, the accuracy matrix's figures, mean ± 95% CI over {n} seed(s) (A0, A_end: test accuracy on "
+            "the original task before and after the whole sequence; avg acc: mean test accuracy over every task "
+            "seen, the original included, after the last one; BWT new: backward transfer on the earlier new tasks, "
+            "mean of (accuracy after the last task - accuracy right after its own); new tasks: mean test accuracy on "
+            "each new task before → after its adaptation, and the gain; added: weights the absorbed seeds added "
+            "to the host):",
             "",
             table(
                 [
@@ -375,11 +404,14 @@ class Page:
                     "A0",
                     "A_end",
                     "degradation",
+                    "avg acc",
+                    "BWT new",
                     "tasks",
                     "germ.",
                     "fossilized",
                     "culled",
                     "new tasks",
+                    "gain",
                     "added",
                     "met?",
                 ],
@@ -392,9 +424,13 @@ class Page:
 
     @staticmethod
     def _stability_verdict(scenario: str, a: dict[str, Any], fig: dict[str, Any]) -> str:
-        if a["met"] or a["degradation"] >= fig["target"]:
-            return f"{met(a['met'])} ({scenario})"
-        return f"{met(False)} ({scenario}: within 5%, but a run fossilized only {a['min_fossilizations']})"
+        ok = a.get("met_gated", a["met"])
+        if ok or a["degradation"] >= fig["target"]:
+            return f"{met(ok)} ({scenario})"
+        if a["min_fossilizations"] < fig["min_fossils"]:
+            return f"{met(False)} ({scenario}: within 5%, but a run fossilized only {a['min_fossilizations']})"
+        gain, culled = a["gain_vs_full"], pct(a["cull_share"], 0)
+        return f"{met(False)} ({scenario}: within 5%, but gain {gain:.2f} of full fine-tuning's, {culled} culled)"
 
     # -- 3 --
     def efficiency(self) -> str:
@@ -1020,24 +1056,48 @@ A0 by construction, a known trivial upper bound (the task-incremental setting of
 reported for its new-task gain, not as a result; **seeds + trainable host** (esper's default:
 the host and the absorbed seeds train on each new task too), with and without the same replay;
 **full fine-tuning** (no seeds, every weight trains on each new task, as many tasks as the
-no-replay frozen arm needed): the classic forgetting baseline.
+no-replay frozen arm needed): the classic forgetting baseline; **EWC** (the same, plus elastic
+weight consolidation: a Fisher penalty, lambda 100, measured on 1,000 original-task training
+examples right after pretraining; no example is kept); **gated seeds** (the main figure): the
+frozen-host protocol with gated blueprints (`residual_mlp.gated`, `lowrank.gated`: the seed's
+change is multiplied by a learned per-example gate g(h) = sigmoid(MLP(h)) of the slot's input, so
+the slot gives h + g(h) * alpha * (seed(h) - h)), trained with rehearsal of a bounded sample of
+160 original-task *training* examples (kept by the run, `esper_ray.tolaria.continual.BoundedSample`)
+plus the gates' objective (gate -> 1 on the new task's batch, -> 0 on a batch of the sample, weight
+5); a fossilized seed trains on until its task ends (frozen once absorbed). No task identity at
+test time: the gates read the activations. Its targets: degradation < 5% after 20+ fossilizations,
+a new-task gain at least half of full fine-tuning's, at most a quarter of its seeds culled.
+Every arm keeps the full accuracy matrix (test accuracy on every task seen after every task; in
+the JSON figures): average accuracy over all tasks seen, backward transfer on the original task
+(A_end - A0; degradation = (A0 - A_end) / A0) and on the earlier new tasks, and the new-task gain.
 
 How to read it: a frozen host does not freeze the function. The absorbed seeds were selected
 for the new tasks only and rewrite what the original inputs map to, so the plain frozen-host
 protocol (no replay) degrades the original task far beyond 5% (and varies a lot from seed to
 seed: one bad absorbed seed can cost 15 points at once), while adapting the new tasks by only a
-few points. Rehearsal alone (160 original-task examples) roughly halves that damage at the same
-new-task gain, but stays above 5%. The do-no-harm guard, alone or with replay, keeps the mean
-degradation within the target, but by culling (half the seeds or more; on `permuted` not every
-seed reaches 20 fossilizations within 20 tasks), and the seeds that pass it adapt the new tasks
-by less than a point: stability bought with plasticity, and replay does not buy it back (seeds
-trained with replay pass the guard more often and spend its budget). Even the routed bound, with
-no interference at all, adapts by only a few points: each seed is frozen about 3 epochs after it
-germinates, so this lifecycle, not the seeds' capacity, limits plasticity on a frozen host (the
-same kind of seed gains 20+ points in 20 epochs in `param_efficiency.py`). With a trainable
-host the new tasks are learnt well; on `shift` (still MNIST-1D underneath) the original task is
-kept or improves, on `permuted` it is forgotten about as much as with full fine-tuning, and the
-same small replay buffer only trims that.
+few points. Rehearsal alone (160 original-task examples) damps that damage at the same new-task
+gain, but stays above 5%. The do-no-harm guard, alone or with replay, keeps the mean degradation
+within the target, but by culling (half the seeds or more; on `permuted` not every seed reaches
+20 fossilizations within 20 tasks), and the seeds that pass it adapt the new tasks by about a
+point: stability bought with plasticity. Even the routed bound, with no interference at all,
+adapts by only a few points, because each of its seeds is frozen about 3 epochs after it
+germinates. **Gated seeds** change the trade: no task identity, a fossilized seed trains on
+until its task ends, and the gate (trained to open on the new task and close on the 160-example
+sample) keeps most of the seed's change off the original inputs. They adapt the new tasks by
+9.5-12 points (0.63-0.69 of full fine-tuning's gain, about three times the routed bound) while
+culling 7-14% of their seeds, and degrade the original task by 4.4% on `shift` (mean of 6.7%,
+1.9%, 4.5%) but 10.1% on `permuted` (13.0%, 5.2%, 12.2%): the target is met on `shift` only, on
+the mean, not in every run. Where it stops, and why: the gates learn "original vs new" from 160
+original examples and leak on original inputs they never saw (in a diagnostic run on `permuted`
+the gates of the hidden slots averaged about 0.2 on the original *test* inputs, against about 0.9
+on the new task's), and the leaks of 20+ absorbed seeds add up: the original task's accuracy
+falls a little after nearly every task instead of at once. The gates also learn nothing about
+the earlier new tasks, so backward transfer on those is -0.03 to -0.04 (the frozen arms ~0,
+full fine-tuning -0.08 to -0.11). EWC (lambda 100) keeps more of the original task than full
+fine-tuning on `permuted` (29% vs 36%) but learns the new tasks far less (+0.04-0.05); with a
+trainable host the new tasks are learnt well; on `shift` (still MNIST-1D underneath) the
+original task is kept or improves, on `permuted` it is forgotten about as much as with full
+fine-tuning, and the same small replay buffer only trims that.
 A_end is one reading at the end of a noisy curve (the per-task curve is in the JSON figures).
 """
 
