@@ -177,10 +177,12 @@ def batched_lockstep(n: int, steps: int, seeded: bool, device: str = "cpu") -> t
     return steps / spent[0], n * steps / spent[1]
 
 
-def batched_rows(ns: list[int], steps: int, device: str) -> dict[str, dict[int, tuple[float, float]]]:
+def batched_rows(
+    ns: list[int], steps: int, device: str, seeds: bool = True
+) -> dict[str, dict[int, tuple[float, float]]]:
     """Per variant (wait only, seeds growing) and N: (single, batched) env steps per second."""
     rows: dict[str, dict[int, tuple[float, float]]] = {}
-    for name, seeded in (("wait only", False), ("seeds growing", True)):
+    for name, seeded in (("wait only", False), ("seeds growing", True))[: 2 if seeds else 1]:
         rows[name] = {}
         for n in ns:
             single, batched = batched_lockstep(n, steps, seeded, device)
@@ -222,6 +224,7 @@ def main() -> None:
     parser.add_argument("--batched-steps", type=int, default=30, help="timed steps per batched row")
     parser.add_argument("--batched-only", action="store_true", help="only the batched rows")
     parser.add_argument("--device", default="cpu", help="device of the batched env (cpu, cuda)")
+    parser.add_argument("--batched-wait-only", action="store_true", help="batched rows without the seeded variant")
     args = parser.parse_args()
     if args.quick:
         args.episodes, args.epochs = 1, 15
@@ -229,7 +232,7 @@ def main() -> None:
     torch.set_num_threads(1)
     ns = [int(v) for v in args.batched_n.split(",") if v]
     if args.batched_only:
-        rows = batched_rows(ns, args.batched_steps, args.device)
+        rows = batched_rows(ns, args.batched_steps, args.device, seeds=not args.batched_wait_only)
         _print_batched(rows)
         if args.json:
             import json
@@ -268,7 +271,7 @@ def main() -> None:
         print(f"PPO (256 env steps/iteration, sampling in the driver): {seconds:.1f} s/iteration")
     ratio, per_episode = ratios["env, wait only"], sorted((plain / env).tolist())
     spread = f"episodes {per_episode[0]:.3f}-{per_episode[-1]:.3f}"
-    rows = batched_rows(ns, args.batched_steps, args.device)
+    rows = batched_rows(ns, args.batched_steps, args.device, seeds=not args.batched_wait_only)
     print(f"throughput ratio env/plain = {ratio:.3f} (target >= 0.9); {spread}")
     _print_batched(rows)
     if args.json:
