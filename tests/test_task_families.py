@@ -112,23 +112,29 @@ def test_scaleshift_nuisance_changes_inputs_not_labels() -> None:
     assert float(rows.max() / rows.min()) < 10
 
 
+def _ridge_accuracy(features, x_fit, y_fit, x_test, y_test) -> float:
+    """Test accuracy of a ridge regression onto one-hot labels (solved exactly: deterministic)."""
+    a, t = features(x_fit), torch.eye(10, dtype=torch.float64)[y_fit]
+    w = torch.linalg.solve(a.T @ a + 1e-3 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ t)
+    return float(((features(x_test) @ w).argmax(1) == y_test).double().mean())
+
+
 def test_interaction_labels_are_even_in_the_input() -> None:
-    # Pure products: x and -x get the same scores, so a linear model cannot separate the classes.
+    # Pure products: x and -x get the same scores, so a linear model cannot separate the classes...
     d = load_task(TaskConfig(family="interaction", seed=1, params={"rank": 8, "n_samples": 6000, "input_dim": 8}))
-    x = torch.cat([d.x_train, d.x_val]).double()
-    y = torch.cat([d.y_train, d.y_val])
-    # A least-squares linear classifier on one-hot targets scores near chance on test.
-    w = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), torch.eye(10)[y].double()).solution
-    xt = torch.cat([d.x_test.double(), torch.ones(len(d.x_test), 1, dtype=torch.float64)], 1)
-    linear_acc = float(((xt @ w).argmax(1) == d.y_test).double().mean())
+    x, y = torch.cat([d.x_train, d.x_val]).double(), torch.cat([d.y_train, d.y_val])
+    iu = torch.triu_indices(8, 8)
+
+    def linear(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, torch.ones(len(t), 1, dtype=t.dtype)], 1)
+
+    def quadratic(t: torch.Tensor) -> torch.Tensor:
+        return linear(torch.einsum("ni,nj->nij", t, t)[:, iu[0], iu[1]])
+
+    linear_acc = _ridge_accuracy(linear, x, y, d.x_test.double(), d.y_test)
+    quad_acc = _ridge_accuracy(quadratic, x, y, d.x_test.double(), d.y_test)
     assert linear_acc < 0.25
-
-    # ...while the same least squares on pairwise products of the inputs does far better.
-    def quad(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.einsum("ni,nj->nij", t, t).flatten(1), torch.ones(len(t), 1, dtype=t.dtype)], 1)
-
-    wq = torch.linalg.lstsq(quad(x), torch.eye(10)[y].double()).solution
-    quad_acc = float(((quad(d.x_test.double()) @ wq).argmax(1) == d.y_test).double().mean())
+    # ...while the same regression on the pairwise products does far better.
     assert quad_acc > linear_acc + 0.15
 
 
