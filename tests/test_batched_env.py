@@ -233,6 +233,37 @@ def test_vector_env_settings_for_rllib():
         vector_env_settings({}, 0)
 
 
+def test_rllib_env_runner_samples_the_batched_env(torch_seed):
+    # RLlib's own sampling loop (the local SingleAgentEnvRunner, no Ray cluster) on N = 4: NEXT_STEP
+    # autoreset read as RLlib reads it, episodes that end and restart, the episode callbacks' metrics.
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    from esper_ray.simic.config import SimicConfig
+    from esper_ray.simic.ppo import build_ppo_config
+
+    cfg = SimicConfig(
+        num_env_runners=0,
+        num_envs_per_env_runner=4,
+        ppo={"train_batch_size": 32, "minibatch_size": 16, "num_epochs": 1, "hidden": 16},
+        env={
+            "run": {"training": {"epochs": 4}, "lineage": {"enabled": False}},
+            "train_tasks": [{"family": "mnist1d", "seed": 0, "n_train": 400}],
+        },
+    )
+    runner = SingleAgentEnvRunner(config=build_ppo_config(cfg))
+    try:
+        assert isinstance(runner.env.unwrapped, BatchedMorphogenesisEnv) and runner.num_envs == 4
+        episodes = runner.sample(num_timesteps=24, explore=True)
+        # 3 decisions an episode (4 epochs, 1 of warm-up): 4 episodes x 2 rounds, each run to its end
+        assert sum(len(e) for e in episodes) == 24 and sum(e.is_done for e in episodes) == 8
+        for e in episodes:
+            info = e.get_infos(-1)
+            assert 0.0 < info["test_acc"] <= 1.0 and info["epoch"] == 4
+        assert "esper_final_test_acc" in runner.get_metrics()
+    finally:
+        runner.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_two_ppo_iterations_on_the_batched_env(ray_session, tmp_path):
