@@ -20,6 +20,7 @@ from esper_ray.contracts import (
 )
 from esper_ray.simic.evaluate import (
     EpisodeRun,
+    best_fixed_cache_key,
     evaluate_controllers,
     play_episode,
     search_best_fixed,
@@ -260,8 +261,11 @@ def test_best_fixed_chooses_the_argmax_of_the_grid_and_caches_it(tmp_path) -> No
     assert [g["val_acc"] for g in entry["grid"]] == pytest.approx(means)
     best = schedules[int(np.argmax(means))]
     assert entry["schedule"] == [s.model_dump(mode="json") for s in best]
-    again, cached = search_best_fixed(ENV, grid, cache=tmp_path)
+    tuned = {**ENV, "run": {**RUN, "controller": {"trial": {"steps": 7}}}}  # another baseline's settings
+    again, cached = search_best_fixed(tuned, grid, cache=tmp_path)
     assert cached and again.entries == json.loads(table.to_json())["contexts"]
+    other = {**ENV, "run": {**RUN, "controller": {"max_germinations": 0}}}  # changes what schedules do
+    assert best_fixed_cache_key(other, grid) != best_fixed_cache_key(ENV, grid)
     # played on held-out tasks: the chosen schedule, at its slot and decision
     run = EpisodeRun()
     rows = evaluate_controllers({"best-fixed": lambda s: BestFixedController(table, run)}, ENV, [0], run=run)
