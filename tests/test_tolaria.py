@@ -706,6 +706,26 @@ def test_illegal_actions_are_refused_with_the_reason(data: TaskData) -> None:
     _expect_illegal(only, ControllerAction.germinate("input", "conv1d"), "conv1d", "candidates")
 
 
+def test_a_gated_blueprint_is_offered_only_where_its_gate_can_read(data: TaskData) -> None:
+    """legal_actions and apply agree on the gate's vector-slot rule: no gated germination is offered
+    in a sequence slot, and asking for one is refused with the reason."""
+    from esper_ray.blueprints import LocalCatalogue, named_blueprint
+    from esper_ray.kasmina.gate import gated_blueprint
+
+    gated = gated_blueprint(named_blueprint("residual_mlp"))
+    catalogue = LocalCatalogue([gated, named_blueprint("conv1d")])
+    mlp = Trainer(make_cfg(), data, catalogue=catalogue)
+    mlp.refresh_candidates()
+    assert {a.slot for a in mlp.legal_actions() if a.blueprint == gated.name} == set(mlp.host.slots)
+    cnn = Trainer(make_cfg("host.kind=cnn1d", "host.hidden=[8,8]"), data, catalogue=catalogue)
+    cnn.refresh_candidates()
+    seq_slots = [s.name for s in cnn.host.slots.values() if len(s.shape) > 1]
+    assert seq_slots
+    offered = {a.slot for a in cnn.legal_actions() if a.blueprint == gated.name}
+    assert not offered & set(seq_slots)
+    _expect_illegal(cnn, ControllerAction.germinate(seq_slots[0], gated.name), "does not fit")
+
+
 def test_germination_budget_is_spent_by_germinations_and_not_refunded_by_culls(data: TaskData) -> None:
     tr = Trainer(make_cfg("controller.max_germinations=2"), data)
     epoch(tr, ControllerAction.germinate("input", "conv1d"))

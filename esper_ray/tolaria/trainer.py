@@ -49,6 +49,7 @@ from esper_ray.contracts import (
 from esper_ray.hosts import MorphoHost, build_host, slot_names
 from esper_ray.karn.invented import local_catalogue
 from esper_ray.kasmina import SeedSlot, Transition
+from esper_ray.kasmina.gate import GateShapeError, check_gate_fits
 from esper_ray.tasks import TaskData, load_task
 from esper_ray.tolaria import optim
 from esper_ray.tolaria.governor import Governor
@@ -290,8 +291,9 @@ class Trainer:
         key = (entry.content_hash, slot.name)
         if key not in self._fits:
             try:
+                check_gate_fits(entry.spec, slot.name, slot.shape)  # a gated blend reads vector slots only
                 self._fits[key] = count_params(entry.spec, slot.shape)
-            except BlueprintShapeError:
+            except (BlueprintShapeError, GateShapeError):
                 self._fits[key] = None
         return self._fits[key]
 
