@@ -48,3 +48,13 @@ def test_an_unknown_name_or_too_many_inventions_is_one_error():
     with pytest.raises(EsperError, match="karn_invented"):
         load_config(overrides=["blueprints.karn_invented=65"])
     assert invented_specs([], 0, seed=0) == []
+
+
+def test_a_gated_name_serves_the_gated_variant():
+    from esper_ray.blueprints import named_blueprint
+    from esper_ray.kasmina.gate import gated_blueprint
+
+    (entry,) = local_catalogue(BlueprintsConfig(names=["residual_mlp.gated"])).poll()
+    assert entry.spec == gated_blueprint(named_blueprint("residual_mlp")) and entry.spec.blend == "gated"
+    with pytest.raises(EsperError, match="vector"):
+        local_catalogue(BlueprintsConfig(names=["conv1d.gated"]))

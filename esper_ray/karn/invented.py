@@ -1,6 +1,7 @@
 """A local catalogue with blueprints Karn invented: what a controller meets after training.
 
-``local_catalogue(cfg)`` serves the standard blueprints ``cfg.names`` (all when None) plus
+``local_catalogue(cfg)`` serves the standard blueprints ``cfg.names`` (all when None; a name
+``<blueprint>.gated`` is that blueprint with a gated blend, see ``esper_ray.kasmina.gate``) plus
 ``cfg.karn_invented`` specs that Karn's generator derives from them (mutations, crossovers,
 random constructions; reproducible from ``cfg.karn_seed``), optionally in a shuffled order
 (``cfg.shuffle_seed``) and then reversed (``cfg.reverse``). Evaluation uses it to show a
@@ -16,6 +17,7 @@ from esper_ray.blueprints.library import STANDARD_BLUEPRINTS
 from esper_ray.blueprints.spec import BlueprintSpec
 from esper_ray.contracts import EsperError
 from esper_ray.karn.generator import BlueprintGenerator
+from esper_ray.kasmina.gate import gated_blueprint
 
 
 def invented_specs(parents: list[BlueprintSpec], n: int, seed: int) -> list[BlueprintSpec]:
@@ -28,10 +30,17 @@ def invented_specs(parents: list[BlueprintSpec], n: int, seed: int) -> list[Blue
     return [p.spec for p in proposals]
 
 
+def _named(name: str) -> BlueprintSpec:
+    """A library blueprint by name; ``<name>.gated`` is its gated variant (``kasmina.gate``)."""
+    if name.endswith(".gated"):
+        return gated_blueprint(named_blueprint(name.removesuffix(".gated")))
+    return named_blueprint(name)
+
+
 def local_catalogue(cfg) -> LocalCatalogue:
     """The in-process catalogue a ``BlueprintsConfig`` describes (see the module docstring)."""
     names = cfg.names or list(STANDARD_BLUEPRINTS)
-    specs = [named_blueprint(name) for name in names]
+    specs = [_named(name) for name in names]
     specs += invented_specs(specs, cfg.karn_invented, cfg.karn_seed)
     if cfg.shuffle_seed is not None:
         order = np.random.default_rng(cfg.shuffle_seed).permutation(len(specs))
