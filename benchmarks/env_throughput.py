@@ -35,7 +35,9 @@ Batched rows (``envs.batched``, issue "many host runs in one step"): env steps p
 of ``BatchedMorphogenesisEnv`` at N = 1, 8, 32, 128 episodes (``--batched-n``) against the single
 env, both on one torch thread, timed in alternating blocks of ``BLOCK`` steps within one episode
 each (the same lockstep design as above), wait only and with a conv1d seed germinated at the input
-in every episode at the first step (seeds growing). The ratio is batched steps/s over single steps/s
+in every episode at the first step (seeds growing; at N = 1, 8, 32 over 10 steps by default,
+``--batched-seeded-n`` and ``--batched-seeded-steps``: a conv1d seed costs several times the host's
+own compute). The ratio is batched steps/s over single steps/s
 (target on the CPU: >= 3 at N = 32, MLP host, wait only). ``--batched-only`` skips the other rows;
 ``--device cuda`` runs the batched env on a GPU (the single env stays on one CPU core: the
 baseline of the GPU target, >= 100x at the best N; benchmarks/gpu_check.sh runs it that way).
@@ -178,14 +180,18 @@ def batched_lockstep(n: int, steps: int, seeded: bool, device: str = "cpu") -> t
 
 
 def batched_rows(
-    ns: list[int], steps: int, device: str, seeds: bool = True
+    ns: list[int], steps: int, device: str, seeded_ns: list[int] | None = None, seeded_steps: int = 10
 ) -> dict[str, dict[int, tuple[float, float]]]:
-    """Per variant (wait only, seeds growing) and N: (single, batched) env steps per second."""
+    """Per variant (wait only; seeds growing, at ``seeded_ns`` over ``seeded_steps``: a conv1d seed
+    costs ~10x the host's compute, so fewer) and N: (single, batched) env steps per second."""
     rows: dict[str, dict[int, tuple[float, float]]] = {}
-    for name, seeded in (("wait only", False), ("seeds growing", True))[: 2 if seeds else 1]:
+    variants = [("wait only", False, ns, steps)] + (
+        [("seeds growing", True, seeded_ns, seeded_steps)] if seeded_ns else []
+    )
+    for name, seeded, sizes, count in variants:
         rows[name] = {}
-        for n in ns:
-            single, batched = batched_lockstep(n, steps, seeded, device)
+        for n in sizes:
+            single, batched = batched_lockstep(n, count, seeded, device)
             rows[name][n] = (single, batched)
             print(
                 f"batched env N={n:4d} ({name:13s}, {device}): {batched:8.1f} env steps/s against single "
@@ -224,15 +230,18 @@ def main() -> None:
     parser.add_argument("--batched-steps", type=int, default=30, help="timed steps per batched row")
     parser.add_argument("--batched-only", action="store_true", help="only the batched rows")
     parser.add_argument("--device", default="cpu", help="device of the batched env (cpu, cuda)")
+    parser.add_argument("--batched-seeded-n", default="1,8,32", help="N of the seeded rows ('' for none)")
+    parser.add_argument("--batched-seeded-steps", type=int, default=10, help="timed steps per seeded row")
     parser.add_argument("--batched-wait-only", action="store_true", help="batched rows without the seeded variant")
     args = parser.parse_args()
     if args.quick:
         args.episodes, args.epochs = 1, 15
-        args.batched_n, args.batched_steps = "1,8", 10
+        args.batched_n, args.batched_steps, args.batched_seeded_n, args.batched_seeded_steps = "1,8", 5, "8", 3
     torch.set_num_threads(1)
     ns = [int(v) for v in args.batched_n.split(",") if v]
+    seeded_ns = [] if args.batched_wait_only else [int(v) for v in args.batched_seeded_n.split(",") if v]
     if args.batched_only:
-        rows = batched_rows(ns, args.batched_steps, args.device, seeds=not args.batched_wait_only)
+        rows = batched_rows(ns, args.batched_steps, args.device, seeded_ns, args.batched_seeded_steps)
         _print_batched(rows)
         if args.json:
             import json
@@ -271,7 +280,7 @@ def main() -> None:
         print(f"PPO (256 env steps/iteration, sampling in the driver): {seconds:.1f} s/iteration")
     ratio, per_episode = ratios["env, wait only"], sorted((plain / env).tolist())
     spread = f"episodes {per_episode[0]:.3f}-{per_episode[-1]:.3f}"
-    rows = batched_rows(ns, args.batched_steps, args.device, seeds=not args.batched_wait_only)
+    rows = batched_rows(ns, args.batched_steps, args.device, seeded_ns, args.batched_seeded_steps)
     print(f"throughput ratio env/plain = {ratio:.3f} (target >= 0.9); {spread}")
     _print_batched(rows)
     if args.json:
