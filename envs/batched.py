@@ -21,8 +21,10 @@ expects: the step after an episode terminated resets that episode (its action is
 returns the new episode's first observation with reward 0. Episodes reset independently; a
 resetting episode's warm-up epoch trains in the same batch as the others' epochs.
 
-Hosts other than the MLP, and distillation, train one episode after the other (``HostStack``
-runs ``Trainer.train_epoch`` itself for them): the same results, without the batched speed.
+Hosts other than the MLP, and distillation, train one episode after the other (the env calls
+``Trainer.train_epoch`` itself for them): the same results, without the batched speed. The MLP
+hosts of one env must share one skeleton (input shape and layer widths): a sampled task whose host
+differs is one-line ``EsperError`` naming it.
 
 ``gymnasium.make_vec("esper/Morphogenesis-v0", num_envs=N, vectorization_mode="vector_entry_point",
 **env_config)`` builds it (``envs/__init__.py`` registers the entry point), and so does RLlib

@@ -10,10 +10,11 @@ optimizer's state tensors is noticed (by identity) and copied back into the row 
 epoch (``HostStack.sync``).
 
 ``HostStack.train_epochs(trainers)`` is ``Trainer.train_epoch`` for several trainers at once:
-per batch one batched forward (``torch.baddbmm`` per layer over the rows), one backward, one
-Adam step over the stacked weights, with the same arithmetic per row as ``torch.optim.Adam``'s
-single-tensor path. Seeds are grouped by blueprint and stage across rows at each slot; a
-group of blending, holding or fossilized seeds runs as one ``torch.func.vmap`` over their
+per batch one batched forward (``torch.baddbmm`` per layer over the rows, with gradients
+computed in ``F.linear``'s order), one backward, one Adam step over the stacked weights, with the
+same arithmetic per row as ``torch.optim.Adam``'s single-tensor path: on the CPU each row's numbers
+are bit for bit those of its trainer training alone. Seeds are grouped by blueprint and stage
+across rows at each slot; a group of blending, holding or fossilized seeds runs as one ``torch.func.vmap`` over their
 stacked weights (a lone seed, and seeds in isolated TRAINING, run through their slot's own
 forward, whose custom autograd keeps a seed's NaN off the host), and their Adam step is one
 fused ``torch._foreach`` update over every seed tensor of every row. Per row: its own batch order
