@@ -149,9 +149,9 @@ section "timing: batched env (envs.batched), env steps/s against one single env 
 # on one CPU core at the best N); a dry run without CUDA times small N on the CPU.
 if [ -n "$LOGDIR" ]; then BATCHED_LOG="$LOGDIR/batched.log"; else BATCHED_LOG=/dev/null; fi
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    BATCHED_ARGS=(--device cuda --batched-n "${BATCHED_N:-1,32,128,512,1024}" --batched-steps 10)
+    BATCHED_ARGS=(--device cuda --batched-n "${BATCHED_N:-1,32,128,512,1024}" --batched-steps 10 --batched-seeded-n 1,32,128)
 else
-    BATCHED_ARGS=(--device cpu --batched-n 1,8 --batched-steps 5)
+    BATCHED_ARGS=(--device cpu --batched-n 1,8 --batched-steps 5 --batched-seeded-n 8 --batched-seeded-steps 3)
 fi
 timeout -k 10 "${BATCHED_TIMEOUT:-300}" "$PY" benchmarks/env_throughput.py --batched-only "${BATCHED_ARGS[@]}" 2>&1 \
     | tee "$BATCHED_LOG"
