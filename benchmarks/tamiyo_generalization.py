@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             label.replace(":", "-") + "-reversed",
             pkey,
             lambda p=policy, lab=label: evaluate_controllers(
-                {f"{lab}(reversed)": lambda seed: p}, heldout_env(cfg.env, reverse=True, quick=args.quick), seeds
+                {f"{lab}(reversed)": p.episode}, heldout_env(cfg.env, reverse=True, quick=args.quick), seeds
             ),
         )
     table = summary_table(rows)

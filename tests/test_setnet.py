@@ -199,7 +199,7 @@ def test_action_space_pads_slots_to_max_slots():
 def test_export_round_trip_gives_the_same_decisions(tmp_path):
     net = _net(seed=7)
     export_net(net, tmp_path / "p")
-    policy = load_policy(tmp_path / "p")
+    policy = load_policy(tmp_path / "p", sample=False)
     obs = _obs(4, 5, seed=8)
     legal = [ControllerAction.wait(), ControllerAction.germinate("hidden1", "bp2"), ControllerAction.cull("input")]
     space = policy.space(obs)
@@ -253,3 +253,23 @@ def test_bad_policy_folders_are_one_line(tmp_path, meta, match):
     (tmp_path / "policy.json").write_text(json.dumps(meta))
     with pytest.raises(EsperError, match=match):
         load_policy(tmp_path)
+
+
+def test_a_sampling_policy_draws_from_its_distribution_reproducibly():
+    obs = _obs(3, 4, seed=9)
+    legal = [ControllerAction.wait(), ControllerAction.germinate("hidden0", "bp1"), ControllerAction.cull("input")]
+    policy = PolicyController(_net(seed=3), seed=11)
+    logits = policy.logits(obs, legal)
+    space = policy.space(obs)
+    index = [space.encode(a, obs.candidates) for a in legal]
+    p = np.exp(logits[index] - logits[index].max())
+    p /= p.sum()
+    draws = [policy.act(obs, legal) for _ in range(2000)]
+    freq = np.array([sum(d == a for d in draws) for a in legal]) / len(draws)
+    np.testing.assert_allclose(freq, p, atol=0.04)  # 2000 draws: ~4 standard errors
+    one, two = policy.episode(5), policy.episode(5)
+    assert [one.act(obs, legal) for _ in range(20)] == [two.act(obs, legal) for _ in range(20)]
+    state = one.state_dict()
+    ahead = [one.act(obs, legal) for _ in range(10)]
+    two.load_state_dict(state)
+    assert [two.act(obs, legal) for _ in range(10)] == ahead  # the generator resumes exactly

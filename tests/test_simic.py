@@ -56,7 +56,7 @@ def test_exported_policy_matches_the_checkpointed_module(trained: Path) -> None:
 
     algo = Algorithm.from_checkpoint(str(trained / "checkpoint"))
     module = algo.get_module()
-    policy = load_policy(trained / "policy")
+    policy = load_policy(trained / "policy", sample=False)
     env = envs.MorphogenesisEnv(TINY.env)
     agree = total = 0
     for seed in range(2):

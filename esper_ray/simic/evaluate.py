@@ -478,6 +478,15 @@ def episodes_ran(env_config: dict[str, Any], seeds: Sequence[int]) -> dict[str, 
     return {"heldout_tasks": [t.model_dump(mode="json") for t in cfg.heldout_tasks], "seeds": list(seeds)}
 
 
+def _episodes_of(controller: Controller) -> ControllerFactory:
+    """factory(seed) for a given controller: a learned policy draws with a generator per episode seed."""
+    from esper_ray.tamiyo.policy import PolicyController
+
+    if isinstance(controller, PolicyController):
+        return controller.episode
+    return lambda seed: controller
+
+
 def run_evaluation(
     env_config: dict[str, Any],
     baselines: Sequence[str],
@@ -520,7 +529,7 @@ def run_evaluation(
             chosen = {k: v["schedule"] for k, v in table.entries.items()}
             progress(f"best-fixed table ({'cached' if cached else 'searched'}): {json.dumps(chosen)}")
     factories = baseline_factories([n for n in baselines if n != "replay"], settings, run, table)
-    factories.update({label: (lambda seed, p=policy: p) for label, policy in policies.items()})
+    factories.update({label: _episodes_of(policy) for label, policy in policies.items()})
     big_static_of = next(iter(policies), "heuristic" if "heuristic" in factories else None)
     rows = evaluate_controllers(
         factories, env_config, seeds, big_static_of=big_static_of, progress=progress, run=run, replay_of=replay_of

@@ -94,7 +94,7 @@ def controller_factories(specs: Iterable[str], settings=None, run=None) -> dict[
             out.update(baseline_factories([spec], settings, run))
         else:
             policy = load_policy(spec)  # fail now, with one line
-            out[f"policy:{Path(spec).parent.name or spec}"] = lambda seed, p=policy: p
+            out[f"policy:{Path(spec).parent.name or spec}"] = policy.episode
     if not out:
         raise EsperError(f"nothing to record: name controllers ({', '.join(RECORDABLE)} or a policy folder)")
     return out

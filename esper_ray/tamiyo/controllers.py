@@ -191,4 +191,4 @@ def make_controller(cfg, seed: int = 0, run=None) -> Controller:
         return baselines.BestFixedController(baselines.BestFixedTable.read(cfg.best_fixed.table), run)
     from esper_ray.tamiyo.policy import load_policy  # torch-only inference, no RLlib
 
-    return load_policy(cfg.path)
+    return load_policy(cfg.path, sample=cfg.sample, seed=seed)

@@ -44,15 +44,29 @@ def export_rl_module(rl_module: Any, path: str | Path) -> Path:
 
 
 class PolicyController:
-    """A trained Tamiyo: observation -> the legal action with the highest logit."""
+    """A trained Tamiyo: observation -> an action of the policy's distribution over the legal ones.
+
+    ``sample=True`` (the default) draws the action from that distribution with a generator seeded
+    by ``seed``, as in training: PPO optimises the stochastic policy, whose most likely action at
+    every single step can differ from what it does on average (a policy that germinates once per
+    run, at a moment it cannot foresee, has "wait" as its most likely action at every step).
+    ``sample=False`` takes the most likely legal action.
+    """
 
     name = "policy"
 
-    def __init__(self, net: SetPolicyNet, source: str = ""):
+    def __init__(self, net: SetPolicyNet, source: str = "", *, sample: bool = True, seed: int = 0):
         self.net = net.eval()
         self.layout = net.layout
         self.encoder = ObsEncoder(net.layout)
         self.source = source
+        self.sample = sample
+        self.rng = np.random.default_rng(seed)
+
+    def episode(self, seed: int) -> PolicyController:
+        """This policy with its own generator seeded ``seed`` (the same network): one per episode, so an
+        episode's draws do not depend on which episodes were played before it."""
+        return PolicyController(self.net, self.source, sample=self.sample, seed=seed)
 
     def space(self, obs: Observation) -> ActionSpace:
         """The action codec for the host ``obs`` describes (its slots, in host order)."""
@@ -70,13 +84,17 @@ class PolicyController:
         space = self.space(obs)
         mask = space.mask(legal, obs.candidates).astype(bool)
         logits = np.where(mask, self.logits(obs, legal), -np.inf)
-        return space.decode(int(np.argmax(logits)), obs.candidates)
+        if not self.sample:
+            return space.decode(int(np.argmax(logits)), obs.candidates)
+        p = np.exp(logits - logits.max())
+        return space.decode(int(self.rng.choice(len(p), p=p / p.sum())), obs.candidates)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]
 
 
 def _positive_int(meta: dict[str, Any], key: str, path: Path) -> int:
@@ -86,9 +104,9 @@ def _positive_int(meta: dict[str, Any], key: str, path: Path) -> int:
     return value
 
 
-def load_policy(path: str | Path | None) -> PolicyController:
-    """Load an exported policy folder (None: the shipped one); one-line EsperError if missing, corrupt
-    or mismatched."""
+def load_policy(path: str | Path | None, *, sample: bool = True, seed: int = 0) -> PolicyController:
+    """Load an exported policy folder (None: the shipped one) as a controller (``sample``, ``seed``: see
+    PolicyController); one-line EsperError if missing, corrupt or mismatched."""
     path = SHIPPED_POLICY if path is None else Path(path)
     meta_file, weights_file = path / "policy.json", path / "policy.safetensors"
     if not meta_file.is_file() or not weights_file.is_file():
@@ -110,4 +128,4 @@ def load_policy(path: str | Path | None) -> PolicyController:
         net.load_state_dict(tensors)
     except RuntimeError as err:
         raise EsperError(f"policy at {path} is inconsistent with its policy.json: {str(err).splitlines()[0]}") from None
-    return PolicyController(net, source=str(path))
+    return PolicyController(net, source=str(path), sample=sample, seed=seed)
