@@ -124,7 +124,10 @@ class ControllerConfig(StrictModel):
     """Which Tamiyo decides germinations."""
 
     kind: Literal["static", "random", "heuristic", "trial", "fixed", "best-fixed", "replay", "policy"] = "heuristic"
-    path: str | None = Field(None, description="policy: an exported Tamiyo policy folder")
+    path: str | None = Field(None, description="policy: an exported Tamiyo policy folder (None: the shipped Tamiyo)")
+    sample: bool = Field(
+        True, description="policy: draw actions from the policy's distribution (as trained); false: the likeliest"
+    )
     decide_every: int = Field(1, ge=1, description="epochs between decision points")
     plateau_patience: int = Field(3, ge=1, description="heuristic: epochs without improvement")
     cull_below: float = Field(0.0, description="heuristic: cull a holding seed whose contribution is <= this")
@@ -178,6 +181,12 @@ class ActorsConfig(StrictModel):
     urabrask: ActorResources = ActorResources()
     karn_interval_s: float = Field(2.0, gt=0, description="seconds between Karn's proposal rounds")
     karn_batch: int = Field(4, ge=1, description="specs Karn sends on per round")
+    idle_after_s: float = Field(
+        300.0,
+        ge=0,
+        description="Karn stops proposing (and the pipeline idles) when no trainer has asked Urza for "
+        "blueprints for this long; the next request wakes it (0: never idles)",
+    )
     compile: bool = Field(True, description="Tezzeret tries torch.compile (eager fallback recorded)")
     max_restarts: int = Field(3, ge=0)
 
