@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.policy or []:
         policy, label = load_policy(path), f"policy:{path.name if path.name != 'policy' else path.parent.name}"
         labels.append(label)
-        pkey = hashlib.sha256((key + (path / "policy.safetensors").read_bytes().hex()).encode()).hexdigest()[:12]
+        weights = (path / "policy.safetensors").read_bytes().hex()
+        pkey = hashlib.sha256(f"{key}/{weights}/sample={policy.sample}".encode()).hexdigest()[:12]
         rows += cached_rows(work, label.replace(":", "-"), pkey, play(["replay"], {label: policy}))
         rows += cached_rows(
             work,
