@@ -155,15 +155,6 @@ def _simic(args: argparse.Namespace) -> int:
     if args.resume is not None and not (args.resume / "rllib_checkpoint.json").exists():
         raise EsperError(f"no RLlib checkpoint at {args.resume} (rllib_checkpoint.json missing)")
     ensure_ray(args.address)
-    from esper_ray.cluster import require_free
-
-    # The algorithm runs in this process; its env runners are Ray actors that must fit what is free.
-    require_free(
-        {"CPU": cfg.num_env_runners * cfg.num_cpus_per_env_runner},
-        f"simic's env runners (num_env_runners={cfg.num_env_runners} x {cfg.num_cpus_per_env_runner:g} CPU)",
-        hint="stop what holds them (e.g. the service actors: ray stop) or lower num_env_runners / "
-        "num_cpus_per_env_runner (num_env_runners=0 samples in this process)",
-    )
     out = persistent_path(args.out or Path(cfg.out_dir) / cfg.name)
     checkpoint = train_simic(cfg, out, resume=args.resume, warm_start=args.warm_start, progress=not args.no_progress)
     print(f"checkpoint: {checkpoint}\nexported policy: {Path(out) / 'policy'}")

@@ -244,6 +244,7 @@ def test_a_host_beyond_the_policy_maxima_is_one_error(tmp_path):
         ({"format": "esper-ray-tamiyo-policy/1"}, "expected 'esper-ray-tamiyo-policy/2'"),
         ({"format": "esper-ray-tamiyo-policy/2", "max_slots": "6", "k": 5, "hidden": 16}, "max_slots must be"),
         ({"format": "esper-ray-tamiyo-policy/2", "max_slots": 6, "k": 0, "hidden": 16}, "k must be"),
+        ({"format": "esper-ray-tamiyo-policy/2", "max_slots": 6, "k": 5, "hidden": 10**12}, "hidden must be"),
         ({"format": "esper-ray-tamiyo-policy/2", "max_slots": 6, "k": 5, "hidden": 32}, "inconsistent"),
         ([1, 2], "not a JSON object"),
     ],

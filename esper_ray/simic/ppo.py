@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from esper_ray.cluster import ensure_ray  # noqa: F401  (re-exported for the CLI)
+from esper_ray.cluster import ensure_ray, require_free
 from esper_ray.contracts import EsperError
 from esper_ray.simic.config import SimicConfig
 
@@ -139,6 +139,15 @@ def train_simic(
 
     import envs  # noqa: F401  (registers the env id the checkpoint refers to)
 
+    ensure_ray()
+    # The algorithm runs in this process; its env runners are Ray actors that must fit what is free
+    # (Ray would leave them pending forever, without a word).
+    require_free(
+        {"CPU": cfg.num_env_runners * cfg.num_cpus_per_env_runner},
+        f"simic's env runners (num_env_runners={cfg.num_env_runners} x {cfg.num_cpus_per_env_runner:g} CPU)",
+        hint="stop what holds them (e.g. the service actors: ray stop) or lower num_env_runners / "
+        "num_cpus_per_env_runner (num_env_runners=0 samples in this process)",
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if resume is not None:

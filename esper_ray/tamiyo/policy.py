@@ -97,10 +97,16 @@ class PolicyController:
             self.rng.bit_generator.state = state["rng"]
 
 
+# Far above any trained policy; they bound what a policy file can make us allocate.
+_MAXIMA = {"max_slots": 64, "k": 256, "hidden": 4096}
+
+
 def _positive_int(meta: dict[str, Any], key: str, path: Path) -> int:
     value = meta.get(key)
-    if type(value) is not int or value < 1:
-        raise EsperError(f"policy at {path}: policy.json {key} must be a positive integer, got {value!r}")
+    if type(value) is not int or not 1 <= value <= _MAXIMA[key]:
+        raise EsperError(
+            f"policy at {path}: policy.json {key} must be an integer in [1, {_MAXIMA[key]}], got {value!r}"
+        )
     return value
 
 
