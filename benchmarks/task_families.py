@@ -18,15 +18,19 @@ over tasks) of every growth, the best growth and how many tasks it wins, and wri
 ``benchmarks/results/task_families.csv`` (one row per family and growth; rows of families not
 run this time, e.g. with ``--families``, are kept).
 
-Run (about 6 minutes on one CPU thread with the defaults; under the shared lock)::
+Run (258 runs: ~8 minutes wall on the shared 2-core machine, ~1-2 s per 25-epoch run, data
+loading included; under the shared lock)::
 
     flock /tmp/esper-heavy.lock .venv/bin/python benchmarks/task_families.py
-    .venv/bin/python benchmarks/task_families.py --tasks 1 --repeats 1 --families saturated   # seconds
+    .venv/bin/python benchmarks/task_families.py --tasks 1 --repeats 1 --families saturated --out /tmp/tf.csv
 
-What to expect: the best growth differs by family: ``conv1d@input`` on MNIST-1D signals,
-``norm@input`` on scaleshift, ``residual_mlp@true`` on bottleneck, a nonlinear input seed on
-interaction, ``conv2d@input`` on digits; and on saturated no growth gains more than noise. The
-measured table is in ``benchmarks/results/task_families.csv``.
+What to expect: the best growth differs by family: ``conv1d@input`` on MNIST-1D signals (MLP and
+cnn1d hosts), ``norm@input`` on scaleshift (little on its nuisance-free tasks, ``gain_decades``
+0), ``residual_mlp@true`` on bottleneck (other slots gain less), a nonlinear input seed
+(``residual_mlp@input``) on interaction played on narrow hosts; on digits ``conv2d@input``, a
+per-pixel ``residual_mlp`` and ``norm`` at the input all help by a few points (not a clean
+conv2d family); on saturated no growth gains anything. The measured table is in
+``benchmarks/results/task_families.csv``.
 """
 
 from __future__ import annotations
