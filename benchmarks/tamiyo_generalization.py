@@ -15,7 +15,8 @@ invents from another seed, in a shuffled order. Then:
 Run:     .venv/bin/python benchmarks/tamiyo_generalization.py --policy policies/tamiyo --seeds 2
          (--policy is repeatable; --quick: one seed and two tasks of each held-out family;
          --trial-seeds 1 --trial-top-slots 2: the trial heuristic, whose trials cost most, on the
-         first seed only and at the two open slots its signals rank highest. Each
+         first seed only and at the two open slots its signals rank highest; --policy-seeds 1:
+         the policies on the first seed only. Each
          group of controllers keeps its rows under runs/tamiyo-generalization, keyed by the config
          and seeds, so a second policy replays none of the baselines.)
 Expect:  the whole comparison takes roughly an hour on 2 cores (the trial heuristic and the
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--baselines", default=",".join(BASELINES[:-1]), help="comma-separated (replay is per policy)")
     parser.add_argument("--trial-seeds", type=int, help="seeds of the (costly) trial heuristic (default --seeds)")
+    parser.add_argument("--policy-seeds", type=int, help="seeds the policies play (default --seeds)")
     parser.add_argument("--trial-top-slots", type=int, help="the trial heuristic tries only the N best-signalled slots")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -163,14 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         policy, label = load_policy(path), f"policy:{path.name if path.name != 'policy' else path.parent.name}"
         labels.append(label)
         weights = (path / "policy.safetensors").read_bytes().hex()
-        pkey = hashlib.sha256(f"{key}/{weights}/sample={policy.sample}".encode()).hexdigest()[:12]
-        rows += cached_rows(work, label.replace(":", "-"), pkey, play(["replay"], {label: policy}))
+        mine = seeds[: args.policy_seeds or len(seeds)]
+        pkey = hashlib.sha256(f"{key}/{weights}/sample={policy.sample}/{mine}".encode()).hexdigest()[:12]
+        rows += cached_rows(work, label.replace(":", "-"), pkey, play(["replay"], {label: policy}, mine))
         rows += cached_rows(
             work,
             label.replace(":", "-") + "-reversed",
             pkey,
-            lambda p=policy, lab=label: evaluate_controllers(
-                {f"{lab}(reversed)": p.episode}, heldout_env(cfg.env, reverse=True, quick=args.quick), seeds
+            lambda p=policy, lab=label, mine=mine: evaluate_controllers(
+                {f"{lab}(reversed)": p.episode}, heldout_env(cfg.env, reverse=True, quick=args.quick), mine
             ),
         )
     table = summary_table(rows)
