@@ -853,61 +853,62 @@ class Page:
         out = [
             "## Tamiyo against the baselines",
             "",
-            "<!-- filled by benchmarks/run_all.py from runs/evaluation*/summary.csv and "
-            "benchmarks/results/*summary.csv -->",
+            "<!-- filled by benchmarks/run_all.py from benchmarks/results/tamiyo_generalization.json, which "
+            "benchmarks/tamiyo_generalization.py writes (about an hour; not rerun by run_all) -->",
             "",
         ]
-        found = evaluation_summaries()
-        if not found:
+        path = REPO / "benchmarks" / "results" / "tamiyo_generalization.json"
+        if not path.exists():
             out.append(
-                "**Pending**: run `esper-ray simic --config configs/tamiyo_mnist1d.yaml --out runs/tamiyo-mnist1d` "
-                "then `esper-ray evaluate --config configs/tamiyo_mnist1d.yaml --policy runs/tamiyo-mnist1d/policy "
-                "--seeds 5` (writes `runs/evaluation/summary.csv`), then rerun `benchmarks/run_all.py`."
+                f"**Pending**: run `{PY} benchmarks/tamiyo_generalization.py --policy esper_ray/policies/tamiyo`, "
+                "then rerun `benchmarks/run_all.py`."
             )
             return "\n".join(out)
+        report = json.loads(path.read_text())
         out += [
-            "Written by `esper-ray evaluate` (`esper_ray/simic/evaluate.py`): every controller plays the same "
-            "held-out episodes (task x training seed); mean ± 95% CI (Student t) over episodes; the paired "
-            "difference is per episode against the heuristic; *fidelity* = share of germinations placed at the "
-            "ground-truth slot, only on tasks that have one (bottleneck tasks); *big-static(X)* = X's final "
-            "architecture trained from epoch 0. Files under `runs/` are local outputs (not committed); "
-            "`benchmarks/results/` holds committed copies.",
-        ]
-        for path, rows in found:
-            diff = next((k for k in rows[0] if k.startswith("diff_vs_") and not k.endswith("_ci95")), None)
-            body = []
-            for row in rows:
-                body.append(
+            "Every controller plays the same held-out episodes of `configs/tamiyo.yaml` (two whole families "
+            "never trained on, hosts of an unseen depth and widths, a catalogue with two blueprints Karn "
+            "invented from another seed, shuffled); mean ± 95% CI (Student t) over episodes; paired "
+            "differences per episode; *big-static(X)* = X's final architecture trained from epoch 0. "
+            f"Written {time.strftime('%Y-%m-%d', time.localtime(path.stat().st_mtime))} "
+            f"(`{path.relative_to(REPO)}`, episodes in `tamiyo_generalization_episodes.csv`).",
+            "",
+            table(
+                ["controller", "episodes", "test accuracy", "germinations", "culls", "s / episode"],
+                [
                     [
-                        row["controller"],
-                        row.get("episodes", ""),
-                        f"{_num(row, 'test_acc', '.4f')} ± {_num(row, 'test_acc_ci95', '.4f')}",
-                        f"{_num(row, 'seed_params', ',.0f')} ± {_num(row, 'seed_params_ci95', ',.0f')}",
-                        f"{_num(row, 'germinations', '.2f')} ± {_num(row, 'germinations_ci95', '.2f')}",
-                        _num(row, "fidelity", ".1%") or "n/a",
-                        f"{_num(row, diff, '+.4f')} ± {_num(row, diff + '_ci95', '.4f')}"
-                        if diff and _num(row, diff, ".4f")
-                        else "",
+                        t["controller"],
+                        str(t["episodes"]),
+                        pm(t["test_acc"], t["test_acc_ci95"], ".4f"),
+                        f"{t['germinations']:.2f}",
+                        f"{t['culls']:.2f}",
+                        f"{t['seconds']:.1f}",
                     ]
-                )
-            rel = path.relative_to(REPO)
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+                    for t in report["table"]
+                ],
+            ),
+        ]
+        for fig in report["policies"]:
+            fidelity = fig["heldout_bottleneck_fidelity"]
             out += [
                 "",
-                f"`{rel}` ({'committed' if rel.parts[0] == 'benchmarks' else f'local, written {when}'}):",
+                f"{fig['policy']} minus each controller (paired, same episodes):",
                 "",
                 table(
-                    [
-                        "controller",
-                        "episodes",
-                        "test accuracy",
-                        "seed params",
-                        "germinations",
-                        "fidelity",
-                        (diff or "diff").replace("_", " "),
-                    ],
-                    body,
+                    ["versus", "episodes", "difference in test accuracy"],
+                    [[p["versus"], str(p["episodes"]), pm(p["mean"], p["ci95"], "+.4f")] for p in fig["pooled"]],
                 ),
+                "",
+                f"Per held-out family, {fig['policy']} minus the strongest heuristic ({fig['strongest_heuristic']}):",
+                "",
+                table(
+                    ["family", "episodes", "difference"],
+                    [[f, str(p["episodes"]), pm(p["mean"], p["ci95"], "+.4f")] for f, p in fig["per_family"].items()],
+                ),
+                "",
+                f"Reversing the catalogue changes its mean accuracy by {fig['reversed_catalogue_change']:+.4f} "
+                "(target: less than 0.005). Germination fidelity on the held-out bottleneck tasks (depth 5, "
+                f"never trained on): {'n/a' if fidelity is None else f'{fidelity:.1%}'} (target: at least 95%).",
             ]
         return "\n".join(out)
 
