@@ -27,7 +27,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
-from ray.util.metrics import Counter
+from ray.util.metrics import Counter, Gauge
 
 from actors import Peer
 from esper_ray.config import ActorsConfig
@@ -42,6 +42,8 @@ def _handle(target: Any) -> Any:
 # Submissions Tezzeret has not answered yet, in rounds' worth: beyond this Karn skips
 # submitting (Tezzeret is behind; a longer queue would only hold stale proposals).
 _MAX_BACKLOG_ROUNDS = 4
+# While idle (no demand), how often Karn looks for demand again: a wake-up takes at most this long.
+IDLE_POLL_S = 2.0
 
 
 @ray.remote(num_cpus=0.25)
@@ -69,14 +71,23 @@ class Karn:
             "submit_errors": 0,
             "errors": 0,  # failed calls to Urza and failed rounds
             "backlog_skips": 0,
+            "idle_rounds": 0,  # rounds skipped because no trainer asked for blueprints lately
         }
         self._last_error = ""
+        self._idle_now = False
         self._proposals_metric = Counter(
             "esper_karn_proposals", description="Valid blueprint specs Karn generated (before choosing)."
         )
         self._submitted_metric = Counter(
             "esper_karn_submitted", description="Blueprint specs Karn submitted to Tezzeret."
         )
+        # 1 while Karn's last calls to Urza and Tezzeret got answers, 0 after a failed one (a dead
+        # or replaced actor): the dashboard's signal that blueprints are not flowing.
+        self._healthy = True
+        self._health_metric = Gauge(
+            "esper_pipeline_healthy", description="1: Karn's last calls to Urza and Tezzeret succeeded; 0: one failed."
+        )
+        self._health_metric.set(1)
         # After a crash Ray rebuilds the actor by calling __init__ again; nobody will call
         # start() a second time, so a reconstructed Karn resumes its loop by itself.
         self._reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
@@ -125,6 +136,7 @@ class Karn:
                 "pending_submits": len(self._pending),
                 "contract_failures": self._breeder.contract_failures,
                 "last_error": self._last_error,
+                "healthy": self._healthy,
             }
 
     def gpu_ids(self) -> list:
@@ -140,12 +152,31 @@ class Karn:
                 self._round()
             except Exception as err:  # a bug in one round must not end the loop
                 self._record("round", err)
-            # Rounds start every interval, whatever a round took (if it took less).
-            self._stop.wait(max(0.0, self.cfg.karn_interval_s - (time.monotonic() - started)))
+            # Rounds start every interval, whatever a round took (if it took less); idle, Karn only
+            # checks for demand, and no more often than every IDLE_POLL_S.
+            interval = self.cfg.karn_interval_s
+            if self._idle_now:
+                interval = max(interval, IDLE_POLL_S)
+            self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+
+    def _set_health(self, healthy: bool) -> None:
+        if healthy != self._healthy:
+            self._healthy = healthy
+            self._health_metric.set(1 if healthy else 0)
 
     def _round(self) -> None:
         self._counts["rounds"] += 1
+        errors = self._counts["errors"] + self._counts["submit_errors"]
+        self._run_round()
+        if self._counts["errors"] + self._counts["submit_errors"] == errors:
+            self._set_health(True)  # a whole round without a failed call
+
+    def _run_round(self) -> None:
         self._collect_answers()
+        self._idle_now = self._idle()
+        if self._idle_now:
+            self._counts["idle_rounds"] += 1
+            return
         try:
             ref = _handle(self._urza).top_specs.remote(self._top_k)
             spec_jsons = ray.get(ref, timeout=self._call_timeout_s)
@@ -179,6 +210,18 @@ class Karn:
             self._counts["submitted"] += 1
             self._submitted_metric.inc()
 
+    def _idle(self) -> bool:
+        """No trainer asked Urza for blueprints for ``idle_after_s``: propose nothing (one small call)."""
+        idle_after = getattr(self.cfg, "idle_after_s", 0.0)
+        if not idle_after:
+            return False
+        try:
+            age = ray.get(_handle(self._urza).demand_age_s.remote(), timeout=self._call_timeout_s)
+        except Exception as err:  # Urza down or restarting: keep working as before
+            self._record("urza.demand_age_s", err)
+            return False
+        return age > idle_after
+
     def _collect_answers(self) -> None:
         """Count Tezzeret's answers that have arrived, without waiting for the others."""
         if not self._pending:
@@ -193,6 +236,8 @@ class Karn:
                 self._record("tezzeret.submit", err, count=False)
 
     def _record(self, where: str, err: BaseException, *, count: bool = True) -> None:
+        if where.startswith(("urza", "tezzeret")):
+            self._set_health(False)
         if isinstance(err, RayActorError):
             # The actor behind a Peer may have been replaced: look it up again for next time.
             for peer in (self._urza, self._tezzeret):

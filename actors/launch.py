@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from actors.client import KARN, TEZZERET, URABRASK, URZA, UrzaCatalogue
+from actors.client import KARN, TEZZERET, URABRASK, URZA, Peer, UrzaCatalogue
 from actors.tezzeret import DEFAULT_MAX_PARAMS, Tezzeret
 from actors.urabrask import Urabrask
 from actors.urza import Urza
@@ -136,7 +136,11 @@ def start_pipeline(
         created.append((TEZZERET, tezzeret))
         karn = None
         if karn_cls is not None:
-            karn = karn_cls.options(**_options(cfg, KARN)).remote(cfg, urza, tezzeret, seed)
+            # Peers, not bare handles: a Urza or Tezzeret killed and started again by a later job is
+            # a new actor under the same name, and Karn looks it up again after ActorDiedError.
+            karn = karn_cls.options(**_options(cfg, KARN)).remote(
+                cfg, Peer(URZA, cfg.namespace, urza), Peer(TEZZERET, cfg.namespace, tezzeret), seed
+            )
             karn.start.remote()  # non-blocking; Karn's loop runs in the actor
     except Exception:
         # Detached actors outlive this job: do not leave a half-started pipeline holding resources.

@@ -438,6 +438,8 @@ class Urza:
         self._templates: dict[str, ray.ObjectRef] = {}
         self._compiled: dict[str, ray.ObjectRef] = {}
         self._counts = {"registered": 0, "completed": 0, "rejected": 0, "served": 0, "refused": 0}
+        # When a client last asked for the catalogue (start counts as one): Karn idles without demand.
+        self._last_demand = time.monotonic()
         # Rejections are counted where they are decided (Tezzeret's esper_rejections).
         self._catalogue_size = Gauge("esper_catalogue_size", description="ready blueprints in Urza")
         for entry in self._lib.ready():
@@ -531,16 +533,22 @@ class Urza:
     def catalogue(self) -> tuple[int, list[dict[str, Any]]]:
         """(version, ready entries): spec_json, content_hash, report (dict), compile info."""
         with self._lock:
+            self._last_demand = time.monotonic()
             self._counts["served"] += 1
             return self._lib.version, self._lib.catalogue()
 
     def catalogue_if_newer(self, known_version: int) -> tuple[int, list[dict[str, Any]] | None]:
         """Like ``catalogue`` but None instead of the entries when ``known_version`` is current."""
         with self._lock:
+            self._last_demand = time.monotonic()
             if known_version == self._lib.version:
                 return self._lib.version, None
             self._counts["served"] += 1
             return self._lib.version, self._lib.catalogue()
+
+    def demand_age_s(self) -> float:
+        """Seconds since a client last asked for the catalogue (or since Urza started)."""
+        return time.monotonic() - self._last_demand
 
     def compiled_ref(self, key: str) -> ray.ObjectRef | None:
         """The ObjectRef of a ready blueprint's torch.compile cache artifacts, or None if eager."""
@@ -578,7 +586,12 @@ class Urza:
     # ---- introspection ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {**self._lib.stats(), **self._counts, "templates_in_store": len(self._templates)}
+            return {
+                **self._lib.stats(),
+                **self._counts,
+                "templates_in_store": len(self._templates),
+                "demand_age_s": time.monotonic() - self._last_demand,
+            }
 
     def storage(self) -> str:
         return str(self._lib.root)

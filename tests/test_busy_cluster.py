@@ -7,6 +7,7 @@ instead of staying PENDING forever; one that fits runs.
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def pipeline(ray_session, tmp_path_factory: pytest.TempPathFactory):
         karn_interval_s=60.0,
     )
     p = start_pipeline(cfg)
+    ray.get([h.gpu_ids.remote() for h in p.handles().values()], timeout=120)  # all four placed
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0.0) > 1.0 + 1e-9 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert ray.available_resources().get("CPU", 0.0) == pytest.approx(1.0)
     yield p
     stop_pipeline(p, kill=True)

@@ -1,0 +1,81 @@
+"""Resident memory of each service actor (Urza, Karn, Tezzeret, Urabrask), idle and after work.
+
+Run (it starts a local Ray; run it under the shared lock on a shared machine):
+
+    flock /tmp/esper-heavy.lock .venv/bin/python benchmarks/actor_memory.py [--seconds 60] [--compile]
+
+Starts the pipeline on an empty library in a temporary folder, waits for the standard
+blueprints, reads each actor process's VmRSS from /proc, lets Karn propose for ``--seconds``
+(a trainer polling Urza meanwhile, so the pipeline does not idle), and reads them again; prints
+one row per actor (MB at start, MB after, growth) and Urza's library counts (entries kept, templates
+held in the object store). What to expect: each actor holds torch (a few hundred MB); Urza grows
+with the blueprints it keeps (their templates live in Ray's object store, the library on disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long Karn proposes between readings")
+    parser.add_argument("--compile", action="store_true", help="Tezzeret tries torch.compile (default: eager)")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from actors.launch import start_pipeline, stop_pipeline, wait_until_ready
+    from esper_ray.config import ActorResources, ActorsConfig
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    small = ActorResources(num_cpus=0.1)
+    with tempfile.TemporaryDirectory() as storage:
+        cfg = ActorsConfig(
+            namespace=f"bench-{uuid.uuid4().hex[:8]}",
+            storage=storage,
+            compile=args.compile,
+            urza=small,
+            karn=small,
+            tezzeret=small,
+            urabrask=small,
+        )
+        p = start_pipeline(cfg)
+        try:
+            wait_until_ready(p, 3, timeout=300)
+            handles = p.handles()
+            pids = {n: ray.get(h.__ray_call__.remote(lambda self: os.getpid())) for n, h in handles.items()}
+            start = {n: _rss_mb(pid) for n, pid in pids.items()}
+            deadline = time.monotonic() + args.seconds
+            while time.monotonic() < deadline:
+                p.client.poll()  # a trainer's demand keeps Karn proposing
+                time.sleep(0.5)
+            after = {n: _rss_mb(pid) for n, pid in pids.items()}
+            stats = ray.get(p.urza.stats.remote())
+        finally:
+            stop_pipeline(p, kill=True)
+    print(f"actor resident memory (VmRSS), {args.seconds:g} s of proposals, compile={args.compile}")
+    print(f"{'actor':10s} {'start MB':>9s} {'after MB':>9s} {'growth MB':>10s}")
+    for name in pids:
+        print(f"{name:10s} {start[name]:9.0f} {after[name]:9.0f} {after[name] - start[name]:10.1f}")
+    print(
+        f"urza library: {stats['entries']} entries ({stats['ready']} ready, {stats.get('rejected', 0)} rejected), "
+        f"{stats['templates_in_store']} templates in the object store"
+    )
+
+
+if __name__ == "__main__":
+    main()
