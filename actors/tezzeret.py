@@ -10,8 +10,8 @@ thread works the queue, one spec at a time:
    parameter budget;
 2. build the seed for its first reference shape and keep its weights as a safetensors
    template;
-3. compile: ``torch.compile`` of the seed's forward+backward (LESSONS: 9-15 s on this
-   CPU), or eager when compile is off or fails, the reason recorded;
+3. compile: ``torch.compile`` of the seed's forward+backward (seconds on a CPU, see
+   BENCHMARKS.md), or eager when compile is off or fails, the reason recorded;
 4. hand it to Urabrask for benchmarking, and report the result to Urza.
 
 A slow compile stalls nobody: the queue is Tezzeret's own and nothing waits on it.
@@ -181,7 +181,7 @@ def compile_seed(
 
     Falls back to eager (recording why) when compilation is off, fails, or disagrees.
     The compiled module is not kept: compiled code does not travel between processes
-    (LESSONS: tracing dominates), so this proves the blueprint compiles and what it costs.
+    (tracing, which dominates, happens in whichever process runs it), so this proves the blueprint compiles and what it costs.
     """
     if not enabled:
         return CompileInfo("eager", 0.0, "compile disabled by config")

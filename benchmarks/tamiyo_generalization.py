@@ -31,6 +31,7 @@ import argparse
 import csv
 import hashlib
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -72,7 +73,13 @@ class Figures:
 
 
 def family(task: str) -> str:
-    return task.split("/")[0]
+    return task.split("/")[0].split("[")[0]
+
+
+def episode_key(task: str) -> str:
+    """A task's name without its settings in brackets: the data seed after it identifies the task, and
+    names written by earlier versions rounded the settings differently."""
+    return re.sub(r"\[.*?\]", "", task)
 
 
 def paired(rows: list[dict[str, Any]], a: str, b: str, keep=lambda r: True) -> Paired:
@@ -108,11 +115,13 @@ def cached_rows(work: Path, name: str, key: str, play) -> list[dict[str, Any]]:
     path = work / f"{name}-{key}.json"
     if path.exists():
         print(f"{name}: rows from {path}")
-        return json.loads(path.read_text())
-    rows = [{k: r.get(k) for k in SCALARS} for r in play()]
-    work.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows))
-    return rows
+        rows = json.loads(path.read_text())
+    else:
+        rows = [{k: r.get(k) for k in SCALARS} for r in play()]
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows))
+    # Paired on the episode (task seed and training seed), whatever precision the name's settings had.
+    return [{**r, "task_name": r["task"], "task": episode_key(r["task"])} for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,15 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         policy, label = load_policy(path), f"policy:{path.name if path.name != 'policy' else path.parent.name}"
         labels.append(label)
         weights = (path / "policy.safetensors").read_bytes().hex()
-        mine = seeds[: args.policy_seeds or len(seeds)]
-        pkey = hashlib.sha256(f"{key}/{weights}/sample={policy.sample}/{mine}".encode()).hexdigest()[:12]
-        rows += cached_rows(work, label.replace(":", "-"), pkey, play(["replay"], {label: policy}, mine))
+        played = seeds[: args.policy_seeds or len(seeds)]
+        pkey = hashlib.sha256(f"{key}/{weights}/sample={policy.sample}/{played}".encode()).hexdigest()[:12]
+        rows += cached_rows(work, label.replace(":", "-"), pkey, play(["replay"], {label: policy}, played))
         rows += cached_rows(
             work,
             label.replace(":", "-") + "-reversed",
             pkey,
-            lambda p=policy, lab=label, mine=mine: evaluate_controllers(
-                {f"{lab}(reversed)": p.episode}, heldout_env(cfg.env, reverse=True, quick=args.quick), mine
+            lambda p=policy, lab=label, played=played: evaluate_controllers(
+                {f"{lab}(reversed)": p.episode}, heldout_env(cfg.env, reverse=True, quick=args.quick), played
             ),
         )
     table = summary_table(rows)
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for label in labels:
         others = [n for n in acc if n != label and not n.startswith(("policy:", "big-static"))]
-        others += [f"replay({label})", f"big-static({label})"]
+        others += [n for n in (f"replay({label})", f"big-static({label})") if n not in others]
         pooled = [paired(rows, label, n) for n in others if n in acc]
         families = sorted({family(r["task"]) for r in rows})
         per_family = {f: paired(rows, label, strongest, keep=lambda r, f=f: family(r["task"]) == f) for f in families}
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         fidelity = sum(r["fidelity_hits"] for r in bottleneck) / placed if placed else None
         figures = Figures(
             policy=label,
-            seeds=seeds,
+            seeds=sorted({r["seed"] for r in mine}),
             heldout_tasks=len({r["task"] for r in mine}),
             controllers={
                 n: {k: acc[n][k] for k in ("test_acc", "test_acc_ci95", "germinations", "culls", "seconds")}
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds=time.perf_counter() - start,
         )
         results.append(asdict(figures))
-        print(f"\n{label} minus (pooled, {figures.heldout_tasks} held-out tasks x {len(seeds)} seeds):")
+        print(f"\n{label} minus (pooled, {figures.heldout_tasks} held-out tasks x {len(figures.seeds)} seeds):")
         for p in pooled:
             print(f"  {p.versus:<34} {p.mean:+.4f} ± {p.ci95:.4f}  (n={p.episodes})")
         print(f"per held-out family, {label} minus the strongest heuristic ({strongest}):")
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"table": table, "policies": results}, indent=1, default=str)
     )
     with (args.out / f"tamiyo_generalization{suffix}_episodes.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(SCALARS), extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=[*SCALARS, "task_name"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     print(f"written: {args.out}/tamiyo_generalization{suffix}.json and _episodes.csv")
