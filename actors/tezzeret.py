@@ -181,7 +181,8 @@ def compile_seed(
 
     Falls back to eager (recording why) when compilation is off, fails, or disagrees.
     The compiled module is not kept: compiled code does not travel between processes
-    (tracing, which dominates, happens in whichever process runs it), so this proves the blueprint compiles and what it costs.
+    (tracing, which dominates, happens in whichever process runs it), so this proves the blueprint
+    compiles and what it costs.
     """
     if not enabled:
         return CompileInfo("eager", 0.0, "compile disabled by config")

@@ -1111,7 +1111,8 @@ controller grows seeds; its trainable parameters are the seeds present at the en
 not counted). The raw parameter ratio is the design's figure; the parameters per accuracy point
 gained are reported beside it because the two arms never gain exactly the same. How much the
 seeds gain depends on where the heuristic grows them: a conv1d seed at the input (1.4k
-parameters, already 19% of this student) is worth up to ~20 points on MNIST-1D (measured by hand before this project: 59% -> 80%),
+parameters, already 19% of this student) is worth up to ~20 points on MNIST-1D (59% -> 80%,
+measured by hand before this project),
 seeds at the hidden slots far less (the "grown" column says where they went). On a
 7.4k-parameter student no seed can be 10-100x smaller than the whole model and still matter
 (the 10-100x of adapters and LoRA comes from hosts with millions of weights): this is why the
