@@ -226,3 +226,18 @@ def test_train_then_lineage_verify_tamper_and_show(
 
     line = _one_error_line(capsys, main(["lineage", "verify", str(tmp_path / "nowhere")]))
     assert "nowhere" in line
+
+
+def test_the_shipped_policy_on_a_host_beyond_its_maxima_is_one_line(tmp_path: Path, capsys) -> None:
+    """A host with more slots than the shipped Tamiyo handles fails in one line, and the failed start
+    leaves no run folder behind (a retry into the same --out works)."""
+    from esper_ray.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--controller", "tamiyo", "--out", str(out), "--no-progress"]
+    tiny = ["blueprints.source=local", "training.epochs=2", "lineage.enabled=false"]
+    line = _one_error_line(capsys, main([*args, *tiny, "host.hidden=[8,8,8,8,8,8,8]"]))
+    assert "8 slots" in line and "max_slots=6" in line, line
+    assert not out.exists()
+    assert main([*args, *tiny, "host.hidden=[8,8]"]) == 0
+    assert (out / "summary.json").exists()
