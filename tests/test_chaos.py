@@ -68,9 +68,11 @@ def test_each_actor_killed_for_good_and_restarted_blueprints_flow_again(ray_sess
             grown = _wait(lambda b=before, q=p: (n := _ready(q)) > b and n, 60, f"a new blueprint after {victim}")
             assert time.monotonic() - killed_at < 60
             assert grown > before  # nothing ready was lost, and a new one came in
-            if victim == "karn":
-                stats = ray.get(p.karn.stats.remote(), timeout=30)
-                assert stats["submitted"] > 0 and stats["healthy"], stats
+            if victim == "karn":  # the new Karn proposes through its Peers, and says it is healthy
+                stats = _wait(
+                    lambda q=p: (s := ray.get(q.karn.stats.remote(), timeout=30))["submitted"] > 0 and s, 60, "Karn"
+                )
+                assert stats["healthy"], stats
     finally:
         stop_pipeline(p, kill=True)
 

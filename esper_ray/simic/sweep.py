@@ -80,9 +80,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
         if cfg.scheduler == "asha"
         else FIFOScheduler()
     )
+    from esper_ray.simic.ppo import build_ppo_config
+
     space = param_space(cfg)
+    # From the base config: the grid axes (PPO and env settings) do not change what a trial asks for.
     require_free(
-        rllib_trial_resources(space),
+        rllib_trial_resources(build_ppo_config(cfg.base)),
         f"a sweep trial (1 CPU for its driver + base.num_env_runners={cfg.base.num_env_runners} x "
         f"{cfg.base.num_cpus_per_env_runner:g} CPU)",
         hint="stop what holds them (e.g. the service actors: ray stop, or stop_pipeline(kill=True)) "
