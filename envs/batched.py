@@ -287,6 +287,10 @@ class BatchedMorphogenesisEnv(VectorEnv):
         return list(self._trainers)
 
 
+BATCHED_ENV_ID = "esper-morphogenesis-batched"
+"""The id ``vector_env_settings`` registers ``make_env`` under in Ray's env registry."""
+
+
 def make_env(env_config: dict[str, Any]) -> gym.Env | VectorEnv:
     """RLlib's env creator: the single env, or, when RLlib asks for its vector entry point (it adds
     ``num_envs`` to the env config), a ``BatchedMorphogenesisEnv`` of that many episodes."""
@@ -303,8 +307,12 @@ def vector_env_settings(env_config: dict[str, Any], num_envs: int) -> tuple[dict
         raise EsperError(f"num_envs_per_env_runner must be an integer >= 1, got {num_envs!r}")
     if num_envs == 1:
         return {"env": MorphogenesisEnv, "env_config": env_config}, {"num_envs_per_env_runner": 1}
-    # The creator, not the gym id: remote env runners have not imported ``envs``.
-    return {"env": make_env, "env_config": env_config}, {
+    # RLlib takes an env class or a registered id, not a bare function: register the creator under an
+    # id of its own (Ray's registry carries it to remote env runners, which have not imported ``envs``).
+    from ray.tune.registry import register_env
+
+    register_env(BATCHED_ENV_ID, make_env)
+    return {"env": BATCHED_ENV_ID, "env_config": env_config}, {
         "num_envs_per_env_runner": num_envs,
         "gym_env_vectorize_mode": "vector_entry_point",
     }

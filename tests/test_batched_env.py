@@ -222,13 +222,15 @@ def test_bad_input_is_one_line(torch_seed):
 
 
 def test_vector_env_settings_for_rllib():
-    from envs.batched import make_env, vector_env_settings
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    from envs.batched import BATCHED_ENV_ID, make_env, vector_env_settings
 
     env_kwargs, runner_kwargs = vector_env_settings({"run": {"training": {"epochs": 3}}}, 1)
     assert env_kwargs["env"] is MorphogenesisEnv and runner_kwargs == {"num_envs_per_env_runner": 1}
     env_kwargs, runner_kwargs = vector_env_settings({}, 4)
     assert runner_kwargs == {"num_envs_per_env_runner": 4, "gym_env_vectorize_mode": "vector_entry_point"}
-    assert env_kwargs["env"] is make_env
+    assert env_kwargs["env"] == BATCHED_ENV_ID and _global_registry.get(ENV_CREATOR, BATCHED_ENV_ID) is make_env
     with pytest.raises(EsperError, match="num_envs_per_env_runner must be an integer >= 1"):
         vector_env_settings({}, 0)
 

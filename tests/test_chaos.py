@@ -56,6 +56,11 @@ def test_each_actor_killed_for_good_and_restarted_blueprints_flow_again(ray_sess
         karn_interval_s=0.25,
         idle_after_s=0.0,  # no trainer polls here: Karn must not idle
     )
+    # Actors an earlier module killed give their CPUs back a moment later; start once they are free.
+    need = sum(r.num_cpus for r in (cfg.urza, cfg.karn, cfg.tezzeret, cfg.urabrask))
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0.0) < need and time.monotonic() < deadline:
+        time.sleep(0.5)
     p = start_pipeline(cfg)
     try:
         _wait(lambda: _ready(p) >= 3, 120, "the first blueprints")

@@ -179,7 +179,9 @@ def test_policy_json_with_bad_sizes(
 def test_failed_start_leaves_no_folder_and_a_retry_works(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A controller path that fails only when the run starts: the folder goes, the retry runs."""
     out = tmp_path / "run"
-    _fails_in_one_line(capsys, ["train", "--no-progress", "--out", str(out), "controller.kind=policy"])
+    # A host deeper than the shipped policy's max_slots: refused at the first decision, after the start.
+    deep = ["controller.kind=policy", "host.hidden=[8,8,8,8,8,8,8]", "blueprints.source=local"]
+    _fails_in_one_line(capsys, ["train", "--no-progress", "--out", str(out), *deep])
     assert not out.exists()
     # A start killed before its first checkpoint leaves config.yaml and a ledger: the retry replaces them.
     out.mkdir()

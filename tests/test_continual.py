@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from esper_ray.blueprints import STANDARD_BLUEPRINTS, LocalCatalogue
 from esper_ray.config import RunConfig
 from esper_ray.contracts import ControllerAction, EsperError, SeedStage
-from esper_ray.kasmina import GateShapeError, gate_logits, gated_blueprint, is_gated
+from esper_ray.kasmina import gate_logits, gated_blueprint, is_gated
 from esper_ray.tasks import TaskData
 from esper_ray.tolaria.checkpoint import load_checkpoint, save_checkpoint
 from esper_ray.tolaria.continual import (
@@ -292,7 +292,8 @@ def test_a_gated_blend_on_a_slot_the_gate_cannot_read_is_one_line() -> None:
     )
     trainer = Trainer(cfg, data, catalogue=LocalCatalogue([GATED]))
     assert trainer.host.slots["hidden0"].kind == "seq"
-    with pytest.raises(GateShapeError, match="a gated blend reads one vector per example") as err:
+    assert ControllerAction.germinate("hidden0", GATED.name) not in trainer.legal_actions()
+    with pytest.raises(EsperError, match="a gated blend reads one vector per example") as err:
         trainer.apply(ControllerAction.germinate("hidden0", GATED.name))
     assert "\n" not in str(err.value) and trainer.host.slots["hidden0"].is_open
     trainer.apply(ControllerAction.germinate("input", GATED.name))  # the vector slot of the same host is fine

@@ -313,6 +313,11 @@ def test_karn_actor_submits_at_its_rate_and_survives_a_failing_urza(ray_ready: N
                 raise RuntimeError("urza is down")
             return self.reports
 
+        def demand_age_s(self) -> float:  # a trainer asked just now: Karn keeps proposing
+            if self.failing:
+                raise RuntimeError("urza is down")
+            return 0.0
+
     @ray.remote(num_cpus=0.05)
     class FakeTezzeret:
         def __init__(self) -> None:

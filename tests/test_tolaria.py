@@ -723,7 +723,7 @@ def test_a_gated_blueprint_is_offered_only_where_its_gate_can_read(data: TaskDat
     assert seq_slots
     offered = {a.slot for a in cnn.legal_actions() if a.blueprint == gated.name}
     assert not offered & set(seq_slots)
-    _expect_illegal(cnn, ControllerAction.germinate(seq_slots[0], gated.name), "does not fit")
+    _expect_illegal(cnn, ControllerAction.germinate(seq_slots[0], gated.name), "a gated blend reads one vector")
 
 
 def test_germination_budget_is_spent_by_germinations_and_not_refunded_by_culls(data: TaskData) -> None:

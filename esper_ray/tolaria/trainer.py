@@ -340,7 +340,11 @@ class Trainer:
         return ""
 
     def _why_unfit(self, entry: CatalogueEntry, slot: SeedSlot) -> str:
-        """Why ``entry`` cannot grow in ``slot`` ('' if it can): its shape or its size."""
+        """Why ``entry`` cannot grow in ``slot`` ('' if it can): its gate, its shape or its size."""
+        try:
+            check_gate_fits(entry.spec, slot.name, slot.shape)
+        except GateShapeError as err:
+            return str(err)
         cost = self.seed_cost(entry, slot)
         if cost is None:
             return f"blueprint {entry.name} ({entry.spec.kind}) does not fit slot {slot.name} {slot.shape}"
