@@ -9,7 +9,7 @@
 # half a GPU each, compiling and benchmarking a blueprint on it). Then a short timing of
 # Trainer.train_epoch on cuda against the CPU (1 thread), MNIST-1D, MLP and 1-D CNN hosts; and the
 # batched env's rows of benchmarks/env_throughput.py (N episodes' host epochs as one batch on the GPU
-# against one single env on one CPU thread).
+# against one single env on one CPU thread); and the transformer distillation benchmark on the GPU.
 #
 # How it is run: with the workplace's device tool, `run` with carry [".whl"] and the command
 #     bash benchmarks/gpu_check.sh
@@ -18,7 +18,8 @@
 # (made here by `.venv/bin/python benchmarks/gpu_wheels.py`; git-ignored, never committed) and
 # are installed under /tmp/site. The repository is not pip-installed there: PYTHONPATH makes
 # esper_ray, envs and actors importable (nothing reads esper-ray's package metadata).
-# Logs go to $OUT (cuda_tests.log, timing.log, batched.log) when $OUT is set. About 5-8 minutes.
+# Logs go to $OUT (cuda_tests.log, timing.log, batched.log, distill_transformer.log) when $OUT is set.
+# About 10-15 minutes.
 #
 # CI never runs this (no GPU there; tests/test_cuda.py skips itself without CUDA).
 #
@@ -156,4 +157,17 @@ fi
 timeout -k 10 "${BATCHED_TIMEOUT:-300}" "$PY" benchmarks/env_throughput.py --batched-only "${BATCHED_ARGS[@]}" 2>&1 \
     | tee "$BATCHED_LOG"
 echo "batched timing exit status: $?"
+
+section "transformer distillation on the device (benchmarks/distill_transformer.py)"
+# The transformer distillation benchmark with every model on the GPU (training.device=cuda; the
+# full benchmark there, its --quick form in a dry run), bits per byte as on the CPU.
+if [ -n "$LOGDIR" ]; then DISTILL_LOG="$LOGDIR/distill_transformer.log"; else DISTILL_LOG=/dev/null; fi
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    DISTILL_ARGS=(--out /tmp/distill-transformer-gpu training.device=cuda)
+else
+    DISTILL_ARGS=(--quick --out /tmp/distill-transformer-dry)
+fi
+timeout -k 10 "${DISTILL_TIMEOUT:-600}" "$PY" benchmarks/distill_transformer.py "${DISTILL_ARGS[@]}" 2>&1 \
+    | tee "$DISTILL_LOG"
+echo "distillation exit status: $?"
 exit "$status"
