@@ -220,14 +220,19 @@ def balanced_argmax(scores: torch.Tensor, calibration: torch.Tensor, rounds: int
     return ((scores - mu) / sd + offset).argmax(1)
 
 
-def synthetic_task(
-    cfg: TaskConfig, stem: str, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, meta: dict[str, Any]
+def split_task(
+    name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    splits: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    num_classes: int,
+    meta: dict[str, Any],
 ) -> TaskData:
-    """A TaskData from drawn vectors ``x`` (float64 ok) and labels ``y``: seeded splits, float32 / int64."""
-    num_classes = int(meta["num_classes"])
-    train_idx, val_idx, test_idx = synthetic_splits(x.shape[0], cfg, generator)
+    """A TaskData of ``x``/``y`` cut by the (train, val, test) indices ``splits``: float32 inputs,
+    int64 labels, the split sizes added to ``meta``."""
+    train_idx, val_idx, test_idx = splits
     return TaskData(
-        name=task_name(cfg, stem),
+        name=name,
         x_train=finish(x[train_idx], torch.float32),
         y_train=finish(y[train_idx], torch.int64),
         x_val=finish(x[val_idx], torch.float32),
@@ -238,10 +243,18 @@ def synthetic_task(
         num_classes=num_classes,
         meta={
             **meta,
-            "seed": cfg.seed,
-            "class_shares": class_shares(y, num_classes),
             "n_train": int(train_idx.numel()),
             "n_val": int(val_idx.numel()),
             "n_test": int(test_idx.numel()),
         },
     )
+
+
+def synthetic_task(
+    cfg: TaskConfig, stem: str, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, meta: dict[str, Any]
+) -> TaskData:
+    """A TaskData from drawn vectors ``x`` (float64 ok) and labels ``y``: seeded splits, float32 / int64."""
+    num_classes = int(meta["num_classes"])
+    splits = synthetic_splits(x.shape[0], cfg, generator)
+    meta = {**meta, "seed": cfg.seed, "class_shares": class_shares(y, num_classes)}
+    return split_task(task_name(cfg, stem), x, y, splits, num_classes, meta)

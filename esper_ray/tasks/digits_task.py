@@ -24,8 +24,8 @@ from esper_ray.tasks.base import (
     TEST_FRACTION,
     TaskConfig,
     TaskData,
-    finish,
     split_pool,
+    split_task,
     task_name,
 )
 from esper_ray.tasks.params import DigitsParams, parse_params, settings_tag
@@ -67,26 +67,8 @@ def load_digits_task(cfg: TaskConfig) -> TaskData:
         x = x + params.noise * torch.randn(x.shape, generator=gen)
 
     stem = settings_tag("digits", params)
-    return TaskData(
-        name=task_name(cfg, stem),
-        x_train=finish(x[train_idx], torch.float32),
-        y_train=finish(y[train_idx], torch.int64),
-        x_val=finish(x[val_idx], torch.float32),
-        y_val=finish(y[val_idx], torch.int64),
-        x_test=finish(x[test_idx], torch.float32),
-        y_test=finish(y[test_idx], torch.int64),
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        meta={
-            "family": "digits",
-            "seed": cfg.seed,
-            "n_train": int(train_idx.numel()),
-            "n_val": int(val_idx.numel()),
-            "n_test": int(test_idx.numel()),
-            "scaling": "pixel / 16",
-            "params": params.model_dump(),
-        },
-    )
+    meta = {"family": "digits", "seed": cfg.seed, "scaling": "pixel / 16", "params": params.model_dump()}
+    return split_task(task_name(cfg, stem), x, y, (train_idx, val_idx, test_idx), 10, meta)
 
 
 def shift_images(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
