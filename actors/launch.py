@@ -88,6 +88,12 @@ def _karn_class() -> Any:
     return Karn
 
 
+def _actor_class(cls: Any) -> Any:
+    """``cls`` as what it is at run time: Ray's actor class (the stubs do not know the actor options
+    it was declared with, such as ``max_concurrency``, so type checkers see the plain class)."""
+    return cls
+
+
 def _options(cfg: ActorsConfig, name: str) -> dict[str, Any]:
     res: ActorResources = getattr(cfg, name)
     return {
@@ -126,12 +132,14 @@ def start_pipeline(
     check_resources(missing)
     created: list[tuple[str, Any]] = []
     try:
-        urza = Urza.options(**_options(cfg, URZA)).remote(cfg.storage, seed_standard)
+        urza = _actor_class(Urza).options(**_options(cfg, URZA)).remote(cfg.storage, seed_standard)
         created.append((URZA, urza))
-        urabrask = Urabrask.options(**_options(cfg, URABRASK)).remote()
+        urabrask = _actor_class(Urabrask).options(**_options(cfg, URABRASK)).remote()
         created.append((URABRASK, urabrask))
-        tezzeret = Tezzeret.options(**_options(cfg, TEZZERET)).remote(
-            cfg, urza, urabrask, max_params=max_seed_params, slow_compile_s=slow_compile_s
+        tezzeret = (
+            _actor_class(Tezzeret)
+            .options(**_options(cfg, TEZZERET))
+            .remote(cfg, urza, urabrask, max_params=max_seed_params, slow_compile_s=slow_compile_s)
         )
         created.append((TEZZERET, tezzeret))
         karn = None

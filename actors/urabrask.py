@@ -229,7 +229,7 @@ def actor_device() -> torch.device:
     return torch.device("cpu")
 
 
-@ray.remote(max_concurrency=2)
+@ray.remote(max_concurrency=2)  # type: ignore[call-overload]  # Ray's stubs omit actor options
 class Urabrask:
     """The benchmark actor, named ``urabrask``; Tezzeret hands it each built blueprint."""
 

@@ -375,7 +375,7 @@ class UrzaLibrary:
             {
                 "spec_json": e.spec_json,
                 "content_hash": e.key,
-                "report": asdict(e.report),
+                "report": asdict(e.report) if e.report is not None else None,
                 "compile_mode": e.compile_mode,
                 "compile_seconds": e.compile_seconds,
             }
@@ -422,7 +422,7 @@ class UrzaLibrary:
 
 
 # ---- the actor -------------------------------------------------------------------------------------
-@ray.remote(max_concurrency=8)
+@ray.remote(max_concurrency=8)  # type: ignore[call-overload]  # Ray's stubs omit actor options
 class Urza:
     """The library actor: named ``urza``, detached, found again by every job.
 

@@ -34,8 +34,8 @@ def _probe(address: str, timeout: float) -> None:
 def ensure_ray(
     address: str | None = None,
     *,
-    num_cpus: float | None = None,
-    num_gpus: float | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
     include_dashboard: bool = False,
     log_to_driver: bool = False,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
@@ -96,13 +96,17 @@ def rllib_trial_resources(algo_config: Any) -> dict[str, float]:
     import logging
 
     from ray.rllib.algorithms.ppo import PPO
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
 
     quiet = logging.getLogger("ray.rllib")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # validate() warns about the new API stack on every call
     try:
         config = algo_config if isinstance(algo_config, dict) else algo_config.to_dict()
-        return dict(PPO.default_resource_request(config).required_resources)
+        request = PPO.default_resource_request(config)
+        if not isinstance(request, PlacementGroupFactory):  # tune.Resources: deprecated, never built now
+            raise EsperError(f"RLlib asked for resources as {type(request).__name__}, not a placement group")
+        return dict(request.required_resources)
     finally:
         quiet.setLevel(level)
 

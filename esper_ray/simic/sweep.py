@@ -113,7 +113,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
     )
     results = tuner.fit()
     rows = []
-    for r in results:
+    for i in range(len(results)):
+        r = results[i]
         rows.append(
             {
                 "trial": Path(r.path).name,
