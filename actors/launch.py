@@ -132,7 +132,11 @@ def start_pipeline(
     check_resources(missing)
     created: list[tuple[str, Any]] = []
     try:
-        urza = _actor_class(Urza).options(**_options(cfg, URZA)).remote(cfg.storage, seed_standard)
+        urza = (
+            _actor_class(Urza)
+            .options(**_options(cfg, URZA))
+            .remote(cfg.storage, seed_standard, cfg.urza_templates_in_memory)
+        )
         created.append((URZA, urza))
         urabrask = _actor_class(Urabrask).options(**_options(cfg, URABRASK)).remote()
         created.append((URABRASK, urabrask))

@@ -22,6 +22,12 @@ whose hash does not match its spec is refused.
 The storage logic is the plain class ``UrzaLibrary`` (testable without Ray); the actor
 ``Urza`` wraps it with a lock, puts the templates into the object store itself (objects
 die with their owner, so the owner must be the long-lived library) and exports metrics.
+
+Memory: the library's entries (specs, statuses, reports) and the field reports stay in
+memory; they are small. Templates and compile artifacts, the large part, live on disk: the
+actor keeps only the ``templates_in_memory`` most recently served ones in the object store
+(``actors.urza_templates_in_memory``) and reads any other from disk, digest checked, when
+it is asked for.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -58,6 +64,8 @@ META_FILE = "meta.json"
 # Submissions that never parsed are kept (with their reason) for inspection, but only the
 # latest ones: a flood of garbage must not grow the library without bound.
 MAX_RAW_REJECTIONS = 1000
+# Ready blueprints whose template (and compile artifacts) the actor keeps in the object store at once.
+DEFAULT_TEMPLATES_IN_MEMORY = 32
 
 
 # ---- entries and their table form --------------------------------------------------------------
@@ -430,20 +438,27 @@ class Urza:
     Tezzeret records a result; one lock serialises every change to the library.
     """
 
-    def __init__(self, storage: str, seed_standard: bool = True):
+    def __init__(
+        self, storage: str, seed_standard: bool = True, templates_in_memory: int = DEFAULT_TEMPLATES_IN_MEMORY
+    ):
+        """``templates_in_memory``: how many ready blueprints' templates (and compile artifacts) stay
+        in the object store at once, least recently served first out; the rest are read from disk
+        when asked for. The library itself (specs, reports, statuses) is small and stays in memory."""
         from ray.util.metrics import Gauge
 
+        if templates_in_memory < 1:
+            raise EsperError(f"templates_in_memory={templates_in_memory}: must be at least 1")
         self._lock = threading.RLock()
         self._lib = UrzaLibrary(storage)
-        self._templates: dict[str, ray.ObjectRef] = {}
-        self._compiled: dict[str, ray.ObjectRef] = {}
+        # key -> (template ref, compile-artifacts ref or None), least recently used first.
+        self._in_store: OrderedDict[str, tuple[ray.ObjectRef, ray.ObjectRef | None]] = OrderedDict()
+        self._max_in_store = templates_in_memory
         self._counts = {"registered": 0, "completed": 0, "rejected": 0, "served": 0, "refused": 0}
         # When a client last asked for the catalogue (start counts as one): Karn idles without demand.
         self._last_demand = time.monotonic()
         # Rejections are counted where they are decided (Tezzeret's esper_rejections).
         self._catalogue_size = Gauge("esper_catalogue_size", description="ready blueprints in Urza")
-        for entry in self._lib.ready():
-            self._put_template(entry.key)
+        # Nothing is put in the object store at start: templates are read from disk when first asked for.
         if seed_standard and self._lib.is_empty:
             # First start on an empty library: the hand-written blueprints also go through
             # Tezzeret and Urabrask. Recorded as pending, Tezzeret picks them up from here.
@@ -452,12 +467,35 @@ class Urza:
         self._catalogue_size.set(len(self._lib.ready()))
         log.info("Urza up at %s: %s", self._lib.root, self._lib.stats())
 
-    def _put_template(self, key: str) -> None:
-        # Urza owns these objects: they live as long as the library, not as long as a caller.
-        self._templates[key] = ray.put(self._lib.template_bytes(key))
-        compiled = self._lib.compiled_bytes(key)
-        if compiled:
-            self._compiled[key] = ray.put(compiled)
+    def _refs(self, key: str) -> tuple[ray.ObjectRef, ray.ObjectRef | None] | None:
+        """The object-store refs of a ready blueprint, read from disk (digests checked) on a miss."""
+        with self._lock:
+            refs = self._in_store.get(key)
+            if refs is not None:
+                self._in_store.move_to_end(key)
+                return refs
+            entry = self._lib.entries.get(key)
+            if entry is None or entry.status != READY:
+                return None
+            try:
+                template = self._lib.template_bytes(key)
+                if hashlib.sha256(template).hexdigest() != entry.template_sha256:
+                    raise EsperError(f"template of {key[:12]} does not match its recorded digest")
+                compiled = self._lib.compiled_bytes(key)
+            except (OSError, EsperError) as err:  # damaged or deleted on disk since it was stored
+                log.error("not serving %s: %s", key[:12], err)
+                return None
+            # Urza owns these objects, so they outlive the caller; a caller holding a ref keeps its
+            # object alive after Urza lets go of it (Ray counts borrowers), so evicting is safe.
+            refs = (ray.put(template), ray.put(compiled) if compiled else None)
+            self._in_store[key] = refs
+            while len(self._in_store) > self._max_in_store:
+                self._in_store.popitem(last=False)
+            return refs
+
+    def _forget_refs(self, key: str) -> None:
+        with self._lock:
+            self._in_store.pop(key, None)
 
     # ---- Tezzeret's side -------------------------------------------------------------------------
     def register(self, spec_json: str) -> tuple[str, str]:
@@ -489,7 +527,7 @@ class Urza:
                 self._counts["refused"] += 1
                 log.warning("%s", err)
                 return False
-            self._templates.pop(key, None)
+            self._forget_refs(key)
             self._counts["rejected"] += 1
             self._catalogue_size.set(len(self._lib.ready()))
             return True
@@ -516,11 +554,10 @@ class Urza:
                 self._counts["refused"] += 1
                 log.warning("%s", err)
                 return "refused"
+            self._forget_refs(entry.key)  # a re-benchmarked blueprint: the stored files may be new
             if entry.status == READY:
-                self._put_template(entry.key)
                 self._counts["completed"] += 1
             else:
-                self._templates.pop(entry.key, None)
                 self._counts["rejected"] += 1
             self._catalogue_size.set(len(self._lib.ready()))
             return entry.status
@@ -552,11 +589,18 @@ class Urza:
 
     def compiled_ref(self, key: str) -> ray.ObjectRef | None:
         """The ObjectRef of a ready blueprint's torch.compile cache artifacts, or None if eager."""
-        return self._compiled.get(key)
+        refs = self._refs(key)
+        return refs[1] if refs is not None else None
 
     def template_ref(self, key: str) -> ray.ObjectRef | None:
-        """The ObjectRef of a ready blueprint's weight template (safetensors bytes), or None."""
-        return self._templates.get(key)
+        """The ObjectRef of a ready blueprint's weight template (safetensors bytes), or None.
+
+        Served from the object store when recently asked for, else read from disk (and kept, the
+        least recently served one making room): see ``templates_in_memory``.
+        """
+        refs = self._refs(key)
+        return refs[0] if refs is not None else None
+
 
     def entry(self, key: str) -> dict[str, Any] | None:
         """One entry as plain data (status, reason, compile info, report), or None."""
@@ -589,7 +633,8 @@ class Urza:
             return {
                 **self._lib.stats(),
                 **self._counts,
-                "templates_in_store": len(self._templates),
+                "templates_in_store": len(self._in_store),
+                "templates_in_memory_max": self._max_in_store,
                 "demand_age_s": time.monotonic() - self._last_demand,
             }
 

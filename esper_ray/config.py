@@ -187,6 +187,12 @@ class ActorsConfig(StrictModel):
         description="Karn stops proposing (and the pipeline idles) when no trainer has asked Urza for "
         "blueprints for this long; the next request wakes it (0: never idles)",
     )
+    urza_templates_in_memory: int = Field(
+        32,
+        ge=1,
+        description="ready blueprints whose weight template (and compile artifacts) Urza keeps in the object "
+        "store at once, least recently served out first; the others are read from disk when asked for",
+    )
     compile: bool = Field(True, description="Tezzeret tries torch.compile (eager fallback recorded)")
     max_restarts: int = Field(3, ge=0)
 
