@@ -37,8 +37,8 @@ def blueprint_features(spec: BlueprintSpec, slot_shape: tuple[int, ...] | None =
             params = count_params(spec, slot_shape)
         except BlueprintShapeError:
             fits = 0.0
-    widths = [int(n.args["width"]) for n in spec.nodes if n.args.get("width")]
-    kernels = [int(n.args["kernel"]) for n in spec.nodes if n.args.get("kernel")]
+    widths = [int(w) for n in spec.nodes if isinstance(w := n.args.get("width"), int | float) and w]
+    kernels = [int(k) for n in spec.nodes if isinstance(k := n.args.get("kernel"), int | float) and k]
     return [
         *(1.0 if spec.kind == k else 0.0 for k in KINDS),
         *(min(counts[op], 8) / 4.0 for op in _OPS),

@@ -97,7 +97,7 @@ class TransformerHost(MorphoHost):
 
     def _boundary_shapes(self) -> list[tuple[int, ...]]:
         shapes = super()._boundary_shapes()
-        return [shapes[0], *(TokenShape(s) for s in shapes[1:])]
+        return [shapes[0], *(TokenShape((s[0], s[1])) for s in shapes[1:])]
 
 
 def build_transformer(

@@ -18,6 +18,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from pydantic import ValidationError
@@ -54,6 +55,8 @@ REFERENCE_SHAPES: dict[str, tuple[tuple[int, ...], ...]] = {
     "image": ((16, 8, 8),),
 }
 DEFAULT_BUDGET = 20_000  # parameters; the default per-seed budget of BlueprintsConfig
+T = TypeVar("T")
+
 WIDTHS: tuple[int | None, ...] = (None, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 KERNELS = (1, 3, 5, 7)
 CONV_GROUPS: tuple[int | None, ...] = (1, 1, None, 2, 4)  # None = depthwise; plain convs most often
@@ -303,11 +306,11 @@ class BlueprintGenerator:
 
     # ---- random choices -----------------------------------------------------------------------
 
-    def _pick(self, options: Sequence) -> object:
+    def _pick(self, options: Sequence[T]) -> T:
         return options[int(self.rng.integers(len(options)))]
 
     def _width(self) -> int | None:
-        return self._pick(WIDTHS)  # type: ignore[return-value]
+        return self._pick(WIDTHS)
 
     def _fn(self, avoid: str | None = None) -> str:
         return str(self._pick([f for f in ACTIVATIONS if f != avoid]))

@@ -111,6 +111,8 @@ def set_gate(seed: SeedModule, logit: float) -> None:
     for tests and reference runs: ``logit`` -inf closes it exactly, +inf opens it exactly."""
     by_id = {n.id: n for n in seed.spec.nodes}
     layer = seed.ops[by_id[GATE_NODE].inputs[0]]
+    weight, bias = layer.weight, layer.bias
+    assert isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor), "a gate's logit is a linear layer"
     with torch.no_grad():
-        layer.weight.zero_()
-        layer.bias.fill_(logit)
+        weight.zero_()
+        bias.fill_(logit)

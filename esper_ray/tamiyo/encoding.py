@@ -159,8 +159,10 @@ class ActionSpace:
     def mask(self, legal: list[ControllerAction], candidates: list[str]) -> np.ndarray:
         """1 where the action is legal now, else 0 (wait is always legal)."""
         mask = np.zeros(self.n, dtype=np.int8)
-        slot_at = {name: i for i, name in enumerate(self.slots)}
-        candidate_at = {name: c for c, name in reversed(list(enumerate(candidates[: self.k])))}  # first wins
+        # Keyed by str | None: a wait action's slot and blueprint are None and look up nothing.
+        # The first of repeated candidate names wins.
+        slot_at: dict[str | None, int] = {name: i for i, name in enumerate(self.slots)}
+        candidate_at: dict[str | None, int] = {name: c for c, name in reversed(list(enumerate(candidates[: self.k])))}
         width = self.width
         for action in legal:  # the indices of ``encode``, with both lookups done once
             kind = action.kind

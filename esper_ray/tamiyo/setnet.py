@@ -73,7 +73,9 @@ class SetPolicyNet(nn.Module):
         self.wait = _mlp(hidden, hidden, 1)
         self.value_head = _mlp(hidden, hidden, 1)
         with torch.no_grad():  # start out mostly waiting: a few germinations per episode, not one per step
-            self.wait[-1].bias.fill_(WAIT_PRIOR)
+            last = self.wait[-1]
+            assert isinstance(last, nn.Linear)
+            last.bias.fill_(WAIT_PRIOR)
 
     def split(self, obs: torch.Tensor):
         """The flat batch [B, size] as (global, slots [B,S,F], candidates [B,K,F], pairs [B,S,K,F])."""

@@ -90,11 +90,14 @@ class ParamRange(_Strict):
         return value
 
 
+HostKind = Literal["mlp", "cnn1d", "cnn2d"]
+_MLP_ONLY: list[HostKind] = ["mlp"]
+
 class HostChoice(_Strict):
     """Which hosts a family's tasks are played with: a kind from ``kinds``, a depth (hidden layers
     or conv blocks) in ``depth`` (inclusive), and each layer's width from ``widths``."""
 
-    kinds: list[Literal["mlp", "cnn1d", "cnn2d"]] = Field(default_factory=lambda: ["mlp"], min_length=1)
+    kinds: list[HostKind] = Field(default_factory=lambda: _MLP_ONLY.copy(), min_length=1)
     depth: tuple[int, int] = (2, 2)
     widths: list[int] = Field(default_factory=lambda: [64], min_length=1)
     uniform_width: bool = Field(False, description="one width drawn for all layers (else one per layer)")

@@ -80,31 +80,32 @@ class BoundedSample:
         n = len(x)
         if n != len(y):
             raise EsperError(f"offer: {n} inputs but {len(y)} labels")
-        if self.x is None:
-            self.x = x.new_empty((0, *x.shape[1:]))
-            self.y = y.new_empty((0,))
+        if self.x is None or self.y is None:
+            self.x, self.y = x.new_empty((0, *x.shape[1:])), y.new_empty((0,))
         kept_x, kept_y, kept_i = list(self.x), list(self.y), self.index.tolist()
         draws = torch.rand(n, generator=self.gen, dtype=torch.float64)
         for i in range(n):
             self.seen += 1
             if len(kept_i) < self.bound:
-                kept_x.append(x[i]), kept_y.append(y[i]), kept_i.append(self.seen - 1)
+                kept_x.append(x[i])
+                kept_y.append(y[i])
+                kept_i.append(self.seen - 1)
                 continue
             j = int(draws[i] * self.seen)  # uniform in [0, seen)
             if j < self.bound:
                 kept_x[j], kept_y[j], kept_i[j] = x[i], y[i], self.seen - 1
-        self.x = torch.stack(kept_x) if kept_x else self.x
-        self.y = torch.stack(kept_y) if kept_y else self.y
+        if kept_x:
+            self.x, self.y = torch.stack(kept_x), torch.stack(kept_y)
         self.index = torch.tensor(kept_i, dtype=torch.long)
 
     def to(self, device: torch.device | str) -> BoundedSample:
-        if self.x is not None:
+        if self.x is not None and self.y is not None:
             self.x, self.y = self.x.to(device), self.y.to(device)
         return self
 
     def draw(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` examples drawn with replacement (indices from ``gen``, on the CPU)."""
-        if self.x is None or not len(self):
+        if self.x is None or self.y is None or not len(self):
             raise EsperError("the sample is empty: offer it some training examples first")
         j = torch.randint(len(self), (n,), generator=gen).to(self.x.device)
         return self.x[j], self.y[j]
@@ -215,7 +216,8 @@ class FisherPenalty:
         model.train(was_training)
 
     def penalty(self) -> torch.Tensor:
-        total = sum((f * (p - a).square()).sum() for p, a, f in zip(self.params, self.anchor, self.fisher, strict=True))
+        terms = ((f * (p - a).square()).sum() for p, a, f in zip(self.params, self.anchor, self.fisher, strict=True))
+        total = sum(terms, torch.zeros(()))  # a 0-dim start joins any device; 0 + x is x exactly
         return 0.5 * self.lam * total
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

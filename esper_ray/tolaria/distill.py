@@ -345,7 +345,8 @@ def train_teacher(cfg: DistillConfig, data: TaskData) -> tuple[MorphoHost, dict[
     gen = torch.Generator().manual_seed(cfg.teacher_seed)
     opt = torch.optim.Adam(host.parameters(), lr=cfg.teacher_lr)
     x, y, bs = data.x_train, data.y_train, cfg.teacher_batch_size
-    best, best_state, best_epoch = -math.inf, None, 0
+    best, best_epoch = -math.inf, 0
+    best_state = host.host_state_dict()  # replaced by the first epoch (val > -inf)
     sequence = isinstance(host, TransformerHost)
     for epoch in range(cfg.teacher_epochs):
         host.train()
@@ -493,15 +494,17 @@ def get_teacher(cfg: DistillConfig, data: TaskData) -> Teacher:
         teacher = _finish(host, cfg, data, key, "checkpoint", meta, Path(cfg.teacher_checkpoint))
     else:
         folder = teacher_cache_dir(cfg) / key
-        teacher = None
+        cached: Teacher | None = None
         if cfg.cache and (folder / "teacher.json").is_file():
             try:
                 host, meta = load_teacher(folder, data)
                 cache_stats["disk"] += 1
-                teacher = _finish(host, cfg, data, key, "disk cache", meta, folder)
+                cached = _finish(host, cfg, data, key, "disk cache", meta, folder)
             except EsperError:
                 shutil.rmtree(folder, ignore_errors=True)  # a broken cache entry: train again
-        if teacher is None:
+        if cached is not None:
+            teacher = cached
+        else:
             host, metrics = train_teacher(cfg, data)
             meta = {
                 "format": FORMAT,
@@ -594,7 +597,7 @@ def run_distillation(
     result = run_training(run, out=out, data=data, loss_fn=loss, progress=progress, controller=controller)
     teacher.save(result.run_dir / "teacher")
     student = result.summary["final_test_acc"]
-    record = {
+    record: dict[str, Any] = {
         "teacher": {
             "host": teacher.meta["host"],
             "source": teacher.source,

@@ -186,7 +186,7 @@ class SlotProbe:
         """Per slot: ``grad_predictability``, ``grad_deficit`` and ``activation_stats``."""
         signals = self.signals(acts, grads, with_stats=True)
         return {
-            name: {"grad_predictability": own, "grad_deficit": deficit, **self._kept[name][2]}
+            name: {"grad_predictability": own, "grad_deficit": deficit, **(self._kept[name][2] or {})}
             for name, (own, deficit) in signals.items()
         }
 
@@ -248,7 +248,7 @@ class KernelFit:
         """``loo_share`` of each target, with one product ``C @ [g_1 | g_2 | ...]`` for all."""
         prepared = [self._prepare(g) for g in targets]
         ready = [p[0] for p in prepared if p is not None]
-        if not ready:
+        if not ready or self.c is None:  # (_prepare gave None for all when there is no factor)
             return [0.0] * len(targets)
         stacked = torch.cat(ready, 1) if len(ready) > 1 else ready[0]
         loo = stacked - (self.c @ stacked) / self.c_diag
