@@ -10,7 +10,7 @@ import copy
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -303,6 +303,8 @@ def apply_overrides(raw: dict[str, Any], items: list[str]) -> dict[str, Any]:
     return out
 
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """The first problem of a pydantic error as one line: ``source: key.path: message``."""
     first = err.errors()[0]
@@ -311,7 +313,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {where}: {first['msg']}{extra}"
 
 
-def validate_model(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+def validate_model(model: type[ModelT], data: dict[str, Any], source: str) -> ModelT:
     """``model.model_validate(data)`` with a one-line EsperError on failure (``check_numbers``
     first: non-finite numbers, integers past 64 bits and seeds past 32 bits are refused)."""
     if not isinstance(data, dict):
@@ -359,8 +361,9 @@ def load_config(
     raw = apply_overrides(raw, overrides or [])
     source = str(path) if path else "config"
     cfg = validate_model(model, raw, source)
-    if isinstance(getattr(cfg, "name", None), str):
-        check_plain_name(cfg.name, f"{source}: name")
+    name = getattr(cfg, "name", None)  # RunConfig, SimicConfig, SweepConfig ... all name a folder
+    if isinstance(name, str):
+        check_plain_name(name, f"{source}: name")
     return cfg
 
 

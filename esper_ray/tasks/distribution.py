@@ -93,6 +93,7 @@ class ParamRange(_Strict):
 HostKind = Literal["mlp", "cnn1d", "cnn2d"]
 _MLP_ONLY: list[HostKind] = ["mlp"]
 
+
 class HostChoice(_Strict):
     """Which hosts a family's tasks are played with: a kind from ``kinds``, a depth (hidden layers
     or conv blocks) in ``depth`` (inclusive), and each layer's width from ``widths``."""
