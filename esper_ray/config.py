@@ -305,6 +305,7 @@ def apply_overrides(raw: dict[str, Any], items: list[str]) -> dict[str, Any]:
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """The first problem of a pydantic error as one line: ``source: key.path: message``."""
     first = err.errors()[0]
