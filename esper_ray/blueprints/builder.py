@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,47 +103,73 @@ def _channel_mixer(c_in: int, c_out: int, spatial_rank: int) -> nn.Module:
 
 def _make_op(node: Node, in_channels: list[int], view: _View) -> tuple[nn.Module, int]:
     """Build one node's module; return it with its output channel count."""
-    c_in = in_channels[0]
     where = f"node {node.id} ({node.op})"
-    if node.op == "linear":
-        width = node.arg("width") or view.channels
-        return _channel_mixer(c_in, width, view.spatial_rank), width
     if node.op in ("conv", "pool") and view.tokens:
         raise BlueprintShapeError(f"{where} sees later positions: it does not fit a causal token slot")
-    if node.op == "attn":
-        if not view.tokens:
-            raise BlueprintShapeError(f"{where} needs a token slot (B, T, D)")
-        heads = node.arg("heads")
-        if c_in % heads:
-            raise BlueprintShapeError(f"{where}: {heads} heads must divide {c_in} channels")
-        return CausalSelfAttention(c_in, heads), c_in
-    if node.op == "conv":
-        if view.spatial_rank == 0:
-            raise BlueprintShapeError(f"{where} needs a spatial view")
-        width, kernel = node.arg("width") or view.channels, node.arg("kernel")
-        groups = node.arg("groups") or c_in  # groups null = depthwise
-        if c_in % groups or width % groups:
-            raise BlueprintShapeError(f"{where}: groups {groups} must divide {c_in} and {width}")
-        conv = nn.Conv1d if view.spatial_rank == 1 else nn.Conv2d
-        return conv(c_in, width, kernel, padding=kernel // 2, groups=groups), width
-    if node.op == "act":
-        return _ACTIVATIONS[node.arg("fn")](), c_in
-    if node.op == "norm":
-        groups = node.arg("groups")
-        if view.spatial_rank == 0:
-            if groups != 1:
-                raise BlueprintShapeError(f"{where}: a vector norm takes groups=1")
-            return nn.LayerNorm(c_in), c_in
-        if c_in % groups:
-            raise BlueprintShapeError(f"{where}: groups {groups} must divide {c_in} channels")
-        return nn.GroupNorm(groups, c_in), c_in
-    if node.op == "pool":
-        return _GlobalPool(), c_in
-    # add / mul: channels must agree, or one side is a single channel that broadcasts.
+    return _OP_BUILDERS.get(node.op, _merge_op)(node, in_channels, view, where)
+
+
+def _linear_op(node: Node, in_channels: list[int], view: _View, where: str) -> tuple[nn.Module, int]:
+    width = node.arg("width") or view.channels
+    return _channel_mixer(in_channels[0], width, view.spatial_rank), width
+
+
+def _attn_op(node: Node, in_channels: list[int], view: _View, where: str) -> tuple[nn.Module, int]:
+    c_in, heads = in_channels[0], node.arg("heads")
+    if not view.tokens:
+        raise BlueprintShapeError(f"{where} needs a token slot (B, T, D)")
+    if c_in % heads:
+        raise BlueprintShapeError(f"{where}: {heads} heads must divide {c_in} channels")
+    return CausalSelfAttention(c_in, heads), c_in
+
+
+def _conv_op(node: Node, in_channels: list[int], view: _View, where: str) -> tuple[nn.Module, int]:
+    if view.spatial_rank == 0:
+        raise BlueprintShapeError(f"{where} needs a spatial view")
+    c_in = in_channels[0]
+    width, kernel = node.arg("width") or view.channels, node.arg("kernel")
+    groups = node.arg("groups") or c_in  # groups null = depthwise
+    if c_in % groups or width % groups:
+        raise BlueprintShapeError(f"{where}: groups {groups} must divide {c_in} and {width}")
+    conv = nn.Conv1d if view.spatial_rank == 1 else nn.Conv2d
+    return conv(c_in, width, kernel, padding=kernel // 2, groups=groups), width
+
+
+def _act_op(node: Node, in_channels: list[int], view: _View, where: str) -> tuple[nn.Module, int]:
+    return _ACTIVATIONS[node.arg("fn")](), in_channels[0]
+
+
+def _norm_op(node: Node, in_channels: list[int], view: _View, where: str) -> tuple[nn.Module, int]:
+    c_in, groups = in_channels[0], node.arg("groups")
+    if view.spatial_rank == 0:
+        if groups != 1:
+            raise BlueprintShapeError(f"{where}: a vector norm takes groups=1")
+        return nn.LayerNorm(c_in), c_in
+    if c_in % groups:
+        raise BlueprintShapeError(f"{where}: groups {groups} must divide {c_in} channels")
+    return nn.GroupNorm(groups, c_in), c_in
+
+
+def _pool_op(node: Node, in_channels: list[int], view: _View, where: str) -> tuple[nn.Module, int]:
+    return _GlobalPool(), in_channels[0]
+
+
+def _merge_op(node: Node, in_channels: list[int], view: _View, where: str) -> tuple[nn.Module, int]:
+    """add / mul: channels must agree, or one side is a single channel that broadcasts."""
     a, b = in_channels
     if a != b and 1 not in (a, b):
         raise BlueprintShapeError(f"{where}: inputs have {a} and {b} channels")
     return (_Add() if node.op == "add" else _Mul()), max(a, b)
+
+
+_OP_BUILDERS: dict[str, Callable[[Node, list[int], _View, str], tuple[nn.Module, int]]] = {
+    "linear": _linear_op,
+    "attn": _attn_op,
+    "conv": _conv_op,
+    "act": _act_op,
+    "norm": _norm_op,
+    "pool": _pool_op,
+}
 
 
 class CausalSelfAttention(nn.Module):
