@@ -5,9 +5,9 @@
 bookkeeping through its own public ``reset`` and ``step`` (seed lifecycles, candidates,
 legality, observation, mask, reward, info), so the batched env observes and rewards exactly as
 N single envs do, whatever their observation format. What is shared is the arithmetic of the
-training epochs: each episode's ``Trainer.train_epoch`` is replaced by a request to one
-``tolaria.batched.HostStack``, which trains the epochs of every episode that asked for one as
-one batch (host weights stacked along a leading N axis; see that module).
+training epochs: each episode's ``Trainer.train_epoch`` is replaced by a request to the
+``tolaria.batched.HostStacks``, which train the epochs of every episode that asked for one as
+one batch per host skeleton (host weights stacked along a leading axis; see that module).
 
 How the N ``step`` calls meet at an epoch: each episode runs in its own worker thread, one at a
 time (strict hand-off, never two at once, so no locking is needed anywhere else). The vector
@@ -21,10 +21,11 @@ expects: the step after an episode terminated resets that episode (its action is
 returns the new episode's first observation with reward 0. Episodes reset independently; a
 resetting episode's warm-up epoch trains in the same batch as the others' epochs.
 
-Hosts other than the MLP, and distillation, train one episode after the other (the env calls
-``Trainer.train_epoch`` itself for them): the same results, without the batched speed. The MLP
-hosts of one env must share one skeleton (input shape and layer widths): a sampled task whose host
-differs is one-line ``EsperError`` naming it.
+Episodes may draw hosts of different skeletons (input shape, depth, layer widths: a task
+distribution such as configs/tamiyo.yaml's): the MLP hosts are grouped into one stack per
+skeleton (``tolaria.batched.HostStacks``) and each stack trains as one batch. Hosts other than
+the MLP, and distillation, train one episode after the other (the env calls
+``Trainer.train_epoch`` itself for them): the same results, without the batched speed.
 
 ``gymnasium.make_vec("esper/Morphogenesis-v0", num_envs=N, vectorization_mode="vector_entry_point",
 **env_config)`` builds it (``envs/__init__.py`` registers the entry point), and so does RLlib
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -45,7 +47,7 @@ from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
 from envs.morphogenesis import EnvConfig, MorphogenesisEnv
 from esper_ray.config import validate_model
 from esper_ray.contracts import EsperError
-from esper_ray.tolaria.batched import HostStack, batchable
+from esper_ray.tolaria.batched import HostStacks, batchable
 from esper_ray.tolaria.trainer import Trainer, resolve_device
 
 
@@ -115,6 +117,7 @@ class BatchedMorphogenesisEnv(VectorEnv):
 
     def __init__(self, num_envs: int = 1, config: EnvConfig | dict[str, Any] | None = None, **fields: Any):
         self._closed_workers = True  # nothing to stop until the workers exist
+        self.envs: list[MorphogenesisEnv] = []  # (close() may run on an env whose __init__ raised)
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise EsperError(f"batched env: num_envs must be an integer >= 1, got {num_envs!r}")
         if not isinstance(config, EnvConfig):
@@ -123,17 +126,19 @@ class BatchedMorphogenesisEnv(VectorEnv):
         self.config = config
         self.num_envs = num_envs
         self.envs = [MorphogenesisEnv(config) for _ in range(num_envs)]
-        self.stack = HostStack(num_envs)
+        self.stacks = HostStacks(num_envs)
         self._workers = [_Worker(i) for i in range(num_envs)]
         self._closed_workers = False
         self._loop = [False] * num_envs  # per row: trains with Trainer.train_epoch (not batchable)
         self._trainers: list[Trainer | None] = [None] * num_envs
         for i, env in enumerate(self.envs):
-            env.make_trainer = self._trainer_maker(i, env.make_trainer)
+            # per instance (the class is untouched): this env's runs train through the stacks
+            env.make_trainer = self._trainer_maker(i, env.make_trainer)  # type: ignore[method-assign,assignment]
         self.single_observation_space = self.envs[0].observation_space
         self.single_action_space = self.envs[0].action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
-        self.action_space = MaskedMultiDiscrete(np.full(num_envs, self.single_action_space.n))
+        self._space = MaskedMultiDiscrete(np.full(num_envs, self.envs[0].layout.n_actions))
+        self.action_space = self._space
         self._needs_reset = np.zeros(num_envs, dtype=bool)
         self._started = False
 
@@ -143,8 +148,10 @@ class BatchedMorphogenesisEnv(VectorEnv):
             trainer = make(task_index, train_seed)
             why = batchable(trainer)
             self._loop[row] = bool(why)
-            if not why:
-                self.stack.attach(row, trainer)
+            if why:
+                self.stacks.detach(row)  # its previous run's row, if it had one
+            else:
+                self.stacks.attach(row, trainer)
             worker = self._workers[row]
 
             def train_epoch() -> dict[str, float]:
@@ -154,7 +161,7 @@ class BatchedMorphogenesisEnv(VectorEnv):
                     self._train([row])
                 return trainer.last
 
-            trainer.train_epoch = train_epoch  # the stack trains it (per instance; the class is untouched)
+            trainer.train_epoch = train_epoch  # type: ignore[method-assign]  # per instance; the class is untouched
             self._trainers[row] = trainer
             return trainer
 
@@ -175,28 +182,37 @@ class BatchedMorphogenesisEnv(VectorEnv):
                 self._train(waiting)
             except BaseException as err:
                 error = err
-            for i in waiting:
-                workers[i].waiting = False
-                workers[i].failed = error
-                workers[i].resume()
+            self._resume(waiting, error)
             if error is not None:
-                for i in jobs:  # let the others finish too, so no thread is left paused
-                    while workers[i].waiting:
-                        workers[i].waiting = False
-                        workers[i].failed = error
-                        workers[i].resume()
+                self._drain(jobs, error)
                 raise error
         for i in jobs:
-            if workers[i].error is not None:
-                raise workers[i].error
+            failure = workers[i].error
+            if failure is not None:
+                raise failure
         return {i: workers[i].result for i in jobs}
 
-    def _train(self, rows: list[int]) -> None:
-        batched = [i for i in rows if not self._loop[i]]
-        self.stack.train_epochs(batched)
+    def _resume(self, rows: list[int], error: BaseException | None) -> None:
+        """Hand control back to each of these paused episodes in turn (with the error of their
+        batched epoch, if it failed), until each pauses again or finishes its call."""
         for i in rows:
-            if self._loop[i]:
-                Trainer.train_epoch(self._trainers[i])
+            self._workers[i].waiting = False
+            self._workers[i].failed = error
+            self._workers[i].resume()
+
+    def _drain(self, jobs: dict[int, Callable[[], Any]], error: BaseException) -> None:
+        """After a failed batched epoch: let every episode still paused finish (each raises
+        ``error``), so no thread is left waiting."""
+        while paused := [i for i in jobs if self._workers[i].waiting]:
+            self._resume(paused, error)
+
+    def _train(self, rows: list[int]) -> None:
+        """One epoch of these episodes' runs: the MLP hosts batched per skeleton, others one by one."""
+        self.stacks.train_epochs([i for i in rows if not self._loop[i]])
+        for i in rows:
+            trainer = self._trainers[i]
+            if self._loop[i] and trainer is not None:
+                Trainer.train_epoch(trainer)
 
     # ---- gym API ------------------------------------------------------------------------------
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None):
@@ -211,7 +227,7 @@ class BatchedMorphogenesisEnv(VectorEnv):
         per_env = (options or {}).get("per_env")
         opts = per_env if per_env is not None else [options] * self.num_envs
         results = self._run(
-            {i: (lambda i=i: self.envs[i].reset(seed=seeds[i], options=opts[i])) for i in range(self.num_envs)}
+            {i: partial(self.envs[i].reset, seed=seeds[i], options=opts[i]) for i in range(self.num_envs)}
         )
         self._needs_reset[:] = False
         self._started = True
@@ -275,7 +291,7 @@ class BatchedMorphogenesisEnv(VectorEnv):
         return concatenate(self.single_observation_space, obs, out)
 
     def _update_masks(self) -> None:
-        self.action_space.masks = [env.action_masks() for env in self.envs]
+        self._space.masks = [env.action_masks() for env in self.envs]
 
     def action_masks(self) -> np.ndarray:
         """Each episode's current mask, stacked (N, actions)."""

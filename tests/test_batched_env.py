@@ -110,7 +110,7 @@ def test_batched_env_matches_single_envs(torch_seed):
                 assert infos["test_acc"][i] == pytest.approx(info["test_acc"], abs=1e-9)  # the final accuracy
                 done[i] = True
     assert resets == n
-    assert venv.stack.grouped_calls > 0  # seeds of one blueprint in several episodes ran as one vmapped call
+    assert venv.stacks.grouped_calls > 0  # seeds of one blueprint in several episodes ran as one vmapped call
     # The script exercised every lifecycle edge the env has (else this test would prove little).
     # (a cull after blending restores the host's weights and Adam state from the blend snapshot)
     assert {"germinate", "fossilize", "cull", "BLENDING", "HOLDING", "cull after blending"} <= seen_events
@@ -210,15 +210,52 @@ def test_bad_input_is_one_line(torch_seed):
     if not torch.cuda.is_available():
         with pytest.raises(EsperError, match="CUDA is not available"):
             BatchedMorphogenesisEnv(2, _config(device="cuda"))
+
+
+def test_hosts_of_mixed_skeletons_match_single_envs(torch_seed):
+    # A task distribution with hosts of several skeletons (as configs/tamiyo.yaml draws): MNIST-1D on
+    # the default MLP, on a narrower 2-layer MLP and on a CNN (not batched: it trains alone), a frozen
+    # bottleneck host on 24 inputs. Five episodes, two of them on the default MLP (one stack of 2 rows),
+    # run past their end, so autoresets draw new tasks: runs leave stacks, join others, stacks grow.
     cfg = _config(epochs=3)
     cfg["train_tasks"] = [
         {"family": "mnist1d", "seed": 0},
+        {"family": "mnist1d", "seed": 1, "host": {"kind": "mlp", "hidden": [32, 48]}},
+        {"family": "mnist1d", "seed": 2, "host": {"kind": "cnn1d", "hidden": [8, 8]}},
         {"family": "bottleneck", "seed": 0, "bottleneck_slot": 0, "input_dim": 24},
     ]
-    venv = BatchedMorphogenesisEnv(2, cfg)
-    with pytest.raises(EsperError, match=r"task bottleneck\S* gives a host of another skeleton") as err:
-        venv.reset(seed=0, options={"per_env": [{"task_index": 0}, {"task_index": 1}]})
-    assert "\n" not in str(err.value)
+    first = [0, 1, 2, 3, 0]
+    n, steps = len(first), 9  # episodes of 2 steps, each reset several times
+    options = [{"task_index": k, "train_seed": 10 + i} for i, k in enumerate(first)]
+    venv = BatchedMorphogenesisEnv(n, cfg)
+    obs, _ = venv.reset(seed=21, options={"per_env": options})
+    singles = [MorphogenesisEnv(cfg) for _ in range(n)]
+    single_obs = [env.reset(seed=21 + i, options=options[i])[0] for i, env in enumerate(singles)]
+    assert sorted(s.attached for s in venv.stacks.stacks.values()) == [1, 1, 2]  # the CNN is in none
+    kinds = _kinds(singles[0])
+    done = [False] * n
+    tasks: set[tuple[int, str]] = set()
+    for step in range(steps):
+        for i in range(n):
+            np.testing.assert_allclose(obs["observations"][i], single_obs[i]["observations"], atol=OBS_ATOL, rtol=0)
+            np.testing.assert_array_equal(obs["action_mask"][i], single_obs[i]["action_mask"])
+            tasks.add((i, singles[i].trainer.data.name))
+        actions = np.array([_policy(kinds, i, step, obs["action_mask"][i]) for i in range(n)])
+        obs, rewards, terminated, _, infos = venv.step(actions)
+        for i, env in enumerate(singles):
+            if done[i]:
+                single_obs[i], _ = env.reset()
+                done[i] = False
+                continue
+            single_obs[i], reward, term, _, info = env.step(int(actions[i]))
+            assert rewards[i] == reward and terminated[i] == term
+            if term:
+                assert infos["test_acc"][i] == info["test_acc"]
+                done[i] = True
+    assert len(tasks) > n  # the autoresets moved episodes to other tasks (other skeletons)
+    held = [s.attached for s in venv.stacks.stacks.values()]
+    batched_now = sum(not loop for loop in venv._loop)
+    assert sum(held) == batched_now and all(h > 0 for h in held)  # empty stacks went away
 
 
 def test_vector_env_settings_for_rllib():

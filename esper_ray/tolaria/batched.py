@@ -22,8 +22,10 @@ fused ``torch._foreach`` update over every seed tensor of every row. Per row: it
 then sits out the rest of the epoch, exactly as ``train_epoch`` breaks), alpha ramp, gradient
 norms, validation, counterfactual contributions and lifecycle steps.
 
-Only the MLP host batches (``batchable``); other hosts, and runs with a custom loss
-(distillation), run ``Trainer.train_epoch`` one after the other.
+The rows of one stack share a skeleton (``skeleton``: input shape and every host parameter's
+shape). ``HostStacks`` holds runs of mixed skeletons, one stack per skeleton, each growing as
+runs of its skeleton arrive. Only the MLP host batches (``batchable``); other hosts, and runs
+with a custom loss (distillation), run ``Trainer.train_epoch`` one after the other.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from esper_ray.contracts import EsperError, SeedStage
+from esper_ray.kasmina import SeedSlot
 from esper_ray.tolaria.telemetry import grad_norms
 from esper_ray.tolaria.trainer import Trainer
 
@@ -117,7 +122,10 @@ def skeleton(trainer: Trainer) -> tuple:
 
 
 class HostStack:
-    """N MLP host runs whose weights live stacked; see the module docstring."""
+    """N MLP host runs of one skeleton whose weights live stacked; see the module docstring.
+
+    ``n`` is the stack's capacity (rows); a row holds one run from ``attach`` to ``release``.
+    ``resize`` changes the capacity, moving every attached run's weights and Adam state along."""
 
     def __init__(self, n: int):
         if n < 1:
@@ -134,7 +142,7 @@ class HostStack:
         self.exp_avg = torch.zeros(0)
         self.exp_avg_sq = torch.zeros(0)
         self._layout: list[tuple[int, int, tuple[int, ...]]] = []  # per parameter: start, end, shape
-        self.steps: torch.Tensor | None = None  # (n,) Adam step counts, float32 like torch's
+        self.steps = torch.zeros(0)  # (n,) Adam step counts, float32 like torch's
         self.shape: tuple | None = None
         self.first_task = ""
         self._views: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per row: param, m, v views
@@ -148,36 +156,82 @@ class HostStack:
         shape = skeleton(trainer)
         if self.shape is None:
             self.shape, self.first_task = shape, trainer.data.name
-            start = 0
-            for p in trainer.host.host_parameters():
-                self._layout.append((start, start + self.n * p.numel(), tuple(p.shape)))
-                start += self.n * p.numel()
-            self.flat = torch.zeros(start, device=trainer.device)
-            self.weights = [w.requires_grad_() for w in self.split(self.flat)]
-            self.exp_avg = torch.zeros(start, device=trainer.device)
-            self.exp_avg_sq = torch.zeros(start, device=trainer.device)
-            self.steps = torch.zeros(self.n)
+            self._allocate(trainer)
         elif shape != self.shape:
             raise EsperError(
-                f"batched env: task {trainer.data.name} gives a host of another skeleton than task "
+                f"host stack: task {trainer.data.name} gives a host of another skeleton than task "
                 f"{self.first_task} (input {shape[0]} vs {self.shape[0]}, parameter shapes {list(shape[1])} vs "
-                f"{list(self.shape[1])}); every task of one batched env must give the same host shape"
+                f"{list(self.shape[1])})"
             )
+        if self.trainers[row] is not None:
+            self.release(row)
+        self._place(row, trainer)
+
+    def release(self, row: int) -> None:
+        """Give the run in ``row`` its own memory again (weights, Adam state) and free the row."""
+        trainer = self.trainers[row]
+        if trainer is None:
+            return
+        with torch.no_grad():
+            for p in trainer.opt.param_groups[0]["params"]:
+                p.data = p.data.clone()
+                state = trainer.opt.state.get(p)
+                if state:
+                    trainer.opt.state[p] = {k: v.clone() for k, v in state.items()}
+        self.trainers[row] = None
+        self._views[row] = []
+
+    def free_row(self) -> int | None:
+        """A row no run holds, or None when every row is taken."""
+        return next((row for row, t in enumerate(self.trainers) if t is None), None)
+
+    @property
+    def attached(self) -> int:
+        """How many rows hold a run."""
+        return sum(t is not None for t in self.trainers)
+
+    def resize(self, n: int) -> None:
+        """Change the capacity to ``n`` rows (at least the highest row held + 1), keeping every run's
+        weights and Adam state bit for bit in its row."""
+        placed = [(row, t) for row, t in enumerate(self.trainers) if t is not None]
+        if placed and placed[-1][0] >= n:
+            raise EsperError(f"host stack: cannot shrink to {n} rows while row {placed[-1][0]} is held")
+        self.n = n
+        self.trainers = [None] * n
+        self._views = [[] for _ in range(n)]
+        if not placed:
+            self.shape = None
+            return
+        self._allocate(placed[0][1])
+        for row, trainer in placed:
+            self._place(row, trainer)  # copies from the old buffers, which the run's tensors still view
+
+    def _allocate(self, template: Trainer) -> None:
+        """Fresh buffers of ``n`` rows for hosts shaped like ``template``'s."""
+        self._layout, start = [], 0
+        for p in template.host.host_parameters():
+            self._layout.append((start, start + self.n * p.numel(), tuple(p.shape)))
+            start += self.n * p.numel()
+        self.flat = torch.zeros(start, device=template.device)
+        self.weights = [w.requires_grad_() for w in self.split(self.flat)]
+        self.exp_avg = torch.zeros(start, device=template.device)
+        self.exp_avg_sq = torch.zeros(start, device=template.device)
+        self.steps = torch.zeros(self.n)
+
+    def _place(self, row: int, trainer: Trainer) -> None:
+        """Copy the run's weights and Adam state (zero when it has none yet) into ``row`` and make
+        them views of it."""
         self.trainers[row] = trainer
         rows = self.split(self.flat)
         with torch.no_grad():
             for k, p in enumerate(trainer.host.host_parameters()):
                 rows[k][row].copy_(p)
                 p.data = rows[k][row]
-            for m, v in zip(self.split(self.exp_avg), self.split(self.exp_avg_sq), strict=True):
-                m[row].zero_()
-                v[row].zero_()
-            self.steps[row] = 0.0
-        self._link_state(row, trainer, copy=True)
+        self._link_state(row, trainer)
 
-    def _link_state(self, row: int, trainer: Trainer, copy: bool) -> None:
-        """Point the trainer's Adam state of its host parameters at the row (copying in any
-        state it holds first, e.g. one a rollback or a cull's snapshot restore just loaded)."""
+    def _link_state(self, row: int, trainer: Trainer) -> None:
+        """Point the trainer's Adam state of its host parameters at the row, copying in any state it
+        holds first (e.g. one a rollback or a cull's snapshot restore just loaded; zero if none)."""
         views = []
         state = trainer.opt.state
         params = trainer.opt.param_groups[0]["params"]
@@ -187,11 +241,11 @@ class HostStack:
             for k, p in enumerate(params):
                 m, v = ms[k][row], vs[k][row]
                 old = state.get(p)
-                if copy and old:
+                if old:
                     m.copy_(old["exp_avg"])
                     v.copy_(old["exp_avg_sq"])
                     step_view.fill_(float(old["step"]))
-                elif copy:
+                else:
                     m.zero_()
                     v.zero_()
                     step_view.fill_(0.0)
@@ -199,16 +253,23 @@ class HostStack:
                 views += [p, m, v]
         self._views[row] = views
 
+    def trainer(self, row: int) -> Trainer:
+        """The run in ``row``; EsperError when the row is free."""
+        trainer = self.trainers[row]
+        if trainer is None:
+            raise EsperError(f"host stack: row {row} holds no run")
+        return trainer
+
     def sync(self, row: int) -> None:
         """Re-link a row whose trainer's Adam state tensors were replaced (rollback, cull)."""
-        trainer = self.trainers[row]
+        trainer = self.trainer(row)
         state = trainer.opt.state
         views = self._views[row]
         params = trainer.opt.param_groups[0]["params"]
         for k, p in enumerate(params):
             st = state.get(p)
             if st is None or st.get("exp_avg") is not views[3 * k + 1] or st.get("exp_avg_sq") is not views[3 * k + 2]:
-                self._link_state(row, trainer, copy=True)
+                self._link_state(row, trainer)
                 return
             if p.data_ptr() != self.weights[k][row].data_ptr():
                 raise EsperError(f"row {row}: host parameter {k} no longer shares the stack's memory")
@@ -216,6 +277,13 @@ class HostStack:
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per host parameter, its (n, *shape) view of a flat tensor laid out like ``flat``."""
         return [flat[a:b].view(self.n, *shape) for a, b, shape in self._layout]
+
+    def _select(self, stack_rows: list[int], device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The index of ``stack_rows`` (None when they are every row, in order) and their weights."""
+        if stack_rows == list(range(self.n)):
+            return None, self.weights
+        index = torch.tensor(stack_rows, device=device)
+        return index, [w.index_select(0, index) for w in self.weights]
 
     # ---- one epoch -----------------------------------------------------------------------------
     def train_epochs(self, rows: Sequence[int]) -> None:
@@ -227,45 +295,60 @@ class HostStack:
         self._plans.clear()
         for r in rows:
             self.sync(r)
-        trainers = [self.trainers[r] for r in rows]
-        orders = []
-        for t in trainers:
-            x, y = t.data.x_train, t.data.y_train
-            perm = torch.randperm(len(x), generator=t.gen).to(x.device)
-            orders.append((x[perm], y[perm], len(x)))
-            t.host.train()
-        bs = trainers[0].cfg.training.batch_size
-        n_batches = [math.ceil(n / bs) for _, _, n in orders]
-        blending = [[s for s in t.host.slots.values() if s.stage is SeedStage.BLENDING] for t in trainers]
-        total = [0.0] * len(rows)
-        seen = [0] * len(rows)
-        tripped = [""] * len(rows)
+        ep = _Epoch.start(rows, [self.trainer(r) for r in rows])
+        bs = ep.trainers[0].cfg.training.batch_size
         stacked = None
-        if len({n for _, _, n in orders}) == 1:  # one gather per epoch; each batch is then a view
-            stacked = (torch.stack([o[0] for o in orders]), torch.stack([o[1] for o in orders]))
-        for b in range(max(n_batches)):
-            live = [j for j in range(len(rows)) if b < n_batches[j] and not tripped[j]]
+        if len(set(ep.sizes)) == 1:  # one gather per epoch; each batch is then a view
+            stacked = (torch.stack([x for x, _ in ep.orders]), torch.stack([y for _, y in ep.orders]))
+        for b in range(max(ep.n_batches)):
+            live = [j for j in range(len(rows)) if b < ep.n_batches[j] and not ep.tripped[j]]
             if not live:
                 break
             by_size: dict[int, list[int]] = defaultdict(list)
             for j in live:
-                by_size[min(bs, orders[j][2] - b * bs)].append(j)
+                by_size[min(bs, ep.sizes[j] - b * bs)].append(j)
             for size, members in by_size.items():
+                lo, hi = b * bs, b * bs + size
                 if stacked is not None and len(members) == len(rows):
-                    xb = stacked[0][:, b * bs : b * bs + size]
-                    yb = stacked[1][:, b * bs : b * bs + size]
+                    xb, yb = stacked[0][:, lo:hi], stacked[1][:, lo:hi]
                 else:
-                    xb = torch.stack([orders[j][0][b * bs : b * bs + size] for j in members])
-                    yb = torch.stack([orders[j][1][b * bs : b * bs + size] for j in members])
-                self._train_batch(rows, trainers, members, xb, yb, b, n_batches, total, seen, tripped, blending)
-        self._finish(rows, trainers, total, seen, tripped, started)
+                    xb = torch.stack([ep.orders[j][0][lo:hi] for j in members])
+                    yb = torch.stack([ep.orders[j][1][lo:hi] for j in members])
+                self._train_batch(ep, members, xb, yb, b)
+        self._finish(ep, started)
 
-    def _train_batch(self, rows, trainers, members, xb, yb, b, n_batches, total, seen, tripped, blending) -> None:
-        stack_rows = [rows[j] for j in members]
-        index = None if stack_rows == list(range(self.n)) else torch.tensor(stack_rows, device=xb.device)
-        weights = self.weights if index is None else [w.index_select(0, index) for w in self.weights]
-        logits = self.forward(weights, [trainers[j] for j in members], xb)
-        m, size = len(members), xb.shape[1]
+    def _train_batch(self, ep: _Epoch, members: list[int], xb: torch.Tensor, yb: torch.Tensor, b: int) -> None:
+        """One training step of the rows at positions ``members`` of the epoch on their batches ``xb, yb``."""
+        stack_rows = [ep.rows[j] for j in members]
+        index, weights = self._select(stack_rows, xb.device)
+        losses, values = self._losses(weights, [ep.trainers[j] for j in members], xb, yb)
+        keep = []
+        for pos, j in enumerate(members):
+            why = ep.trainers[j].governor.check(values[pos])
+            if why:
+                ep.tripped[j] = why
+            else:
+                keep.append(pos)
+        self._backward(ep, members, losses, keep)
+        with torch.no_grad():
+            grads = self._host_grads(ep, members, keep, index)
+            last = [pos for pos in keep if b == ep.n_batches[members[pos]] - 1]
+            if last:
+                self._measure_grads(
+                    [ep.trainers[members[pos]] for pos in last], [[g[pos] for g in grads] for pos in last]
+                )
+            whole = index is None and len(keep) == len(members)
+            self._adam_host([stack_rows[pos] for pos in keep], keep, grads, whole)
+            self._adam_seeds([ep.trainers[members[pos]] for pos in keep])
+        ep.account(members, keep, values, xb.shape[1])
+
+    def _losses(
+        self, weights: list[torch.Tensor], trainers: list[Trainer], xb: torch.Tensor, yb: torch.Tensor
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Each row's mean cross-entropy on its batch: as a tensor (rows,) to differentiate, and as
+        the numbers ``F.cross_entropy`` gives that row alone (the governor and the epoch's mean read them)."""
+        logits = self.forward(weights, trainers, xb)
+        m, size = xb.shape[0], xb.shape[1]
         # F.cross_entropy is log_softmax then nll_loss: taken apart so that the log-softmax (a fifth of
         # a batch's time at N = 32) serves both the gradient and the loss values.
         lsm = F.log_softmax(logits, 2)
@@ -275,55 +358,36 @@ class HostStack:
                 values = [float(F.nll_loss(lsm[pos], yb[pos])) for pos in range(m)]
         else:  # one read back per batch, not one per row (not bit for bit there anyway)
             values = losses.tolist()
-        keep = []
-        for pos, j in enumerate(members):
-            why = trainers[j].governor.check(values[pos])
-            if why:
-                tripped[j] = why
-            else:
-                keep.append(pos)
+        return losses, values
+
+    def _backward(self, ep: _Epoch, members: list[int], losses: torch.Tensor, keep: list[int]) -> None:
+        """Fresh gradients of the kept rows' losses (host layers and the members' seeds)."""
         for w in self.weights:
             w.grad = None
-        seed_params = [
-            [p for s in trainers[j].host.slots.values() if s.seed is not None for p in s.seed.parameters()]
-            for j in members
-        ]
-        for params in seed_params:
-            for p in params:
+        for j in members:
+            for p in ep.seed_params[j]:
                 p.grad = None
         if keep:
-            loss = losses.sum() if len(keep) == m else losses[torch.tensor(keep, device=losses.device)].sum()
+            loss = losses.sum() if len(keep) == len(members) else losses[torch.tensor(keep, device=losses.device)].sum()
             loss.backward()
-        with torch.no_grad():
-            per_layer = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights]
-            if index is not None:
-                per_layer = [g.index_select(0, index) for g in per_layer]
-            if len(keep) < m:  # rows that tripped: nothing of theirs moves (their gradient may be NaN)
-                drop = torch.tensor([pos for pos in range(m) if pos not in keep], device=xb.device)
-                for g in per_layer:
-                    g.index_fill_(0, drop, 0.0)
-                for pos in drop.tolist():
-                    for p in seed_params[pos]:
-                        p.grad = None
-            last = [pos for pos in keep if b == n_batches[members[pos]] - 1]
-            if last:
-                self._measure_grads(
-                    [trainers[members[pos]] for pos in last], [[g[pos] for g in per_layer] for pos in last]
-                )
-            self._adam_host([stack_rows[pos] for pos in keep], keep, per_layer, index is None and len(keep) == m)
-            self._adam_seeds([trainers[members[pos]] for pos in keep])
-        for pos in keep:
-            j = members[pos]
-            t = trainers[j]
-            t.step += 1
-            for slot in blending[j]:
-                slot.on_step()
-            total[j] += values[pos] * size
-            seen[j] += size
-        for pos in range(m):
-            j = members[pos]
-            if tripped[j] and pos not in keep:
-                trainers[j].governor_rollback(tripped[j])
+
+    def _host_grads(
+        self, ep: _Epoch, members: list[int], keep: list[int], index: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """Per host layer, the members' gradients (rows in member order), those of rows that tripped
+        the governor zeroed (their gradient may be NaN: nothing of theirs moves, seeds included)."""
+        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights]
+        if index is not None:
+            grads = [g.index_select(0, index) for g in grads]
+        if len(keep) < len(members):
+            dropped = [pos for pos in range(len(members)) if pos not in keep]
+            drop = torch.tensor(dropped, device=grads[0].device)
+            for g in grads:
+                g.index_fill_(0, drop, 0.0)
+            for pos in dropped:
+                for p in ep.seed_params[members[pos]]:
+                    p.grad = None
+        return grads
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(
@@ -415,7 +479,7 @@ class HostStack:
         as one fused update of the whole tensors when they are every row."""
         if not stack_rows:
             return
-        trainers = [self.trainers[r] for r in stack_rows]
+        trainers = [self.trainer(r) for r in stack_rows]
         rows_cpu = torch.tensor(stack_rows)
         self.steps[rows_cpu] += 1.0
         steps = self.steps[rows_cpu].tolist()
@@ -488,16 +552,17 @@ class HostStack:
     def _measure_grads(self, trainers: list[Trainer], row_grads: list[list[torch.Tensor]]) -> None:
         """Per slot, the last batch's gradient norm of the host layer reading it, and of its seed
         (what ``Trainer`` measures), with one fused norm for all these rows."""
-        groups, layout = [], []
+        groups: list[list[Any]] = []  # what grad_norms reads: objects with a ``.grad``
+        layout = []
         for t, grads in zip(trainers, row_grads, strict=True):
             slots = list(t.host.slots.values())
             n_layers = len(grads) // 2
             for slot in slots:
                 k = min(slot.index, n_layers - 1)
                 groups.append([_Grad(grads[2 * k]), _Grad(grads[2 * k + 1])])
-            seeded = [s for s in slots if s.seed is not None]
-            groups += [list(s.seed.parameters()) for s in seeded]
-            layout.append((t, slots, seeded))
+            seeds = [(s, s.seed) for s in slots if s.seed is not None]
+            groups += [list(seed.parameters()) for _, seed in seeds]
+            layout.append((t, slots, [s for s, _ in seeds]))
         norms = grad_norms(groups)
         at = 0
         for t, slots, seeded in layout:
@@ -519,12 +584,11 @@ class HostStack:
             by_shape[tuple(x[j].shape)].append(j)
         for members in by_shape.values():
             stack_rows = [rows[j] for j in members]
-            index = None if stack_rows == list(range(self.n)) else torch.tensor(stack_rows, device=x[0].device)
-            weights = self.weights if index is None else [w.index_select(0, index) for w in self.weights]
+            _, weights = self._select(stack_rows, x[0].device)
             xs = torch.stack([x[j] for j in members])
             ys = torch.stack([y[j] for j in members])
             skip = dict.fromkeys(range(len(members)), ablated) if ablated else None
-            logits = self.forward(weights, [self.trainers[r] for r in stack_rows], xs, skip)
+            logits = self.forward(weights, [self.trainer(r) for r in stack_rows], xs, skip)
             loss = torch.logsumexp(logits, 2).sum(1) - logits.gather(2, ys[..., None]).sum((1, 2))
             correct = (logits.argmax(2) == ys).sum(1)
             n = xs.shape[1]
@@ -532,9 +596,10 @@ class HostStack:
                 out[members[pos]] = (lo / n, c / n)
         return out
 
-    def _finish(self, rows, trainers, total, seen, tripped, started) -> None:
+    def _finish(self, ep: _Epoch, started: float) -> None:
         """Validation, test at the last epoch, contributions and lifecycle steps, per row."""
         self._plans.clear()  # rollbacks changed stages
+        rows, trainers = ep.rows, ep.trainers
         for t in trainers:
             t.host.eval()
         try:
@@ -556,26 +621,10 @@ class HostStack:
                 t.host.train()
         self._plans.clear()  # the lifecycle steps below change stages
         seconds = time.perf_counter() - started
-        for j, t in enumerate(trainers):
-            val_loss, val_acc = val[j]
-            if val_acc > t.best_val + 1e-9:
-                t.best_val, t.plateau = val_acc, 0
-            else:
-                t.plateau += 1
-            t.epoch += 1
-            t.last = {
-                "train_loss": total[j] / seen[j] if seen[j] else float("nan"),
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "test_acc": test.get(j, math.nan),
-            }
-            for slot in t.host.slots.values():
-                slot.on_epoch_end()
-                slot.advance()
-            t.last["rolled_back"] = float(bool(tripped[j]))
-            t.last["epoch_seconds"] = seconds / len(trainers)  # the batched epoch's share
+        for j in range(len(trainers)):
+            ep.close(j, val[j], test.get(j, math.nan), seconds / len(trainers))  # the batched epoch's share
 
-    def _contributions(self, rows, trainers, val) -> None:
+    def _contributions(self, rows: list[int], trainers: list[Trainer], val: list[tuple[float, float]]) -> None:
         """Validation accuracy with each blended seed ablated, batched per slot name."""
         names = sorted({name for t in trainers for name, s in t.host.slots.items() if s.stage in _ABLATABLE})
         for name in names:
@@ -591,6 +640,137 @@ class HostStack:
             )
             for j, s, (_, ablated) in zip(members, slots, res, strict=True):
                 s.contribution = val[j][1] - ablated
+
+
+@dataclass
+class _Epoch:
+    """What one batched epoch keeps per row (by position in ``rows``) while it runs."""
+
+    rows: list[int]  # stack rows
+    trainers: list[Trainer]
+    orders: list[tuple[torch.Tensor, torch.Tensor]]  # the epoch's shuffled (x, y)
+    sizes: list[int]  # training examples
+    n_batches: list[int]
+    blending: list[list[SeedSlot]]  # slots whose alpha ramps per step
+    seed_params: list[list[torch.Tensor]]  # seeds change only between epochs (a rollback ends the row's epoch)
+    total: list[float]  # summed loss
+    seen: list[int]  # examples trained on
+    tripped: list[str]  # why the governor stopped the row ('' while it trains)
+
+    @classmethod
+    def start(cls, rows: list[int], trainers: list[Trainer]) -> _Epoch:
+        """Each run's batch order for the epoch (from its own generator), in train mode."""
+        orders, sizes = [], []
+        for t in trainers:
+            x, y = t.data.x_train, t.data.y_train
+            perm = torch.randperm(len(x), generator=t.gen).to(x.device)
+            orders.append((x[perm], y[perm]))
+            sizes.append(len(x))
+            t.host.train()
+        bs = trainers[0].cfg.training.batch_size
+        slots = [list(t.host.slots.values()) for t in trainers]
+        return cls(
+            rows=rows,
+            trainers=trainers,
+            orders=orders,
+            sizes=sizes,
+            n_batches=[math.ceil(n / bs) for n in sizes],
+            blending=[[s for s in row if s.stage is SeedStage.BLENDING] for row in slots],
+            seed_params=[[p for s in row if s.seed is not None for p in s.seed.parameters()] for row in slots],
+            total=[0.0] * len(rows),
+            seen=[0] * len(rows),
+            tripped=[""] * len(rows),
+        )
+
+    def account(self, members: list[int], keep: list[int], values: list[float], size: int) -> None:
+        """After a step: the kept rows count it (step, alpha ramp, loss); rows that tripped roll back."""
+        for pos, j in enumerate(members):
+            if pos in keep:
+                t = self.trainers[j]
+                t.step += 1
+                for slot in self.blending[j]:
+                    slot.on_step()
+                self.total[j] += values[pos] * size
+                self.seen[j] += size
+            elif self.tripped[j]:
+                self.trainers[j].governor_rollback(self.tripped[j])
+
+    def close(self, j: int, val: tuple[float, float], test_acc: float, seconds: float) -> None:
+        """``Trainer.train_epoch``'s end for row ``j``: best/plateau, counters, ``last``, lifecycle steps."""
+        t = self.trainers[j]
+        val_loss, val_acc = val
+        if val_acc > t.best_val + 1e-9:
+            t.best_val, t.plateau = val_acc, 0
+        else:
+            t.plateau += 1
+        t.epoch += 1
+        t.last = {
+            "train_loss": self.total[j] / self.seen[j] if self.seen[j] else float("nan"),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "test_acc": test_acc,
+        }
+        for slot in t.host.slots.values():
+            slot.on_epoch_end()
+            slot.advance()
+        t.last["rolled_back"] = float(bool(self.tripped[j]))
+        t.last["epoch_seconds"] = seconds
+
+
+class HostStacks:
+    """The host stacks of N episodes of mixed skeletons: one ``HostStack`` per skeleton (input
+    shape and layer widths), each episode's run in a row of its skeleton's stack. A stack grows
+    (doubling, at most N rows) when a run of its skeleton arrives and no row is free, and goes
+    when its last run leaves; a batched epoch trains each stack's rows together."""
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise EsperError(f"host stacks: need at least 1 episode, got {n}")
+        self.n = n
+        self.stacks: dict[tuple, HostStack] = {}
+        self.where: list[tuple[tuple, int] | None] = [None] * n  # per episode: (skeleton, stack row)
+        self.grouped_calls = 0  # seed groups run as one vmapped call, over every stack
+
+    def attach(self, episode: int, trainer: Trainer) -> None:
+        """Put episode ``episode``'s new run in its skeleton's stack (leaving any stack it was in)."""
+        self.detach(episode)
+        key = skeleton(trainer)
+        stack = self.stacks.get(key)
+        if stack is None:
+            stack = self.stacks[key] = HostStack(1)
+        row = stack.free_row()
+        if row is None:
+            row = stack.n
+            stack.resize(min(2 * stack.n, self.n))
+        stack.attach(row, trainer)
+        self.where[episode] = (key, row)
+
+    def detach(self, episode: int) -> None:
+        """Take episode ``episode``'s run out of its stack (its tensors keep their values)."""
+        place = self.where[episode]
+        if place is None:
+            return
+        key, row = place
+        stack = self.stacks[key]
+        stack.release(row)
+        self.where[episode] = None
+        if not stack.attached:
+            self.grouped_calls += stack.grouped_calls
+            del self.stacks[key]
+
+    def train_epochs(self, episodes: Sequence[int]) -> None:
+        """One epoch of each of these episodes' runs, each stack's rows as one batch."""
+        rows: dict[tuple, list[int]] = defaultdict(list)
+        for episode in episodes:
+            place = self.where[episode]
+            if place is None:
+                raise EsperError(f"host stacks: episode {episode} has no run in a stack")
+            rows[place[0]].append(place[1])
+        for key, stack_rows in rows.items():
+            stack = self.stacks[key]
+            before = stack.grouped_calls
+            stack.train_epochs(sorted(stack_rows))
+            self.grouped_calls += stack.grouped_calls - before
 
 
 def _adam_update(params, ms, vs, grads, beta1: float, beta2: float, eps: float, step_size: float, bc2_sqrt: float):
