@@ -100,3 +100,75 @@ def test_sweep_that_fits_runs_beside_the_pipeline(pipeline, tmp_path: Path) -> N
     result = run_sweep(cfg, progress=False)
     assert len(result["trials"]) == 1 and not result["trials"][0]["error"], result["trials"]
     assert result["trials"][0]["iterations"] == 1
+
+
+def test_fit_trial_scales_every_process_by_one_factor_or_fails_in_one_line() -> None:
+    from esper_ray.simic.sweep import MIN_CPU_PER_PROCESS, fit_trial
+
+    same = fit_trial(1.0, 0.5, 1, free_cpus=2.0)
+    assert (same.driver_cpus, same.env_runner_cpus, same.scale) == (1.0, 0.5, 1.0)
+    fitted = fit_trial(1.0, 0.5, 1, free_cpus=1.0)  # 1.5 asked, 1 free
+    assert fitted.scale == pytest.approx(2 / 3)
+    assert fitted.driver_cpus == pytest.approx(2 / 3, abs=1e-4) and fitted.env_runner_cpus == pytest.approx(
+        1 / 3, abs=1e-4
+    )
+    assert fitted.total <= 1.0 and fitted.env_runner_cpus / fitted.driver_cpus == pytest.approx(0.5, abs=1e-3)
+    # 13 processes cannot each get MIN_CPU_PER_PROCESS out of 1 CPU.
+    with pytest.raises(EsperError) as info:
+        fit_trial(1.0, 0.5, 12, free_cpus=1.0)
+    message = str(info.value)
+    assert "\n" not in message and "7 CPU" in message and "1 CPU free" in message
+    assert f"at least {MIN_CPU_PER_PROCESS:g} CPU each" in message and "13 processes" in message
+
+
+def _wait_for_free_cpus(cpus: float) -> None:
+    """An earlier test's trial gives its CPUs back a moment after it ends."""
+    import ray
+
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0.0) < cpus - 1e-9 and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_sweep_fitting_fails_in_one_line_when_even_the_minimum_does_not_fit(pipeline, tmp_path: Path) -> None:
+    from esper_ray.simic.sweep import run_sweep
+
+    _wait_for_free_cpus(1.0)
+
+    base = TINY.model_copy(update={"num_env_runners": 12, "num_cpus_per_env_runner": 0.5})
+    cfg = SweepConfig(
+        name="nofit", storage_path=str(tmp_path / "tune"), search={"ppo.lr": [1e-4]}, base=base, fit_to_cluster=True
+    )
+    with pytest.raises(EsperError) as info:
+        run_sweep(cfg, progress=False)
+    assert "\n" not in str(info.value) and "cannot fit the 1 CPU free" in str(info.value), str(info.value)
+    assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.slow
+def test_sweep_with_fit_to_cluster_runs_a_trial_that_would_not_fit(pipeline, tmp_path: Path) -> None:
+    """1.5 CPU asked (driver 1 + one env runner x 0.5) with 1 free: scaled to 2/3, it runs beside the actors."""
+    import ray
+
+    from esper_ray.simic.sweep import run_sweep
+
+    _wait_for_free_cpus(1.0)
+    base = TINY.model_copy(update={"num_env_runners": 1, "num_cpus_per_env_runner": 0.5})
+    cfg = SweepConfig(
+        name="fitted",
+        storage_path=str(tmp_path / "tune"),
+        scheduler="fifo",
+        search={"ppo.lr": [1e-4]},
+        base=base,
+        fit_to_cluster=True,
+    )
+    result = run_sweep(cfg, progress=False)
+    fit = result["fit"]
+    assert fit.scale == pytest.approx(2 / 3) and fit.total <= 1.0, fit
+    assert len(result["trials"]) == 1 and not result["trials"][0]["error"], result["trials"]
+    assert result["trials"][0]["iterations"] == 1
+    # The service actors lived through it and hold what they held.
+    names = {
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == pipeline.cfg.namespace
+    }
+    assert {"urza", "karn", "tezzeret", "urabrask"} <= names

@@ -81,3 +81,9 @@ class SweepConfig(StrictModel):
     num_samples: int = Field(1, ge=1, description="repeats of the grid")
     max_concurrent: int = Field(1, ge=1)
     storage_path: str = "runs/tune"
+    fit_to_cluster: bool = Field(
+        False,
+        description="when one trial asks for more CPUs than are free (e.g. beside the service actors), scale "
+        "the CPUs its driver and env runners ask for to what is free instead of failing; fails only when a "
+        "process would get less than 0.1 CPU",
+    )
