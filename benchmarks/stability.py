@@ -165,7 +165,6 @@ from esper_ray.contracts import LIVE_STAGES, ControllerAction, EsperError, SeedS
 from esper_ray.kasmina import SeedSlot, gated_blueprint  # noqa: E402
 from esper_ray.simic.evaluate import mean_ci  # noqa: E402
 from esper_ray.tasks import TaskConfig, TaskData, load_task  # noqa: E402
-from esper_ray.tolaria import optim  # noqa: E402
 from esper_ray.tolaria.continual import (  # noqa: E402
     AccuracyMatrix,
     BoundedSample,
@@ -258,12 +257,7 @@ def shifted_task(base: TaskData, seed: int, t: int, permuted: int, noise: float 
 
 def use_task(trainer: Trainer, data: TaskData) -> None:
     """Point ``trainer`` at ``data`` (same input shape), resetting what it derived from the old data."""
-    assert data.input_shape == trainer.data.input_shape and data.num_classes == trainer.data.num_classes
-    trainer.data = data
-    trainer.probe_x = data.x_val[: trainer.cfg.training.probe_size]
-    trainer.probe_y = data.y_val[: trainer.cfg.training.probe_size]
-    trainer._task_features = data.features()
-    trainer.best_val, trainer.plateau, trainer.last = 0.0, 0, {}
+    trainer.set_task(data)
 
 
 # ---- routing ---------------------------------------------------------------------------------------
@@ -330,9 +324,7 @@ def _decide(
                 trainer.apply(action)
                 done.add(slot.name)
                 if trainer.cfg.training.freeze_host and not train_fossils:  # part of the (frozen) host from now on
-                    for group in trainer.opt.param_groups:
-                        if group.get("name") == optim.seed_group_name(slot.name):
-                            group["lr"] = 0.0
+                    trainer.set_seed_lr(slot.name, 0.0)
             elif final or slot.epochs_in_stage >= MAX_HOLD_EPOCHS:
                 action = ControllerAction.cull(slot.name)
                 trainer.apply(action)

@@ -268,7 +268,7 @@ class MorphogenesisEnv(gym.Env):
         if self.config.shuffle_candidates and self.config.split == "train":
             for entry in trainer.candidates:  # a newcomer mid-episode gets a random place too
                 self._order.setdefault(entry.content_hash, float(self.np_random.random()))
-            trainer.candidates.sort(key=lambda e: self._order[e.content_hash])
+            trainer.order_candidates(key=lambda e: self._order[e.content_hash])
         obs = trainer.observe()
         self._candidates = obs.candidates
         self._mask = self.space.mask(trainer.legal_actions(), obs.candidates).astype(np.float32)

@@ -277,16 +277,40 @@ def test_load_host_state_dict_rejects_other_architectures():
         host.load_host_state_dict(make_host("cnn1d").host_state_dict())
 
 
-def test_consumer_and_live_or_fossil():
+def test_consumer():
     host = make_host("mlp")
     assert host.consumer(host.slot("input")) is host.blocks[0]
     assert host.consumer(host.slot("hidden0")) is host.blocks[1]
     assert host.consumer(host.slot("hidden1")) is host.head
-    assert host.live_or_fossil() == []
-    a = host.germinate("hidden0", "lowrank")
-    b = host.germinate("hidden1", "norm")
-    b.transition(SeedStage.CULLED)
-    assert host.live_or_fossil() == [a]
+
+
+@pytest.mark.parametrize("slot_name", ["input", "hidden0"])
+def test_absorb_moves_a_fossilized_seed_into_the_block_before_its_slot(slot_name):
+    host = make_host("mlp")
+    x = x_batch("mlp")
+    slot = host.germinate(slot_name, "residual_mlp", generator_seed=1)
+    for stage in (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING, SeedStage.FOSSILIZED):
+        slot.transition(stage)
+    with torch.no_grad():  # a residual seed starts as the identity: make it compute something
+        for p in slot.seed.parameters():
+            p.add_(0.1)
+    seed, before, host_params = slot.seed, host(x), sum(p.numel() for p in host.host_parameters())
+    events: list = []
+    host.add_listener(lambda s, t: events.append(t))
+    assert host.absorb(slot_name) is seed
+    assert torch.equal(host(x), before)  # the network computes the same
+    assert torch.equal(host(x), _nested_forward(host, x))
+    assert slot.stage is SeedStage.DORMANT and slot.seed is None and slot.is_identity and events == []
+    block = host.blocks[0]  # input: (seed, block 0); hidden0: (block 0, seed)
+    assert (block[0] if slot_name == "input" else block[1]) is seed
+    assert sum(p.numel() for p in host.host_parameters()) == host_params + sum(p.numel() for p in seed.parameters())
+    assert host.param_count()["seeds"] == 0
+    with pytest.raises(EsperError, match="needs FOSSILIZED"):
+        host.absorb(slot_name)  # nothing left to absorb
+    live = host.germinate("hidden1", "norm")
+    with pytest.raises(EsperError, match="GERMINATED"):
+        host.absorb("hidden1")
+    assert live.stage is SeedStage.GERMINATED
 
 
 def _nested_forward(host: MorphoHost, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ The lineage key lives under a temporary folder, never in ~/.config.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -216,7 +217,7 @@ def test_cull_from_blending_restores_host_and_adam_state_at_blend_start(data: Ta
     assert_tensors_equal(snap_weights, tr.host.host_state_dict(), "host weights after cull from BLENDING")
     assert_opt_states_equal(snap_opt, host_opt_state(tr), "host Adam state after cull from BLENDING")
     assert optim.group_names(tr.opt) == ["host"]
-    assert tr._blend_snapshots == {}
+    assert tr.state_dict()["blend_snapshots"] == {}
     report = tr.field_reports[-1]
     assert (report.outcome, report.stage_reached, report.slot) == ("culled", "BLENDING", "hidden0")
     # The restored host computes what it computed at blend start (the seed is gone).
@@ -356,16 +357,16 @@ def test_probe_refits_only_slots_whose_activations_moved(data: TaskData) -> None
     for tr in (trainer, frozen):
         tr.train_epoch()
         tr.observe()
-    first = {tr: {n: kept[1] for n, kept in tr._slot_probe._kept.items()} for tr in (trainer, frozen)}
+    first = {tr: {n: kept[1] for n, kept in tr.observer.slot_probe._kept.items()} for tr in (trainer, frozen)}
     for tr in (trainer, frozen):
         tr.train_epoch()
         tr.observe()
-    assert [trainer._slot_probe._kept[n][1] is first[trainer][n] for n in ("input", "hidden0", "hidden1")] == [
+    assert [trainer.observer.slot_probe._kept[n][1] is first[trainer][n] for n in ("input", "hidden0", "hidden1")] == [
         True,
         False,
         False,
     ]
-    assert all(frozen._slot_probe._kept[n][1] is first[frozen][n] for n in ("input", "hidden0", "hidden1"))
+    assert all(frozen.observer.slot_probe._kept[n][1] is first[frozen][n] for n in ("input", "hidden0", "hidden1"))
 
 
 def test_probe_signals_are_refreshed_every_signal_every_epochs(data: TaskData) -> None:
@@ -374,9 +375,9 @@ def test_probe_signals_are_refreshed_every_signal_every_epochs(data: TaskData) -
     for _ in range(8):
         trainer.train_epoch()
         trainer.end_epoch(WAIT)
-        before = trainer._probe_epoch
+        before = trainer.observer.epoch
         obs = trainer.observe()
-        if trainer._probe_epoch != before:
+        if trainer.observer.epoch != before:
             measured.append(trainer.epoch)
         by = {s.name: s for s in obs.slots}
         assert by["hidden1"].grad_deficit == 0.0  # the last slot has no downstream layer to judge
@@ -386,7 +387,7 @@ def test_probe_signals_are_refreshed_every_signal_every_epochs(data: TaskData) -
     for _ in range(3):
         every.train_epoch()
         every.observe()
-        assert every._probe_epoch == every.epoch
+        assert every.observer.epoch == every.epoch
 
 
 def test_probe_signals_are_refreshed_at_once_after_a_lifecycle_transition(data: TaskData) -> None:
@@ -394,13 +395,13 @@ def test_probe_signals_are_refreshed_at_once_after_a_lifecycle_transition(data: 
     # rollback since the last measurement) measure again; a seed's life is seen stage by stage.
     trainer = Trainer(make_cfg("training.signal_every=100", "training.epochs=12"), data)
     measured: list[tuple[int, str]] = []
-    measure = trainer._measure_probe
+    measure = trainer.observer.measure
 
-    def counting() -> None:
+    def counting(host, epoch, events) -> None:
         measured.append((trainer.epoch, trainer.host.slots["hidden0"].stage.name))
-        measure()
+        measure(host, epoch, events)
 
-    trainer._measure_probe = counting
+    trainer.observer.measure = counting
     actions = {2: ControllerAction.germinate("hidden0", "residual_mlp")}
     for e in range(12):
         trainer.observe()
@@ -415,7 +416,7 @@ def test_probe_signals_are_refreshed_at_once_after_a_lifecycle_transition(data: 
         (4, "HOLDING"),
     ]
     assert measured == [(0, "DORMANT"), (3, "BLENDING"), (4, "HOLDING")]
-    assert trainer._probe_events == len(trainer.events)
+    assert trainer.observer.events == len(trainer.events)
 
 
 def test_resume_from_a_mid_run_checkpoint_after_a_crash_keeps_a_valid_lineage(
@@ -1071,3 +1072,135 @@ def test_gradient_norms_are_those_of_the_last_batch_and_follow_the_seeds(data: T
     assert seeded.stage.is_live and seeded.seed_grad_norm == pytest.approx(norm(seeded.seed), rel=1e-5)
     epoch(trainer, ControllerAction.cull("hidden0"))
     assert seeded.seed is None and seeded.seed_grad_norm == 0.0
+
+
+# ---- the public boundary ------------------------------------------------------------------------
+def test_state_dict_round_trips_the_trainers_own_state(data: TaskData) -> None:
+    a = Trainer(make_cfg(), data)
+    for action in (WAIT, ControllerAction.germinate("hidden0", "residual_mlp"), WAIT):
+        a.observe()
+        epoch(a, action)
+    a.observe()
+    assert a.host.slots["hidden0"].stage in (SeedStage.BLENDING, SeedStage.HOLDING)  # blended: a snapshot is kept
+    state = a.state_dict()
+    blend = state.pop("blend_snapshots")
+    assert list(blend) == ["hidden0"] and isinstance(blend["hidden0"], optim.HostSnapshot)
+    text = json.dumps(state)  # everything but the snapshots is JSON
+    assert state["probe_epoch"] == a.epoch and set(state["probe_signals"]) == {"input", "hidden0", "hidden1"}
+    b = Trainer(make_cfg(), data)
+    b.load_state_dict({**json.loads(text), "blend_snapshots": blend})
+    again = b.state_dict()
+    assert again.pop("blend_snapshots")["hidden0"] is blend["hidden0"]
+    assert json.loads(json.dumps(again)) == json.loads(text)
+    assert (b.epoch, b.step, b.germinations) == (a.epoch, a.step, 1)
+    assert not b.observer.is_stale(b.epoch, len(b.events))  # the signals carried over are used as they are
+    # A state from before the probe fields (older checkpoints): the next observation measures them.
+    old = Trainer(make_cfg(), data)
+    old.load_state_dict({k: v for k, v in json.loads(text).items() if not k.startswith("probe_")})
+    assert old.observer.is_stale(old.epoch, len(old.events)) and old.state_dict()["blend_snapshots"] == {}
+
+
+def test_set_task_points_the_run_at_new_data_of_the_same_shape(data: TaskData) -> None:
+    trainer = Trainer(make_cfg("training.probe_size=64"), data)
+    epoch(trainer)
+    trainer.observe()
+    flipped = dataclasses.replace(  # another task of the same shape: fewer examples, validation reversed
+        data,
+        name="flipped",
+        x_train=data.x_train[:500],
+        y_train=data.y_train[:500],
+        x_val=data.x_val.flip(0),
+        y_val=data.y_val.flip(0),
+    )
+    trainer.set_task(flipped)
+    assert trainer.data is flipped and torch.equal(trainer.probe_x, flipped.x_val[:64])
+    assert torch.equal(trainer.probe_y, flipped.y_val[:64])
+    assert (trainer.best_val, trainer.plateau, trainer.last) == (0.0, 0, {})
+    assert trainer.observer.is_stale(trainer.epoch, len(trainer.events))  # measured again on the new probe batch
+    assert trainer.observe().task_features == flipped.features() != data.features()
+    fewer = dataclasses.replace(data, num_classes=data.num_classes - 1)
+    with pytest.raises(EsperError, match="does not fit this host"):
+        trainer.set_task(fewer)
+    assert trainer.data is flipped
+
+
+def test_absorb_and_seed_lr_through_the_trainer(data: TaskData) -> None:
+    trainer = Trainer(make_cfg("lifecycle.alpha.steps=1"), data)
+    epoch(trainer, ControllerAction.germinate("hidden0", "residual_mlp"))
+    with pytest.raises(EsperError, match="live seed"):
+        trainer.absorb_fossilized()
+    trainer.set_seed_lr("hidden0", 0.0)
+    seed_group = next(g for g in trainer.opt.param_groups if g["name"] == optim.seed_group_name("hidden0"))
+    assert seed_group["lr"] == 0.0
+    with pytest.raises(EsperError, match="no seed"):
+        trainer.set_seed_lr("hidden1", 0.1)
+    while trainer.why_illegal(ControllerAction.fossilize("hidden0")):
+        epoch(trainer)
+    epoch(trainer, ControllerAction.fossilize("hidden0"))
+    seed = trainer.host.slots["hidden0"].seed
+    x = data.x_val[:32]
+    with torch.no_grad():
+        before = trainer.host.eval()(x)
+    trainer.host.train()
+    assert trainer.absorb_fossilized() == 1
+    with torch.no_grad():
+        assert torch.equal(trainer.host.eval()(x), before)
+    trainer.host.train()
+    assert optim.group_names(trainer.opt) == ["host"]
+    host_params = trainer.opt.param_groups[0]["params"]
+    assert all(any(p is q for q in host_params) for p in seed.parameters())
+    assert trainer.host.slots["hidden0"].is_open and trainer.absorb_fossilized() == 0
+    assert ControllerAction.germinate("hidden0", "residual_mlp") in trainer.legal_actions()
+
+
+def test_order_candidates_reorders_what_observations_show(data: TaskData) -> None:
+    trainer = Trainer(make_cfg(), data)
+    names = [e.name for e in trainer.candidates]
+    trainer.order_candidates(key=lambda e: e.name)
+    assert trainer.observe().candidates == sorted(names)
+    trainer.order_candidates(key=lambda e: [-ord(c) for c in e.name])
+    obs = trainer.observe()
+    assert obs.candidates == sorted(names, reverse=True)
+    # The cost table follows the order: column j is candidate j.
+    by_name = {e.name: e for e in trainer.candidates}
+    slot = trainer.host.slots["hidden0"]
+    assert obs.candidate_params[slot.index] == [
+        -1 if (c := trainer.seed_cost(by_name[n], slot)) is None else c for n in obs.candidates
+    ]
+
+
+def test_germinating_goes_through_the_catalogues_resolve(data: TaskData) -> None:
+    from esper_ray.blueprints import LocalCatalogue
+
+    class Checked(LocalCatalogue):
+        """A catalogue whose resolve refuses one blueprint (as a client does on a hash mismatch)."""
+
+        resolved: list[str] = []
+
+        def resolve(self, name_or_hash: str):
+            entry = super().resolve(name_or_hash)
+            if entry.name == "lowrank":
+                raise EsperError("blueprint 'lowrank': content hash does not match its spec")
+            self.resolved.append(name_or_hash)
+            return entry
+
+    catalogue = Checked()
+    trainer = Trainer(make_cfg(), data, catalogue=catalogue)
+    entry = next(e for e in trainer.candidates if e.name == "residual_mlp")
+    trainer.apply(ControllerAction.germinate("hidden0", "residual_mlp"))
+    assert catalogue.resolved == [entry.content_hash]
+    with pytest.raises(EsperError, match="content hash"):
+        trainer.apply(ControllerAction.germinate("hidden1", "lowrank"))
+    assert trainer.host.slots["hidden1"].is_open
+
+
+def test_probe_puts_the_host_back_in_train_mode_when_it_fails(data: TaskData) -> None:
+    trainer = Trainer(make_cfg(), data)
+
+    def broken(x: torch.Tensor):
+        raise RuntimeError("boom")
+
+    trainer.host.forward_with_activations = broken
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.observe()
+    assert trainer.host.training

@@ -12,7 +12,7 @@ its forward pass.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -75,6 +75,10 @@ class HostConfig(BaseModel):
 def _layers(module: nn.Module) -> list[nn.Module]:
     """A plain ``nn.Sequential``'s layers (calling them in turn is its forward), else ``[module]``."""
     return list(module) if type(module) is nn.Sequential else [module]
+
+
+# A reopened slot's lifecycle state (``absorb``): DORMANT, counters and telemetry at zero.
+_DORMANT = {"stage": "DORMANT", "epochs_in_stage": 0, "blend_steps": 0, "seed_grad_norm": 0.0, "contribution": 0.0}
 
 
 def slot_names(n_blocks: int) -> list[str]:
@@ -194,7 +198,7 @@ class MorphoHost(nn.Module):
         self._listeners.append(listener)
 
     def _on_transition(self, slot: SeedSlot, event: Transition) -> None:
-        self._active[slot.index] = None if slot._mode == 0 else slot
+        self._active[slot.index] = None if slot.is_identity else slot
         self._rebuild_path()
         self._counts = None
         for listener in self._listeners:
@@ -205,7 +209,7 @@ class MorphoHost(nn.Module):
         silently, or after replacing a block or the head)."""
         self._counts = None
         for slot in self.slots.values():
-            self._active[slot.index] = None if slot._mode == 0 else slot
+            self._active[slot.index] = None if slot.is_identity else slot
         self._rebuild_path()
 
     def germinate(
@@ -230,6 +234,28 @@ class MorphoHost(nn.Module):
         seed.to(next(self.head.parameters()).device)  # on the host's device before joining an optimizer
         target.germinate(seed, reason)
         return target
+
+    def absorb(self, slot: str, wrap: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+        """Make the FOSSILIZED seed in ``slot`` part of the host proper and reopen the slot.
+
+        The seed (``wrap(seed)`` if given) moves into the host block before the slot (``input``:
+        before block 0) and the slot goes back to DORMANT silently (no lifecycle event: the
+        network computes the same). Returns the module that joined the block: its parameters
+        are host parameters from now on (``host_parameters``), so a caller's optimizer moves
+        them from the seed's param group to the host's. EsperError if the slot holds no
+        fossilized seed.
+        """
+        target = self.slot(slot)
+        if target.stage is not SeedStage.FOSSILIZED or target.seed is None:
+            raise EsperError(f"slot {slot}: cannot absorb a seed in stage {target.stage.name} (needs FOSSILIZED)")
+        module = target.seed if wrap is None else wrap(target.seed)
+        if target.index == 0:
+            self.blocks[0] = nn.Sequential(module, self.blocks[0])
+        else:
+            self.blocks[target.index - 1] = nn.Sequential(self.blocks[target.index - 1], module)
+        target.load_lifecycle_state(_DORMANT, None)
+        self.refresh()
+        return module
 
     # ---- views -----------------------------------------------------------------------------
     def host_parameters(self) -> Iterator[nn.Parameter]:
@@ -265,6 +291,3 @@ class MorphoHost(nn.Module):
     def consumer(self, slot: SeedSlot) -> nn.Module:
         """The host module that reads this slot's output."""
         return self.blocks[slot.index] if slot.index < len(self.blocks) else self.head
-
-    def live_or_fossil(self) -> list[SeedSlot]:
-        return [s for s in self.slots.values() if s.seed is not None and s.stage is not SeedStage.CULLED]

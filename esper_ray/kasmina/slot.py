@@ -247,6 +247,12 @@ class SeedSlot(nn.Module):
     def on_epoch_end(self) -> None:
         self.epochs_in_stage += 1
 
+    @property
+    def is_identity(self) -> bool:
+        """Whether the slot passes its input through unchanged in its stage (no seed acts: DORMANT,
+        GERMINATED, CULLED, EMBARGOED); a host leaves such a slot out of its forward path."""
+        return self._mode == _IDENTITY
+
     # ---- persistence -------------------------------------------------------------------------
     def lifecycle_state(self) -> dict:
         """Everything but tensors needed to restore this slot (JSON-serialisable)."""

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from esper_ray.blueprints import BlueprintSpec, build_seed
 from esper_ray.config import RunConfig, validate_model
-from esper_ray.contracts import EsperError, FieldReport
+from esper_ray.contracts import EsperError
 from esper_ray.tasks import TaskData
 from esper_ray.tolaria import optim
 from esper_ray.tolaria.trainer import Trainer
@@ -81,12 +81,17 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 _ROWS = ("history", "events", "field_reports", "param_groups")  # lists of JSON objects
 
 
+def _has_type(value: Any, want: type | tuple[type, ...]) -> bool:
+    """Whether a JSON value is of ``want`` (a bool is no number here, though Python says so)."""
+    return not isinstance(value, bool) and isinstance(value, want)
+
+
 def _check_types(state: dict[str, Any], path: Path) -> None:
     for key, want in _TYPES.items():
         if key not in state:
             continue
         value = state[key]
-        if isinstance(value, bool) or not isinstance(value, want):
+        if not _has_type(value, want):
             names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
             raise EsperError(
                 f"checkpoint at {path} is damaged: state.json {key} is {type(value).__name__}, expected {names}"
@@ -116,8 +121,10 @@ def save_checkpoint(trainer: Trainer, path: str | Path, controller_state: dict |
         _tensors({f"{i}.{k}": v for i, s in opt_sd["state"].items() for k, v in s.items()}),
         tmp / "optimizer.safetensors",
     )
+    own = trainer.state_dict()
+    blend: dict[str, optim.HostSnapshot] = own.pop("blend_snapshots")
     extra = {"rng.data": trainer.gen.get_state(), "rng.torch": torch.get_rng_state()}
-    for slot, snap in trainer._blend_snapshots.items():
+    for slot, snap in blend.items():
         extra.update({f"blend.{slot}.w.{k}": v for k, v in snap.weights.items()})
         for i, st in enumerate(snap.opt_state):
             extra.update({f"blend.{slot}.o.{i}.{k}": v for k, v in st.items()})
@@ -127,22 +134,9 @@ def save_checkpoint(trainer: Trainer, path: str | Path, controller_state: dict |
         "format": FORMAT,
         "run_id": trainer.run_id,
         "config": trainer.cfg.model_dump(mode="json"),
-        "epoch": trainer.epoch,
-        "step": trainer.step,
-        "best_val": trainer.best_val,
-        "plateau": trainer.plateau,
-        "last": trainer.last,
-        "history": trainer.history,
-        "events": trainer.events,
-        "field_reports": [r.__dict__ for r in trainer.field_reports],
-        "births": trainer._births,
-        "host_grad": trainer._host_grad,
-        "probe_signals": trainer._probe_signals,
-        "probe_epoch": trainer._probe_epoch,
-        "probe_events": trainer._probe_events,
-        "governor": trainer.governor.state_dict(),
+        **own,
         "param_groups": opt_sd["param_groups"],
-        "blend_slots": sorted(trainer._blend_snapshots),
+        "blend_slots": sorted(blend),
         "slots": {name: s.lifecycle_state() for name, s in trainer.host.slots.items()},
         "controller": controller_state or {},
     }
@@ -239,6 +233,7 @@ def _restore(trainer: Trainer, state: dict, model: dict, opt_tensors: dict, extr
 
     trainer.gen.set_state(extra["rng.data"])
     torch.set_rng_state(extra["rng.torch"])
+    blend: dict[str, optim.HostSnapshot] = {}
     for slot in state["blend_slots"]:
         # On the trainer's device, as take_host_snapshot keeps them (safetensors loads to the CPU);
         # Adam's scalar ``step`` stays on the CPU, as Adam keeps it.
@@ -250,18 +245,5 @@ def _restore(trainer: Trainer, state: dict, model: dict, opt_tensors: dict, extr
             if k.startswith(f"blend.{slot}.o."):
                 _, _, _, i, name = k.split(".", 4)
                 opt_st[int(i)][name] = v.to(device) if v.dim() > 0 else v
-        trainer._blend_snapshots[slot] = optim.HostSnapshot(weights, opt_st)
-
-    trainer.epoch, trainer.step = state["epoch"], state["step"]
-    trainer.best_val, trainer.plateau = state["best_val"], state["plateau"]
-    trainer.last = state["last"]
-    trainer.history = state["history"]
-    trainer.events = state["events"]
-    trainer.field_reports = [FieldReport(**r) for r in state["field_reports"]]
-    trainer._births = state["births"]
-    trainer._host_grad = state["host_grad"]
-    trainer._probe_signals = state.get("probe_signals", {})
-    trainer._probe_epoch = state.get("probe_epoch", -1)
-    trainer._probe_events = state.get("probe_events", len(trainer.events))  # older checkpoints: no change seen
-    trainer.governor.load_state_dict(state["governor"])
-    trainer.remember_good()
+        blend[slot] = optim.HostSnapshot(weights, opt_st)
+    trainer.load_state_dict({**state, "blend_snapshots": blend})

@@ -34,11 +34,9 @@ from torch import nn
 from esper_ray.contracts import EsperError, SeedStage
 from esper_ray.kasmina.gate import gate_logits, is_gated
 from esper_ray.tasks import TaskData
-from esper_ray.tolaria import optim
 
 MIN_SAMPLE = 1
 MAX_SAMPLE = 10_000
-_DORMANT = {"stage": "DORMANT", "epochs_in_stage": 0, "blend_steps": 0, "seed_grad_norm": 0.0, "contribution": 0.0}
 
 
 # ---- the bounded sample -----------------------------------------------------------------------------
@@ -226,31 +224,10 @@ class FisherPenalty:
 
 # ---- absorbing seeds ---------------------------------------------------------------------------------
 def absorb_fossilized(trainer: Any, wrap: Callable[[nn.Module], nn.Module] | None = None) -> int:
-    """Make every fossilized seed part of the host proper and reopen its slot; return how many.
-
-    The seed (``wrap(seed)`` if given) moves into the host block before its slot (``input``:
-    before block 0), its parameters leave their own param group and join the host's (lr 0 when
-    the host is frozen), and the slot goes back to DORMANT silently (no lifecycle event: the
-    network computes the same). Call only when no seed is live (a live seed's rollback snapshot
-    has the old architecture): EsperError otherwise. The governor's rollback point is retaken.
-    """
-    host, n = trainer.host, 0
-    if live := [s.name for s in host.slots.values() if s.stage.is_live]:
-        raise EsperError(f"cannot absorb fossilized seeds while slot(s) {live} have a live seed")
-    for slot in host.slots.values():
-        if slot.stage is not SeedStage.FOSSILIZED:
-            continue
-        seed = slot.seed if wrap is None else wrap(slot.seed)
-        optim.remove_seed_group(trainer.opt, slot.name)
-        if slot.index == 0:
-            host.blocks[0] = nn.Sequential(seed, host.blocks[0])
-        else:
-            host.blocks[slot.index - 1] = nn.Sequential(host.blocks[slot.index - 1], seed)
-        trainer.opt.param_groups[0]["params"].extend(seed.parameters())
-        slot.load_lifecycle_state(_DORMANT, None)
-        n += 1
-    host.refresh()
-    trainer.remember_good()
+    """Make every fossilized seed part of the host proper and reopen its slot; return how many
+    (``Trainer.absorb_fossilized``: the seed moves into the host block before its slot, its
+    parameters join the host's param group, the slot goes back to DORMANT silently)."""
+    n: int = trainer.absorb_fossilized(wrap)
     return n
 
 

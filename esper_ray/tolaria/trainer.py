@@ -13,47 +13,42 @@ weights and optimizer state to that snapshot.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from esper_ray.blueprints import (
     BlueprintCatalogue,
-    BlueprintShapeError,
     build_seed,
-    count_params,
 )
-from esper_ray.blueprints.builder import slot_channels, slot_kind
+from esper_ray.blueprints.builder import slot_channels
 from esper_ray.blueprints.catalogue import CatalogueEntry
-from esper_ray.blueprints.features import blueprint_features
 from esper_ray.config import RunConfig
 from esper_ray.contracts import (
     ActionKind,
     ControllerAction,
     EsperError,
     FieldReport,
-    GlobalTelemetry,
     HostContext,
     Observation,
     SeedStage,
-    SlotTelemetry,
     TrialResult,
 )
 from esper_ray.hosts import MorphoHost, build_host, slot_names
 from esper_ray.karn.invented import local_catalogue
 from esper_ray.kasmina import SeedSlot, Transition
-from esper_ray.kasmina.gate import GateShapeError, check_gate_fits
 from esper_ray.tasks import TaskData, load_task
 from esper_ray.tolaria import optim
+from esper_ray.tolaria.candidates import CandidateBook
 from esper_ray.tolaria.governor import Governor
-from esper_ray.tolaria.telemetry import SlotProbe, grad_norms
+from esper_ray.tolaria.observation import Observer, eval_mode, host_context
+from esper_ray.tolaria.telemetry import grad_norms
 
 # A loss function gets (logits, labels, batch indices) and returns a scalar loss. One that also
 # has ``slot_gaps(trainer) -> {slot: float}`` (distillation) feeds Observation.distill.
@@ -108,22 +103,19 @@ class Trainer:
         self.events: list[dict[str, Any]] = []
         self.field_reports: list[FieldReport] = []
         self.event_hooks: list[EventHook] = []
-        self.candidates: list[CatalogueEntry] = []
-        self._fits: dict[tuple[str, str], int | None] = {}
-        self._features: dict[str, list[float]] = {}
-        self._table: tuple = ((None,), [], {})  # (candidate hashes, costs, germinations): _candidate_table
+        self.book = CandidateBook(self.catalogue, cfg.blueprints, cfg.controller.max_germinations)
+        self.observer = Observer(self.data, cfg.training.probe_size, cfg.training.signal_every)
         self._births: dict[str, dict[str, Any]] = {}
         self._blend_snapshots: dict[str, optim.HostSnapshot] = {}
         self._host_grad: dict[str, float] = {}
-        self._grad_groups: tuple = (-1,)  # (host version, slots, seeded slots, parameter groups): _measure_grads
-        self._probe_signals: dict[str, dict[str, float]] = {}  # per slot, see _measure_probe
-        self._probe_epoch = -1  # the epoch they were measured at (-1: never)
-        self._probe_events = 0  # len(self.events) then: a transition or rollback since makes them stale
-        self._slot_probe = SlotProbe()  # keeps the kernel fits of slots whose activations did not move
+        # (host version, slots, seeded slots, parameter groups): _measure_grads
+        self._grad_groups: tuple[int, list[SeedSlot], list[SeedSlot], list[list[torch.nn.Parameter]]] = (
+            -1,
+            [],
+            [],
+            [],
+        )
         self._good = optim.RollbackPoint(self.host, self.opt)
-        self.probe_x = self.data.x_val[: cfg.training.probe_size]
-        self.probe_y = self.data.y_val[: cfg.training.probe_size]
-        self._task_features = self.data.features()
         self.refresh_candidates()
         self.remember_good()
 
@@ -176,7 +168,7 @@ class Trainer:
             n = idx.shape[0]
             total += value * n
             n_seen += n
-        with self._eval_mode():  # one switch for every evaluation of the epoch
+        with eval_mode(self.host):  # one switch for every evaluation of the epoch
             val_loss, val_acc = self._evaluate(self.data.x_val, self.data.y_val)
             last_epoch = self.epoch + 1 >= self.cfg.training.epochs
             scored = self.cfg.training.eval_test or last_epoch
@@ -202,17 +194,8 @@ class Trainer:
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
         """Mean cross-entropy and accuracy of the current model on (x, y)."""
-        with self._eval_mode():
+        with eval_mode(self.host):
             return self._evaluate(x, y, chunk)
-
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        """The host in eval mode within, back in train mode after (the mode it trains in)."""
-        self.host.eval()
-        try:
-            yield
-        finally:
-            self.host.train()
 
     @torch.no_grad()
     def _evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
@@ -233,7 +216,8 @@ class Trainer:
             slots = list(self.host.slots.values())
             seeded = [slot for slot in slots if slot.seed is not None]
             params = [list(self.host.consumer(slot).parameters()) for slot in slots]
-            self._grad_groups = (self.host.version, slots, seeded, params + [list(s.seed.parameters()) for s in seeded])
+            params += [list(seed.parameters()) for slot in seeded if (seed := slot.seed) is not None]
+            self._grad_groups = (self.host.version, slots, seeded, params)
         _, slots, seeded, groups = self._grad_groups
         norms = grad_norms(groups)
         for slot, norm in zip(slots, norms[: len(slots)], strict=True):
@@ -276,129 +260,48 @@ class Trainer:
     def _culprit(self) -> SeedSlot | None:
         live = [s for s in self.host.slots.values() if s.stage.is_live]
         for slot in live:  # a seed whose weights went bad is guilty for sure
-            if any(not torch.isfinite(p).all() for p in slot.seed.parameters()):
+            if slot.seed is not None and any(not torch.isfinite(p).all() for p in slot.seed.parameters()):
                 return slot
         # Otherwise the youngest live seed: the most recent change is the likeliest cause.
         return max(live, key=lambda s: self._births[s.name]["step"], default=None)
 
     # ---- decisions -------------------------------------------------------------------------
+    @property
+    def candidates(self) -> list[CatalogueEntry]:
+        """The up to K ready blueprints, in the order observations show them (``order_candidates``)."""
+        return self.book.entries
+
     def refresh_candidates(self) -> None:
         """Poll the catalogue (never blocks) and keep up to K ready blueprints."""
-        self.candidates = self.catalogue.poll()[: self.cfg.blueprints.max_candidates]
+        self.book.refresh()
+
+    def order_candidates(self, key: Callable[[CatalogueEntry], Any]) -> None:
+        """Show the candidates in the order of ``key`` (stable) from now until the next refresh."""
+        self.book.order(key)
 
     def seed_cost(self, entry: CatalogueEntry, slot: SeedSlot) -> int | None:
         """Parameters of ``entry`` in ``slot``, or None when it does not fit (cached)."""
-        key = (entry.content_hash, slot.name)
-        if key not in self._fits:
-            try:
-                check_gate_fits(entry.spec, slot.name, slot.shape)  # a gated blend reads vector slots only
-                self._fits[key] = count_params(entry.spec, slot.shape)
-            except (BlueprintShapeError, GateShapeError):
-                self._fits[key] = None
-        return self._fits[key]
-
-    def _blueprint_features(self, entry: CatalogueEntry) -> list[float]:
-        """``blueprint_features`` of a candidate, cached by content hash (specs are immutable)."""
-        if entry.content_hash not in self._features:
-            self._features[entry.content_hash] = blueprint_features(entry.spec)
-        return self._features[entry.content_hash]
-
-    def _candidate(self, name_or_hash: str | None) -> CatalogueEntry | None:
-        """The ready candidate with this name or content hash, or None."""
-        return next((e for e in self.candidates if name_or_hash in (e.name, e.content_hash)), None)
+        return self.book.seed_cost(entry, slot)
 
     def why_illegal(self, action: ControllerAction) -> str:
         """'' if ``action`` may be applied now, else the reason."""
-        if action.kind is ActionKind.WAIT:
-            return ""
-        if action.slot not in self.host.slots:
-            return f"unknown slot {action.slot!r} (slots: {', '.join(self.host.slots)})"
-        slot = self.host.slots[action.slot]
-        if action.kind is ActionKind.GERMINATE:
-            if not slot.is_open:
-                return f"slot {slot.name} is {slot.stage.name}, not DORMANT"
-            spent = self._budget_spent()
-            if spent:
-                return spent
-            entry = self._candidate(action.blueprint)
-            if entry is None:
-                return f"blueprint {action.blueprint!r} is not among the ready candidates"
-            return self._why_unfit(entry, slot)
-        if action.kind is ActionKind.FOSSILIZE:
-            if slot.stage is not SeedStage.HOLDING:
-                return f"slot {slot.name} is {slot.stage.name}, not HOLDING"
-            return slot.gate(SeedStage.FOSSILIZED)
-        if not slot.stage.is_live:
-            return f"slot {slot.name} has no live seed ({slot.stage.name})"
-        return ""
-
-    def _budget_spent(self) -> str:
-        """Why no germination is allowed any more in this run ('' while the budget lasts)."""
-        budget = self.cfg.controller.max_germinations
-        if budget is not None and self.germinations >= budget:
-            return f"the run's germination budget ({budget}) is spent"
-        return ""
-
-    def _why_unfit(self, entry: CatalogueEntry, slot: SeedSlot) -> str:
-        """Why ``entry`` cannot grow in ``slot`` ('' if it can): its gate, its shape or its size."""
-        try:
-            check_gate_fits(entry.spec, slot.name, slot.shape)
-        except GateShapeError as err:
-            return str(err)
-        cost = self.seed_cost(entry, slot)
-        if cost is None:
-            return f"blueprint {entry.name} ({entry.spec.kind}) does not fit slot {slot.name} {slot.shape}"
-        budget = self.cfg.blueprints.max_seed_params
-        if cost > budget:
-            return f"blueprint {entry.name} costs {cost} params, over the budget {budget}"
-        return ""
-
-    def _candidate_table(self) -> tuple[list[list[int]], dict[str, list[ControllerAction]]]:
-        """For the candidates in their current order: each slot's parameter cost of each (-1 where
-        it does not fit the slot's shape), and per slot the germinations ``_why_unfit`` allows.
-        Kept while the candidates are the same (specs are immutable)."""
-        key = tuple(e.content_hash for e in self.candidates)
-        if key != self._table[0]:
-            costs, germinations = [], {}
-            for slot in self.host.slots.values():
-                costs.append([-1 if (c := self.seed_cost(e, slot)) is None else c for e in self.candidates])
-                germinations[slot.name] = [
-                    ControllerAction.germinate(slot.name, e.name)
-                    for e in self.candidates
-                    if not self._why_unfit(e, slot)
-                ]
-            self._table = (key, costs, germinations)
-        return self._table[1], self._table[2]
+        return self.book.why_illegal(action, self.host.slots, self.germinations)
 
     def legal_actions(self) -> list[ControllerAction]:
-        """Every action ``apply`` accepts right now; WAIT is always first.
-
-        The same checks as ``why_illegal`` (a property test holds them together), with the
-        run-wide germination budget looked at once instead of once per (slot, candidate), and which
-        candidates fit which slot kept while the candidates stay the same (``_candidate_table``).
-        """
-        actions = [ControllerAction.wait()]
-        may_germinate = not self._budget_spent()
-        germinations = self._candidate_table()[1]
-        for slot in self.host.slots.values():
-            if slot.is_open:
-                if may_germinate:
-                    actions.extend(germinations[slot.name])
-            elif slot.stage is SeedStage.HOLDING and not slot.gate(SeedStage.FOSSILIZED):
-                actions.append(ControllerAction.fossilize(slot.name))
-            if slot.stage.is_live:
-                actions.append(ControllerAction.cull(slot.name))
-        return actions
+        """Every action ``apply`` accepts right now; WAIT is always first (``CandidateBook``)."""
+        return self.book.legal_actions(self.host.slots, self.germinations)
 
     def apply(self, action: ControllerAction) -> None:
         """Carry out a controller's decision; EsperError (one line) if it is not legal now."""
         why = self.why_illegal(action)
         if why:
             raise EsperError(f"illegal action {action}: {why}")
+        name = cast(str, action.slot)  # legal and not WAIT: it names one of the host's slots
         if action.kind is ActionKind.GERMINATE:
-            entry = self._candidate(action.blueprint)
+            # The catalogue's own entry: a remote catalogue checks the spec's content hash again here.
+            entry = self.book.resolve(action.blueprint)
             slot = self.host.germinate(
-                action.slot,
+                name,
                 entry.spec,
                 max_params=self.cfg.blueprints.max_seed_params,
                 generator_seed=self.cfg.training.seed * 1_000_003 + self.step,
@@ -406,9 +309,9 @@ class Trainer:
             )
             slot.transition(SeedStage.TRAINING, "joined the optimizer")
         elif action.kind is ActionKind.FOSSILIZE:
-            self.host.slots[action.slot].fossilize("controller")
+            self.host.slots[name].fossilize("controller")
         elif action.kind is ActionKind.CULL:
-            self.host.slots[action.slot].cull("controller")
+            self.host.slots[name].cull("controller")
 
     def apply_decision(self, controller) -> ControllerAction:
         """At a decision point, ask ``controller`` for an action and apply it (else wait)."""
@@ -420,51 +323,30 @@ class Trainer:
         return action
 
     def observe(self) -> Observation:
-        """Global and per-slot telemetry at this decision point."""
-        every = self.cfg.training.signal_every
-        changed = len(self.events) != self._probe_events  # a seed changed stage, or a rollback
-        if self._probe_epoch < 0 or self.epoch - self._probe_epoch >= every or changed:
-            self._measure_probe()
-        counts = self.host.param_count()
-        glob = GlobalTelemetry(
+        """Global and per-slot telemetry at this decision point (``observation.Observer``)."""
+        gaps = getattr(self.loss_fn, "slot_gaps", None)
+        return self.observer.observe(
+            self.host,
             epoch=self.epoch,
             max_epochs=self.cfg.training.epochs,
-            train_loss=self.last.get("train_loss", 0.0),
-            val_loss=self.last.get("val_loss", 0.0),
-            val_accuracy=self.last.get("val_acc", 0.0),
-            best_val_accuracy=self.best_val,
-            plateau_epochs=self.plateau,
-            host_params=counts["host"],
-            seed_params=counts["seeds"],
+            last=self.last,
+            best_val=self.best_val,
+            plateau=self.plateau,
+            events=len(self.events),
+            host_grad=self._host_grad,
+            book=self.book,
+            distill=gaps(self) if gaps is not None else {},
         )
-        slots = [
-            SlotTelemetry(
-                name=slot.name,
-                index=slot.index,
-                stage=slot.stage,
-                alpha=slot.alpha,
-                epochs_in_stage=slot.epochs_in_stage,
-                blueprint=slot.blueprint_name or None,
-                seed_params=slot.seed_params,
-                host_grad_norm=self._host_grad.get(slot.name, 0.0),
-                seed_grad_norm=slot.seed_grad_norm,
-                contribution=slot.contribution,
-                kind=slot.kind,
-                width=slot_channels(slot.shape),
-                **self._probe_signals[slot.name],
-            )
-            for slot in self.host.slots.values()
-        ]
-        params = [list(row) for row in self._candidate_table()[0]]
-        return Observation(
-            glob,
-            slots,
-            candidates=[e.name for e in self.candidates],
-            candidate_features=[self._blueprint_features(e) for e in self.candidates],
-            candidate_params=params,
-            task_features=self._task_features,
-            distill=self.loss_fn.slot_gaps(self) if hasattr(self.loss_fn, "slot_gaps") else {},
-        )
+
+    @property
+    def probe_x(self) -> torch.Tensor:
+        """The probe batch's inputs (the first ``training.probe_size`` validation examples)."""
+        return self.observer.probe_x
+
+    @property
+    def probe_y(self) -> torch.Tensor:
+        """The probe batch's labels."""
+        return self.observer.probe_y
 
     def graft_fossilized(self, slot_name: str, spec) -> None:
         """Put a seed of ``spec`` in ``slot_name`` as already FOSSILIZED (no lifecycle, no events).
@@ -481,23 +363,54 @@ class Trainer:
         optim.add_seed_group(self.opt, slot_name, seed, self.cfg.training.seed_lr)
         self.remember_good()
 
-    def host_context(self) -> HostContext:
-        """The run's static context (``HostContext``), read from the host that is training: its
-        input's kind, whether its blocks convolve (``cnn1d`` / ``cnn2d``) or not (``mlp``), and
-        how many hidden blocks it has. Whatever config or task built the host."""
-        from esper_ray.hosts.transformer import TransformerHost
+    def absorb_fossilized(self, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> int:
+        """Make every fossilized seed part of the host proper and reopen its slot; return how many.
 
-        modules = list(self.host.blocks.modules())
-        if isinstance(self.host, TransformerHost):
-            return HostContext(input_kind="tokens", host_kind="transformer", depth=len(self.host.blocks))
-        kind = (
-            "cnn2d"
-            if any(isinstance(m, torch.nn.Conv2d) for m in modules)
-            else "cnn1d"
-            if any(isinstance(m, torch.nn.Conv1d) for m in modules)
-            else "mlp"
-        )
-        return HostContext(input_kind=slot_kind(self.host.input_shape), host_kind=kind, depth=len(self.host.blocks))
+        Each seed (``wrap(seed)`` if given) moves into the host block before its slot
+        (``MorphoHost.absorb``); its parameters leave their own param group and join the host's
+        (learning rate 0 when the host is frozen), and the slot goes back to DORMANT silently (the
+        network computes the same). Only while no seed is live (a live seed's rollback snapshot
+        has the old architecture): EsperError otherwise. The governor's rollback point is retaken.
+        """
+        if live := [s.name for s in self.host.slots.values() if s.stage.is_live]:
+            raise EsperError(f"cannot absorb fossilized seeds while slot(s) {live} have a live seed")
+        n = 0
+        for slot in self.host.slots.values():
+            if slot.stage is not SeedStage.FOSSILIZED:
+                continue
+            optim.remove_seed_group(self.opt, slot.name)
+            module = self.host.absorb(slot.name, wrap)
+            self.opt.param_groups[0]["params"].extend(module.parameters())
+            n += 1
+        self.remember_good()
+        return n
+
+    def set_seed_lr(self, slot: str, lr: float) -> None:
+        """Set the learning rate of the seed in ``slot`` (its own param group; 0 stops it training
+        while it still computes, e.g. a fossilized seed on a frozen host). EsperError if none."""
+        name = optim.seed_group_name(slot)
+        groups = [g for g in self.opt.param_groups if g.get("name") == name]
+        if not groups:
+            raise EsperError(f"slot {slot} has no seed in the optimizer")
+        for group in groups:
+            group["lr"] = lr
+
+    def set_task(self, data: TaskData) -> None:
+        """Train on ``data`` from now on (continual learning: a new task of the same input shape and
+        classes). The probe batch and task features follow it; the run's best and last metrics and
+        its plateau count start again. The host, seeds, optimizer and counters stay."""
+        if data.input_shape != self.data.input_shape or data.num_classes != self.data.num_classes:
+            raise EsperError(
+                f"task {data.name} ({data.input_shape}, {data.num_classes} classes) does not fit this host "
+                f"({self.data.input_shape}, {self.data.num_classes} classes)"
+            )
+        self.data = on_device(data, self.device)
+        self.observer.set_task(self.data)
+        self.best_val, self.plateau, self.last = 0.0, 0, {}
+
+    def host_context(self) -> HostContext:
+        """The run's static context, read from the host that is training (``observation.host_context``)."""
+        return host_context(self.host)
 
     def trial_candidates(
         self, candidates: list[tuple[str, str]], steps: int, seed_lr_scale: float = 1.0
@@ -513,8 +426,8 @@ class Trainer:
         plans = []
         for slot_name, name in candidates:
             target = self.host.slot(slot_name)
-            entry = self._candidate(name)
-            if not target.is_open or entry is None or self._why_unfit(entry, target):
+            entry = self.book.find(name)
+            if not target.is_open or entry is None or self.book.why_unfit(entry, target):
                 raise EsperError(f"trial: {name!r} in slot {slot_name} is not a germination allowed now")
             plans.append((target, entry))
         gen = torch.Generator().manual_seed(self.cfg.training.seed * 7919 + self.epoch)
@@ -573,50 +486,12 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        with self._eval_mode(), torch.no_grad():
+        with eval_mode(self.host), torch.no_grad():
             total = 0.0
             for i in range(0, len(self.data.x_val), 4096):
                 logits, labels = forward(self.data.x_val[i : i + 4096]), self.data.y_val[i : i + 4096]
                 total += float(torch.logsumexp(logits, -1).sum() - logits.gather(-1, labels[..., None]).sum())
         return total / self.data.y_val.numel()
-
-    def _measure_probe(self) -> None:
-        """Per slot, the probe-batch signals of SlotTelemetry: activation statistics, gradient RMS,
-        ``grad_predictability`` and the downstream ``grad_deficit`` (``telemetry.SlotProbe``).
-
-        The costly part of a decision point (~5.3 ms for three 64-wide slots on one CPU thread,
-        a quarter of a 19 ms MNIST-1D epoch; ~1.9 ms on a frozen host, whose fits are kept), so
-        ``training.signal_every`` > 1 reuses them for up to that many epochs: they are measured
-        at the first observation, whenever ``signal_every`` epochs have passed, and at once
-        after any lifecycle transition or rollback (the network changed, so they would be
-        stale exactly when a decision is likeliest to depend on them). Deterministic, and a
-        checkpoint carries them.
-        """
-        acts, grads = self._probe()
-        signals = self._slot_probe.measure(acts, grads)
-        scale = len(self.probe_x)
-        self._probe_signals = {
-            name: {"grad_rms": float(grads[name].square().mean().sqrt()) * scale, **signals[name]}
-            for name in self.host.slots
-        }
-        self._probe_epoch = self.epoch
-        self._probe_events = len(self.events)
-
-    def _probe(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Each slot's input activation on the probe batch, and the loss gradient there."""
-        self.host.eval()
-        x = self.probe_x.clone().requires_grad_(True)
-        logits, acts = self.host.forward_with_activations(x)
-        loss = F.cross_entropy(logits.flatten(0, -2), self.probe_y.flatten())  # also (B, T, classes) logits
-        names = list(acts)
-        grads = torch.autograd.grad(loss, [acts[n] for n in names], allow_unused=True)
-        self.host.train()
-        out_acts = {n: a.detach() for n, a in acts.items()}
-        out_grads = {n: torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads, strict=True)}
-        for n in names:  # the probe reads (B, C, *positions); a token slot's (B, T, D) is channels last
-            if self.host.slots[n].kind == "tokens":
-                out_acts[n], out_grads[n] = out_acts[n].transpose(1, 2), out_grads[n].transpose(1, 2)
-        return out_acts, out_grads
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def end_epoch(self, action: ControllerAction) -> dict[str, Any]:
@@ -637,6 +512,46 @@ class Trainer:
         self.remember_good()
         return row
 
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The run's own state beyond the model's and optimizer's tensors and the RNGs: counters,
+        metrics and event logs, each live seed's birth record, the telemetry the next observation
+        reads, the governor's state, and under ``blend_snapshots`` the host snapshot each blending
+        seed would restore if culled (``optim.HostSnapshot``; everything else is JSON-able).
+        ``load_state_dict`` takes it back; ``tolaria.checkpoint`` writes it to disk."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_val": self.best_val,
+            "plateau": self.plateau,
+            "last": self.last,
+            "history": self.history,
+            "events": self.events,
+            "field_reports": [asdict(r) for r in self.field_reports],
+            "births": self._births,
+            "host_grad": self._host_grad,
+            **self.observer.state_dict(),
+            "governor": self.governor.state_dict(),
+            "blend_snapshots": dict(self._blend_snapshots),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Back to the state of ``state_dict`` (the host's seeds, weights and the optimizer already
+        restored), then keep it as the governor's rollback point. The probe fields may be missing
+        (older checkpoints): the signals are then measured at the next observation."""
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_val, self.plateau = state["best_val"], state["plateau"]
+        self.last = state["last"]
+        self.history = state["history"]
+        self.events = state["events"]
+        self.field_reports = [FieldReport(**r) for r in state["field_reports"]]
+        self._births = state["births"]
+        self._host_grad = state["host_grad"]
+        self.observer.load_state_dict(state, len(self.events))
+        self.governor.load_state_dict(state["governor"])
+        self._blend_snapshots = dict(state.get("blend_snapshots", {}))
+        self.remember_good()
+
     @property
     def done(self) -> bool:
         return self.epoch >= self.cfg.training.epochs
@@ -649,7 +564,7 @@ class Trainer:
 
     def _on_transition(self, slot: SeedSlot, t: Transition) -> None:
         name = slot.name
-        if t.new is SeedStage.GERMINATED:
+        if t.new is SeedStage.GERMINATED and slot.seed is not None:  # a germinated slot holds its seed
             optim.add_seed_group(self.opt, name, slot.seed, self.cfg.training.seed_lr)
             self._births[name] = {
                 "epoch": self.epoch,
