@@ -23,10 +23,8 @@ runs (reinstall with ``pip install -e .`` to fix that).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-from actors.client import ACTOR_NAMES, KARN, TEZZERET, URABRASK, URZA, Peer  # noqa: E402
+# Ray's usage statistics are turned off where the project starts Ray (esper_ray.cluster.ensure_ray),
+# not as a side effect of importing this package.
+from actors.client import ACTOR_NAMES, KARN, TEZZERET, URABRASK, URZA, Peer
 
 __all__ = ["ACTOR_NAMES", "KARN", "Peer", "TEZZERET", "URABRASK", "URZA"]

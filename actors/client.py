@@ -21,7 +21,6 @@ and the driver-side metrics: ``record_germination()`` and ``record_accuracy(acc)
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -34,9 +33,8 @@ from ray.exceptions import RayActorError, RayError
 
 from esper_ray.blueprints import BlueprintSpec, CatalogueEntry
 from esper_ray.blueprints.catalogue import resolve_in
-from esper_ray.contracts import BenchmarkReport, EsperError, FieldReport
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from esper_ray.contracts import CatalogueRow, EsperError, FieldReport
+from esper_ray.util import error_line
 
 log = logging.getLogger("esper_ray.actors.client")
 
@@ -102,16 +100,15 @@ REFRESH_EVERY_S = 1.0
 RECONNECT_EVERY_S = 1.0
 
 
-def entry_from_dict(row: dict[str, Any]) -> CatalogueEntry | None:
+def entry_from_row(row: CatalogueRow) -> CatalogueEntry | None:
     """A CatalogueEntry from one of Urza's catalogue rows; None if its hash does not check out."""
     try:
-        spec = BlueprintSpec.from_json(row["spec_json"])
+        spec = BlueprintSpec.from_json(row.spec_json)
     except ValidationError:
         return None
-    if spec.content_hash != row["content_hash"] or row["report"]["blueprint_hash"] != spec.content_hash:
+    if spec.content_hash != row.content_hash or row.report.blueprint_hash != spec.content_hash:
         return None
-    report = BenchmarkReport(**row["report"])
-    return CatalogueEntry(spec, report) if report.passed else None
+    return CatalogueEntry(spec, row.report) if row.report.passed else None
 
 
 @dataclass
@@ -202,26 +199,26 @@ class UrzaCatalogue:
         try:
             version, rows = ray.get(ready[0])  # ready: this does not wait
         except RayActorError as err:
-            self._note(f"Urza died: {_first_line(err)}")
+            self._note(f"Urza died: {error_line(err)}")
             self._lost = True
             return
         except RayError as err:
-            self._note(f"catalogue request failed: {_first_line(err)}")
+            self._note(f"catalogue request failed: {error_line(err)}")
             return
         self.stats.answers += 1
         if rows is not None:
             self._install(version, rows)
 
-    def _install(self, version: int, rows: list[dict[str, Any]]) -> None:
+    def _install(self, version: int, rows: list[CatalogueRow]) -> None:
         entries, claimed = [], {}
         for row in rows:
-            entry = entry_from_dict(row)
+            entry = entry_from_row(row)
             if entry is None:
                 self.stats.refused += 1
-                log.error("refusing catalogue row %s: hash or report does not match", row.get("content_hash"))
+                log.error("refusing catalogue row %s: hash or report does not match", row.content_hash)
             elif entry.name not in claimed:  # names are how controllers pick: first one wins
                 entries.append(entry)
-                claimed[entry.name] = row["content_hash"]
+                claimed[entry.name] = row.content_hash
         self.version, self.entries, self._claimed = version, entries, claimed
         self.stats.updates += 1
 
@@ -284,11 +281,6 @@ class UrzaCatalogue:
     @staticmethod
     def record_accuracy(accuracy: float) -> None:
         record_accuracy(accuracy)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ---- driver metrics (created on first use, once per process) ---------------------------------------

@@ -25,11 +25,10 @@ from __future__ import annotations
 import importlib
 import logging
 import queue
-import re
 import threading
 import time
 from collections import Counter as Tally
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -43,6 +42,9 @@ from actors.urabrask import actor_device
 from actors.urza import COMPILED, PENDING, raw_key
 from esper_ray.blueprints import BlueprintShapeError, BlueprintSpec, build_seed, check_contract, count_params
 from esper_ray.config import ActorsConfig, BlueprintsConfig, format_validation_error
+from esper_ray.contracts import BlueprintStatus, CompileInfo, CompileMode, RejectionStage
+from esper_ray.util import error_line
+from esper_ray.util import one_line as _escaped
 
 log = logging.getLogger("esper_ray.actors.tezzeret")
 
@@ -70,7 +72,7 @@ class Validation:
     ok: bool
     key: str  # the content hash when the spec parsed (and any stated hash matched), else a raw key
     reason: str = ""
-    stage: str = ""  # where it failed: "parse" | "hash" | "contract"
+    stage: str = ""  # where it failed: RejectionStage.PARSE | HASH | CONTRACT
     spec: BlueprintSpec | None = None
     shapes: tuple[tuple[int, ...], ...] = ()  # reference shapes it fits (and passes) in
     params: int = 0  # the most parameters it has in any of them
@@ -78,9 +80,8 @@ class Validation:
 
 def one_line(reason: str) -> str:
     """A reason safe to log and store: control characters escaped (a submitter chose part of
-    the text, e.g. a field name with a newline in it), and not too long."""
-    escaped = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], reason)
-    return escaped if len(escaped) <= MAX_REASON_CHARS else escaped[: MAX_REASON_CHARS - 3] + "..."
+    the text, e.g. a field name with a newline in it), and at most MAX_REASON_CHARS long."""
+    return _escaped(reason, MAX_REASON_CHARS)
 
 
 def parse_spec(text: Any, expected_hash: str | None = None) -> Validation:
@@ -92,20 +93,20 @@ def parse_spec(text: Any, expected_hash: str | None = None) -> Validation:
 def _parse(text: Any, expected_hash: str | None) -> Validation:
     if not isinstance(text, str):
         shown = repr(text)[:MAX_STORED_CHARS]
-        return Validation(False, raw_key(shown), f"a spec must be JSON text, got {type(text).__name__}", "parse")
+        reason = f"a spec must be JSON text, got {type(text).__name__}"
+        return Validation(False, raw_key(shown), reason, RejectionStage.PARSE)
     if len(text) > MAX_SPEC_CHARS:
-        return Validation(
-            False, raw_key(text), f"spec text is {len(text):,} characters, over {MAX_SPEC_CHARS:,}", "parse"
-        )
+        reason = f"spec text is {len(text):,} characters, over {MAX_SPEC_CHARS:,}"
+        return Validation(False, raw_key(text), reason, RejectionStage.PARSE)
     try:
         spec = BlueprintSpec.from_json(text)
     except ValidationError as err:
-        return Validation(False, raw_key(text), format_validation_error(err, "spec"), "parse")
+        return Validation(False, raw_key(text), format_validation_error(err, "spec"), RejectionStage.PARSE)
     except (ValueError, RecursionError) as err:  # belt and braces: pydantic reports nearly all as above
-        return Validation(False, raw_key(text), f"spec: {type(err).__name__}: {err}", "parse")
+        return Validation(False, raw_key(text), f"spec: {type(err).__name__}: {err}", RejectionStage.PARSE)
     if expected_hash is not None and expected_hash != spec.content_hash:
         reason = f"stated hash {str(expected_hash)[:12]!r} is not the spec's content hash {spec.short_hash}"
-        return Validation(False, raw_key(text), reason, "hash")
+        return Validation(False, raw_key(text), reason, RejectionStage.HASH)
     return Validation(True, spec.content_hash, spec=spec)
 
 
@@ -147,12 +148,11 @@ def validate_spec(text: Any, *, expected_hash: str | None = None, max_params: in
 
 
 def _contract_failure(spec: BlueprintSpec, reason: str) -> Validation:
-    return Validation(False, spec.content_hash, one_line(reason), "contract", spec=spec)
+    return Validation(False, spec.content_hash, one_line(reason), RejectionStage.CONTRACT, spec=spec)
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return one_line(text.splitlines()[0] if text else type(err).__name__)
+    return one_line(error_line(err))
 
 
 # ---- building and compiling (no Ray) ---------------------------------------------------------------
@@ -160,18 +160,6 @@ def template_bytes(spec: BlueprintSpec, slot_shape: tuple[int, ...]) -> bytes:
     """The seed's birth weights for ``slot_shape`` (fixed generator seed) as safetensors bytes."""
     seed = build_seed(spec, slot_shape, generator_seed=0)
     return safetensors.torch.save({k: v.contiguous() for k, v in seed.state_dict().items()})
-
-
-@dataclass(frozen=True)
-class CompileInfo:
-    """How a blueprint compiled: mode "compiled" or "eager" (with why), and the seconds it took."""
-
-    mode: str
-    seconds: float
-    error: str = ""
-    # torch.compile's cache artifacts (torch.compiler.save_cache_artifacts): what compiling
-    # produced, kept by Urza so another process can warm its compile caches from it.
-    artifacts: bytes = b""
 
 
 def compile_seed(
@@ -185,7 +173,7 @@ def compile_seed(
     compiles and what it costs.
     """
     if not enabled:
-        return CompileInfo("eager", 0.0, "compile disabled by config")
+        return CompileInfo(CompileMode.EAGER, 0.0, "compile disabled by config")
     start = time.perf_counter()
     try:
         torch._dynamo.reset()  # otherwise every SeedModule shares one cache and hits its size limit
@@ -199,11 +187,11 @@ def compile_seed(
         with torch.no_grad():
             expected = seed(h)
         if not torch.allclose(out.detach(), expected, rtol=1e-4, atol=1e-5):
-            return CompileInfo("eager", time.perf_counter() - start, "compiled output differs from eager")
+            return CompileInfo(CompileMode.EAGER, time.perf_counter() - start, "compiled output differs from eager")
         saved = torch.compiler.save_cache_artifacts()
     except Exception as err:  # inductor, a missing compiler, an op it cannot trace...
-        return CompileInfo("eager", time.perf_counter() - start, f"compile failed: {_first_line(err)}")
-    return CompileInfo("compiled", time.perf_counter() - start, artifacts=saved[0] if saved else b"")
+        return CompileInfo(CompileMode.EAGER, time.perf_counter() - start, f"compile failed: {_first_line(err)}")
+    return CompileInfo(CompileMode.COMPILED, time.perf_counter() - start, artifacts=saved[0] if saved else b"")
 
 
 # ---- the actor --------------------------------------------------------------------------------------
@@ -364,13 +352,13 @@ class Tezzeret:
                     key,
                     spec_json,
                     f"gave up after {MAX_ATTEMPTS} failed attempts: {_first_line(err)}",
-                    "internal",
+                    RejectionStage.INTERNAL,
                 )
             else:  # still pending in Urza: the next resync queues it again
                 log.warning("peer failed on %s (%s); will retry", key[:12], _first_line(err))
         except Exception as err:  # a bug this spec triggered: reject it, keep the actor alive
             log.exception("processing %s failed", key[:12])
-            self._reject(key, spec_json, f"internal error: {_first_line(err)}", "internal")
+            self._reject(key, spec_json, f"internal error: {_first_line(err)}", RejectionStage.INTERNAL)
 
     def _process(self, key: str, spec_json: str) -> None:
         verdict = validate_spec(spec_json, max_params=self.max_params)
@@ -379,13 +367,13 @@ class Tezzeret:
             return
         spec, shape = verdict.spec, verdict.shapes[0]
         template = template_bytes(spec, shape)
-        info = asdict(self._compile_stage(spec, shape))
-        self._urza.call("mark_compiled", key, {k: v for k, v in info.items() if k != "artifacts"})
+        info = self._compile_stage(spec, shape)
+        self._urza.call("mark_compiled", key, info.without_artifacts())
         report = self._urabrask.call("benchmark", spec.to_json(), shape, timeout=600)
         status = self._urza.call("complete", spec.to_json(), template, shape, info, report)
         self._counts[status] += 1
-        if status == "rejected":  # judged high risk by Urabrask
-            self._rejections.inc(1, tags={"stage": "benchmark"})
+        if status == BlueprintStatus.REJECTED:  # judged high risk by Urabrask
+            self._rejections.inc(1, tags={"stage": RejectionStage.BENCHMARK.value})
 
     def _compile_stage(self, spec: BlueprintSpec, shape: tuple[int, ...]) -> CompileInfo:
         started = time.perf_counter()
@@ -396,13 +384,13 @@ class Tezzeret:
             self._stop.wait(self.slow_compile_s)
         info = replace(info, seconds=time.perf_counter() - started)
         self._counts[f"mode_{info.mode}"] += 1
-        self._compiles.inc(1, tags={"mode": info.mode})
+        self._compiles.inc(1, tags={"mode": str(info.mode)})
         self._compile_seconds.observe(info.seconds)
         return info
 
     def _reject(self, key: str, spec_json: str, reason: str, stage: str) -> None:
         self._counts["rejected"] += 1
-        self._rejections.inc(1, tags={"stage": stage})
+        self._rejections.inc(1, tags={"stage": str(stage)})  # a plain str for Ray's metrics
         try:
             self._urza.call("reject", key, spec_json, reason, stage)
         except Exception as err:  # the verdict stands even if Urza cannot hear it now

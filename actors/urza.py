@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -49,11 +48,25 @@ import ray
 from pydantic import ValidationError
 
 from esper_ray.blueprints import STANDARD_BLUEPRINTS, BlueprintSpec
-from esper_ray.contracts import BenchmarkReport, EsperError, FieldReport
+from esper_ray.contracts import (
+    BenchmarkReport,
+    BlueprintStatus,
+    CatalogueRow,
+    CompileInfo,
+    EsperError,
+    FieldReport,
+    RejectionStage,
+)
+from esper_ray.util import atomic_write_bytes
 
 log = logging.getLogger("esper_ray.actors.urza")
 
-PENDING, COMPILED, READY, REJECTED = "pending", "compiled", "ready", "rejected"
+PENDING, COMPILED, READY, REJECTED = (
+    BlueprintStatus.PENDING,
+    BlueprintStatus.COMPILED,
+    BlueprintStatus.READY,
+    BlueprintStatus.REJECTED,
+)
 STATUSES = (PENDING, COMPILED, READY, REJECTED)
 RAW_PREFIX = "raw:"  # key of a submission that never parsed: hash of its text, not of a spec
 
@@ -169,14 +182,7 @@ def verified_hash(spec_json: str) -> str:
     return parse(spec_json).content_hash
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+atomic_write = atomic_write_bytes  # readers see the old file or the new one, never half
 
 
 def _parquet_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
@@ -239,7 +245,7 @@ class UrzaLibrary:
         if problem:
             self.refused.append(f"{entry.key[:12]}: {problem}")
             log.warning("refusing stored entry %s: %s", entry.key[:12], problem)
-            entry.status, entry.reason, entry.stage = REJECTED, f"refused on load: {problem}", "storage"
+            entry.status, entry.reason, entry.stage = REJECTED, f"refused on load: {problem}", RejectionStage.STORAGE
         elif entry.status == COMPILED:
             # Compiled but never benchmarked: the work was lost with the process, do it again.
             entry.status = PENDING
@@ -296,6 +302,8 @@ class UrzaLibrary:
             spec = parse(spec_json)
             entry.name, entry.kind, entry.origin = spec.name, spec.kind, spec.origin
         entry.status, entry.reason, entry.stage, entry.updated_at = REJECTED, reason, stage, time.time()
+        if not key.startswith(RAW_PREFIX):
+            self._discard_files(entry)
         self.entries[key] = entry
         self._forget_old_raw_rejections()
         self._save_catalogue()
@@ -303,12 +311,18 @@ class UrzaLibrary:
             self._set_version(self.version + 1)
         return entry
 
+    def _discard_files(self, entry: Entry) -> None:
+        """Remove a no-longer-ready entry's template and compiled artifacts: nothing serves them."""
+        for path in (self._template_path(entry.key), self._compiled_path(entry.key)):
+            path.unlink(missing_ok=True)
+        entry.template_sha256 = entry.compiled_sha256 = ""
+
     def _forget_old_raw_rejections(self) -> None:
         raw = [k for k in self.entries if k.startswith(RAW_PREFIX)]  # dicts keep insertion order
         for key in raw[: max(0, len(raw) - MAX_RAW_REJECTIONS)]:
             del self.entries[key]
 
-    def mark_compiled(self, key: str, compile_info: dict[str, Any]) -> None:
+    def mark_compiled(self, key: str, compile_info: CompileInfo) -> None:
         """Note that ``key`` compiled (still waiting for its benchmark)."""
         entry = self.entries[key]
         entry.status, entry.updated_at = COMPILED, time.time()
@@ -316,10 +330,11 @@ class UrzaLibrary:
         self._save_catalogue()
 
     @staticmethod
-    def _apply_compile_info(entry: Entry, info: dict[str, Any]) -> None:
-        entry.compile_mode = str(info.get("mode", ""))
-        entry.compile_seconds = float(info.get("seconds", 0.0))
-        entry.compile_error = str(info.get("error", ""))
+    def _apply_compile_info(entry: Entry, info: CompileInfo) -> None:
+        # The storage edge: the record becomes plain columns of the catalogue table.
+        entry.compile_mode = str(info.mode)
+        entry.compile_seconds = float(info.seconds)
+        entry.compile_error = str(info.error)
 
     def complete(
         self,
@@ -327,7 +342,7 @@ class UrzaLibrary:
         *,
         template: bytes,
         slot_shape: tuple[int, ...],
-        compile_info: dict[str, Any],
+        compile_info: CompileInfo,
         report: BenchmarkReport,
     ) -> Entry:
         """Record a benchmarked blueprint: ready if Urabrask passed it, else rejected."""
@@ -343,13 +358,14 @@ class UrzaLibrary:
         if report.passed:
             atomic_write(self._template_path(key), template)
             entry.template_sha256 = hashlib.sha256(template).hexdigest()
-            artifacts = compile_info.get("artifacts") or b""
+            artifacts = compile_info.artifacts
             if artifacts:
                 atomic_write(self._compiled_path(key), artifacts)
                 entry.compiled_sha256 = hashlib.sha256(artifacts).hexdigest()
             entry.status, entry.reason, entry.stage = READY, "", ""
         else:
-            entry.status, entry.reason, entry.stage = REJECTED, report.reason, "benchmark"
+            entry.status, entry.reason, entry.stage = REJECTED, report.reason, RejectionStage.BENCHMARK
+            self._discard_files(entry)
         self.entries[key] = entry
         self._save_catalogue()
         if was_ready != (entry.status == READY):
@@ -377,17 +393,12 @@ class UrzaLibrary:
                 log.error("not serving %s: its spec does not hash to its key", entry.key[:12])
         return out
 
-    def catalogue(self) -> list[dict[str, Any]]:
-        """The ready entries as plain dicts: spec_json, content_hash, report (dict), compile info."""
+    def catalogue(self) -> list[CatalogueRow]:
+        """The ready entries as served to clients: spec, content hash, report and compile info."""
         return [
-            {
-                "spec_json": e.spec_json,
-                "content_hash": e.key,
-                "report": asdict(e.report) if e.report is not None else None,
-                "compile_mode": e.compile_mode,
-                "compile_seconds": e.compile_seconds,
-            }
+            CatalogueRow(e.spec_json, e.key, e.report, e.compile_mode, e.compile_seconds)
             for e in self.ready()
+            if e.report is not None  # a ready entry always has one: Urabrask passed it
         ]
 
     def template_bytes(self, key: str) -> bytes:
@@ -513,7 +524,7 @@ class Urza:
         with self._lock:
             return self._lib.pending_specs()
 
-    def mark_compiled(self, key: str, compile_info: dict[str, Any]) -> None:
+    def mark_compiled(self, key: str, compile_info: CompileInfo) -> None:
         with self._lock:
             if key in self._lib.entries:
                 self._lib.mark_compiled(key, compile_info)
@@ -537,7 +548,7 @@ class Urza:
         spec_json: str,
         template: bytes,
         slot_shape: tuple[int, ...],
-        compile_info: dict[str, Any],
+        compile_info: CompileInfo,
         report: BenchmarkReport,
     ) -> str:
         """Record a benchmarked blueprint; returns its status ("refused" if the hash check failed)."""
@@ -567,14 +578,14 @@ class Urza:
         """Changes whenever the set of ready blueprints changes (and on every reload)."""
         return self._lib.version
 
-    def catalogue(self) -> tuple[int, list[dict[str, Any]]]:
-        """(version, ready entries): spec_json, content_hash, report (dict), compile info."""
+    def catalogue(self) -> tuple[int, list[CatalogueRow]]:
+        """(version, ready entries): spec_json, content_hash, report, compile info."""
         with self._lock:
             self._last_demand = time.monotonic()
             self._counts["served"] += 1
             return self._lib.version, self._lib.catalogue()
 
-    def catalogue_if_newer(self, known_version: int) -> tuple[int, list[dict[str, Any]] | None]:
+    def catalogue_if_newer(self, known_version: int) -> tuple[int, list[CatalogueRow] | None]:
         """Like ``catalogue`` but None instead of the entries when ``known_version`` is current."""
         with self._lock:
             self._last_demand = time.monotonic()
@@ -600,7 +611,6 @@ class Urza:
         """
         refs = self._refs(key)
         return refs[0] if refs is not None else None
-
 
     def entry(self, key: str) -> dict[str, Any] | None:
         """One entry as plain data (status, reason, compile info, report), or None."""

@@ -9,8 +9,9 @@ turn into Parquet rows with ``dataclasses.asdict``.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 
 class EsperError(Exception):
@@ -265,3 +266,136 @@ class TrialResult:
         """Per (slot, blueprint), the share of the control's validation loss the seed removed."""
         base = max(self.control_loss, 1e-12)
         return {key: (self.control_loss - loss) / base for key, loss in self.losses.items()}
+
+
+# ---- kinds and statuses compared as strings across parts ------------------------------------------
+# StrEnum members equal their values ("ready" == BlueprintStatus.READY) and serialise as them in
+# JSON and Parquet, so files written before these types existed still load unchanged. (yaml.safe_dump
+# refuses str subclasses: write ``str(member)`` where one could reach YAML.)
+
+
+class EventKind(enum.StrEnum):
+    """What happened in a run's event log and lineage ledger (``LineageEvent.kind``)."""
+
+    GERMINATE = "germinate"
+    TRANSITION = "transition"
+    FOSSILIZE = "fossilize"
+    CULL = "cull"
+    ROLLBACK = "rollback"
+    INIT = "init"
+    CHECKPOINT = "checkpoint"
+    RESUME = "resume"
+
+
+class SeedOutcome(enum.StrEnum):
+    """How a seed ended (``FieldReport.outcome``)."""
+
+    FOSSILIZED = "fossilized"
+    CULLED = "culled"
+
+
+class BlueprintStatus(enum.StrEnum):
+    """Where a blueprint is in the pipeline: ``pending`` -> ``compiled`` -> ``ready`` | ``rejected``."""
+
+    PENDING = "pending"
+    COMPILED = "compiled"
+    READY = "ready"
+    REJECTED = "rejected"
+
+
+class RejectionStage(enum.StrEnum):
+    """Where a blueprint (or a submission that never parsed) was rejected."""
+
+    PARSE = "parse"
+    HASH = "hash"
+    CONTRACT = "contract"
+    COMPILE = "compile"
+    BENCHMARK = "benchmark"
+    INTERNAL = "internal"
+    STORAGE = "storage"
+
+
+class CompileMode(enum.StrEnum):
+    """How Tezzeret ran a blueprint: ``torch.compile``'d, or eagerly (compile off, failed or disagreed)."""
+
+    COMPILED = "compiled"
+    EAGER = "eager"
+
+
+class ControllerKind(enum.StrEnum):
+    """The controllers a run or an evaluation can name (``ControllerConfig.kind``)."""
+
+    STATIC = "static"
+    RANDOM = "random"
+    HEURISTIC = "heuristic"
+    TRIAL = "trial"
+    FIXED = "fixed"
+    BEST_FIXED = "best-fixed"
+    REPLAY = "replay"
+    POLICY = "policy"
+
+
+# ---- the blueprint pipeline's records ---------------------------------------------------------------
+@dataclass(frozen=True)
+class CompileInfo:
+    """How a blueprint compiled: mode ``compiled`` or ``eager`` (with why), and the seconds it took."""
+
+    mode: CompileMode | str
+    seconds: float
+    error: str = ""
+    # torch.compile's cache artifacts (torch.compiler.save_cache_artifacts): what compiling
+    # produced, kept by Urza so another process can warm its compile caches from it.
+    artifacts: bytes = b""
+
+    def without_artifacts(self) -> CompileInfo:
+        """The same record without the (possibly large) artifacts: what a progress note carries."""
+        return CompileInfo(self.mode, self.seconds, self.error)
+
+
+@dataclass(frozen=True)
+class CatalogueRow:
+    """One ready blueprint as Urza serves it to clients: the spec as JSON, the content hash Urza
+    vouches for, Urabrask's report and how it compiled. Clients re-check the hash themselves."""
+
+    spec_json: str
+    content_hash: str
+    report: BenchmarkReport
+    compile_mode: str = ""
+    compile_seconds: float = 0.0
+
+
+# ---- optional collaborators --------------------------------------------------------------------------
+@runtime_checkable
+class AccuracySink(Protocol):
+    """Takes the host's validation accuracy after every epoch (a metrics gauge, say)."""
+
+    def record_accuracy(self, accuracy: float) -> None: ...
+
+
+@runtime_checkable
+class GerminationSink(Protocol):
+    """Counts germinations as they happen."""
+
+    def record_germination(self, blueprint: str = "") -> None: ...
+
+
+@runtime_checkable
+class FieldReportSink(Protocol):
+    """Takes a run's field reports when it ends (Urza and Karn, in the pipeline)."""
+
+    def send_field_reports(self, reports: Iterable[FieldReport]) -> None: ...
+
+
+# ---- the environment's per-step info ----------------------------------------------------------------
+class EnvInfo(TypedDict):
+    """The ``info`` dict ``esper/Morphogenesis-v0`` returns from ``reset`` and ``step``."""
+
+    task: str  # the task's name (TaskData.name)
+    epoch: int
+    val_acc: float
+    test_acc: float | None  # scored once, when the episode ends; None before
+    start_val_acc: float  # validation accuracy after the warm-up epochs
+    seed_params: int  # parameters in seeds now
+    actions: int  # non-wait actions taken so far
+    germinated_slots: list[str]  # slots germinated in, in order (a slot may repeat)
+    ground_truth_slot: str  # the slot a task with a planted bottleneck needs ("" for others)

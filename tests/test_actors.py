@@ -27,7 +27,7 @@ from actors.urabrask import measure, risk_band
 from actors.urza import PENDING, READY, REJECTED, UrzaLibrary
 from esper_ray.blueprints import STANDARD_BLUEPRINTS, BlueprintSpec, build_seed
 from esper_ray.config import ActorResources, ActorsConfig
-from esper_ray.contracts import BenchmarkReport, EsperError, FieldReport
+from esper_ray.contracts import BenchmarkReport, CatalogueRow, CompileInfo, CompileMode, EsperError, FieldReport
 
 # ---- specs used throughout ------------------------------------------------------------------------
 BASE = {name: spec.model_dump(mode="json") for name, spec in STANDARD_BLUEPRINTS.items()}
@@ -257,14 +257,20 @@ def test_library_persists_and_refuses_tampering(tmp_path) -> None:
     v0 = lib.version
     for spec in specs:
         template = safetensors.torch.save(build_seed(spec, (64,), generator_seed=0).state_dict())
-        info = {"mode": "eager", "seconds": 0.0, "error": "compile disabled by config"}
+        info = CompileInfo(CompileMode.EAGER, 0.0, "compile disabled by config")
         entry = lib.complete(
             spec.to_json(), template=template, slot_shape=(64,), compile_info=info, report=_report_for(spec)
         )
         assert entry.status == READY
     assert lib.version > v0 and lib.pending_specs() == []
     with pytest.raises(EsperError, match="refused"):  # a report for another spec is refused
-        lib.complete(specs[0].to_json(), template=b"", slot_shape=(64,), compile_info={}, report=_report_for(specs[1]))
+        lib.complete(
+            specs[0].to_json(),
+            template=b"",
+            slot_shape=(64,),
+            compile_info=CompileInfo(CompileMode.EAGER, 0.0),
+            report=_report_for(specs[1]),
+        )
     lib.add_field_reports([_field_report(specs[1], "run1", 0.05)])
 
     again = UrzaLibrary(tmp_path)  # a restarted Urza
@@ -285,9 +291,33 @@ def test_library_persists_and_refuses_tampering(tmp_path) -> None:
         tmp_path / "catalogue.parquet",
     )
     tampered = UrzaLibrary(tmp_path)
-    assert [e["content_hash"] for e in tampered.catalogue()] == [specs[1].content_hash]
+    assert [e.content_hash for e in tampered.catalogue()] == [specs[1].content_hash]
     assert tampered.entries[specs[0].content_hash].status == REJECTED
     assert tampered.refused
+
+
+def test_rejecting_a_ready_blueprint_removes_its_files(tmp_path) -> None:
+    """A rejected blueprint leaves no template or compiled artifacts behind, on disk or in a reload."""
+    lib = UrzaLibrary(tmp_path)
+    spec = STANDARD_BLUEPRINTS["lowrank"]
+    template = safetensors.torch.save(build_seed(spec, (64,), generator_seed=0).state_dict())
+    info = CompileInfo(CompileMode.COMPILED, 1.5, artifacts=b"compiled cache bytes")
+    lib.complete(spec.to_json(), template=template, slot_shape=(64,), compile_info=info, report=_report_for(spec))
+    key = spec.content_hash
+    stored = sorted(p.name for p in (tmp_path / "templates").iterdir())
+    assert stored == [f"{key}.compiled", f"{key}.safetensors"]
+    assert lib.compiled_bytes(key) == b"compiled cache bytes"
+    row = lib.catalogue()[0]
+    assert isinstance(row, CatalogueRow) and (row.compile_mode, row.compile_seconds) == ("compiled", 1.5)
+    assert lib.entries[key].compile_mode == "compiled"  # stored as a plain column
+
+    version = lib.version
+    entry = lib.reject(key, spec.to_json(), "withdrawn", "benchmark")
+    assert entry.status == REJECTED and lib.version == version + 1
+    assert list((tmp_path / "templates").iterdir()) == []
+    assert lib.compiled_bytes(key) == b"" and lib.catalogue() == []
+    again = UrzaLibrary(tmp_path)
+    assert again.entries[key].status == REJECTED and again.refused == []
 
 
 def test_probe_fails_fast_on_a_dead_address() -> None:
@@ -630,7 +660,7 @@ def test_library_survives_urza_and_field_reports_accumulate(tmp_path) -> None:
         wait_for(lambda: client.poll() and client.version != old_version, 30, "the old client to reconnect")
         entries = client.poll()
         assert client.stats.reconnects >= 1
-        assert sorted(e.content_hash for e in entries) == sorted(r["content_hash"] for r in before)
+        assert sorted(e.content_hash for e in entries) == sorted(r.content_hash for r in before)
     finally:
         stop_pipeline(second, kill=True)
 
