@@ -176,7 +176,7 @@ def compile_seed(
         return CompileInfo(CompileMode.EAGER, 0.0, "compile disabled by config")
     start = time.perf_counter()
     try:
-        torch._dynamo.reset()  # otherwise every SeedModule shares one cache and hits its size limit
+        torch.compiler.reset()  # otherwise every SeedModule shares one cache and hits its size limit
         seed = build_seed(spec, slot_shape, generator_seed=0).to(device)
         with torch.no_grad():
             seed.gamma.fill_(1.0)  # compile the path a trained seed takes, not the identity

@@ -113,9 +113,7 @@ def env_run(epochs: int, seed: int, germinate: bool, signal_every: int = envs.SI
     env.reset(seed=seed, options={"task_index": 0, "train_seed": seed})
     actions = [0] * epochs
     if germinate:
-        from esper_ray.contracts import ControllerAction
-
-        actions[0] = env.space.encode(ControllerAction.germinate("input", "conv1d"), env._candidates)
+        actions[0] = _germination(env)
     steps = iter(actions)
     return lambda: env.step(next(steps))
 

@@ -217,6 +217,12 @@ class SeedModule(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(view.channels))
         self._gamma_shape = (1, view.channels) + (1,) * view.spatial_rank
 
+    @property
+    def vector_as_sequence(self) -> bool:
+        """Whether this seed sees its vector slot as a one-position sequence ``(B, 1, D)`` (a seq
+        blueprint on a vector slot)."""
+        return self._unsqueeze
+
     def body(self, h: torch.Tensor) -> torch.Tensor:
         """The seed's own computation before the zero-initialised scale."""
         values = {"input": h.unsqueeze(1) if self._unsqueeze else h}
@@ -271,7 +277,7 @@ def build_seed(
 def flops_per_example(module: SeedModule) -> int:
     """Multiply-accumulates of one forward pass per example (convs and linears only)."""
     total = 0
-    positions = math.prod(module.slot_shape[1:]) if not module._unsqueeze else module.slot_shape[0]
+    positions = math.prod(module.slot_shape[1:]) if not module.vector_as_sequence else module.slot_shape[0]
     if isinstance(module.slot_shape, TokenShape):  # every op runs at each of the T positions
         seq_len, width = module.slot_shape
         for op in module.ops.values():

@@ -63,7 +63,8 @@ def grad_norms(groups: list[list[nn.Parameter]]) -> list[float]:
         own = [p.grad for p in params if p.grad is not None]
         grads += own
         sizes.append(len(own))
-    squares = torch.stack(torch._foreach_norm(grads)).double().square_().tolist() if grads else []
+    # torch has no public per-tensor fused norm (torch.nn.utils.get_total_norm calls this one too).
+    squares = torch.stack(torch._foreach_norm(grads)).double().square_().tolist() if grads else []  # noqa: SLF001
     norms, start = [], 0
     for size in sizes:
         norms.append(math.sqrt(math.fsum(squares[start : start + size])))
