@@ -297,6 +297,15 @@ class BatchedMorphogenesisEnv(VectorEnv):
         """Each episode's current mask, stacked (N, actions)."""
         return np.stack([env.action_masks() for env in self.envs])
 
+    def host_grouping(self) -> dict[str, Any]:
+        """How the episodes' current hosts train: rows per host stack (one skeleton each, largest
+        first), episodes trained one by one (hosts that do not batch), seed groups vmapped so far."""
+        return {
+            "stack_rows": sorted((s.attached for s in self.stacks.stacks.values()), reverse=True),
+            "not_batched": sum(self._loop),
+            "grouped_seed_calls": self.stacks.grouped_calls,
+        }
+
     @property
     def trainers(self) -> list[Trainer | None]:
         """Each episode's current Trainer (None before its first reset)."""
@@ -315,12 +324,19 @@ def make_env(env_config: dict[str, Any]) -> gym.Env | VectorEnv:
     return MorphogenesisEnv(fields) if num_envs is None else BatchedMorphogenesisEnv(num_envs, fields)
 
 
-def vector_env_settings(env_config: dict[str, Any], num_envs: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def vector_env_settings(
+    env_config: dict[str, Any], num_envs: int, *, local: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The keyword arguments of RLlib's ``AlgorithmConfig.environment(...)`` and ``.env_runners(...)``
     that run ``num_envs`` episodes per env runner: N > 1 through this module's batched env (RLlib's
-    ``gym_env_vectorize_mode="vector_entry_point"``), N = 1 the single env as it is."""
+    ``gym_env_vectorize_mode="vector_entry_point"``), N = 1 the single env as it is. ``local``: the
+    envs run in this process (no remote env runners), so a host device this machine lacks is one
+    ``EsperError`` line now, not an error from inside RLlib's sampling (a remote runner may sit on
+    another machine: it is checked there)."""
     if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
         raise EsperError(f"num_envs_per_env_runner must be an integer >= 1, got {num_envs!r}")
+    if local:
+        resolve_device(validate_model(EnvConfig, env_config, "env config").run.training.device)
     if num_envs == 1:
         return {"env": MorphogenesisEnv, "env_config": env_config}, {"num_envs_per_env_runner": 1}
     # RLlib takes an env class or a registered id, not a bare function: register the creator under an

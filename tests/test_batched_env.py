@@ -231,7 +231,7 @@ def test_hosts_of_mixed_skeletons_match_single_envs(torch_seed):
     obs, _ = venv.reset(seed=21, options={"per_env": options})
     singles = [MorphogenesisEnv(cfg) for _ in range(n)]
     single_obs = [env.reset(seed=21 + i, options=options[i])[0] for i, env in enumerate(singles)]
-    assert sorted(s.attached for s in venv.stacks.stacks.values()) == [1, 1, 2]  # the CNN is in none
+    assert venv.host_grouping()["stack_rows"] == [2, 1, 1] and venv.host_grouping()["not_batched"] == 1
     kinds = _kinds(singles[0])
     done = [False] * n
     tasks: set[tuple[int, str]] = set()
@@ -253,9 +253,10 @@ def test_hosts_of_mixed_skeletons_match_single_envs(torch_seed):
                 assert infos["test_acc"][i] == info["test_acc"]
                 done[i] = True
     assert len(tasks) > n  # the autoresets moved episodes to other tasks (other skeletons)
-    held = [s.attached for s in venv.stacks.stacks.values()]
-    batched_now = sum(not loop for loop in venv._loop)
-    assert sum(held) == batched_now and all(h > 0 for h in held)  # empty stacks went away
+    grouping = venv.host_grouping()
+    cnn = sum(env.trainer.cfg.host.kind == "cnn1d" for env in singles)
+    assert grouping["not_batched"] == cnn and sum(grouping["stack_rows"]) == n - cnn
+    assert all(rows > 0 for rows in grouping["stack_rows"])  # a stack whose last run left went away
 
 
 def test_vector_env_settings_for_rllib():
@@ -270,6 +271,12 @@ def test_vector_env_settings_for_rllib():
     assert env_kwargs["env"] == BATCHED_ENV_ID and _global_registry.get(ENV_CREATOR, BATCHED_ENV_ID) is make_env
     with pytest.raises(EsperError, match="num_envs_per_env_runner must be an integer >= 1"):
         vector_env_settings({}, 0)
+    if not torch.cuda.is_available():  # the driver samples (local): a GPU it lacks is one line, for N = 1 too
+        for n in (1, 4):
+            with pytest.raises(EsperError, match="CUDA is not available") as err:
+                vector_env_settings({"run": {"training": {"device": "cuda"}}}, n, local=True)
+            assert "\n" not in str(err.value)
+        vector_env_settings({"run": {"training": {"device": "cuda"}}}, 4)  # remote runners check it themselves
 
 
 def test_rllib_env_runner_samples_the_batched_env(torch_seed):
