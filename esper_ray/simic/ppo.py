@@ -62,7 +62,8 @@ def build_ppo_config(cfg: SimicConfig):
     env_cfg = validate_model(envs.EnvConfig, cfg.env, "env config")
     p = cfg.ppo
     # N > 1 episodes per env runner train their hosts as one batch (envs.batched, a vector env).
-    env_kwargs, runner_kwargs = vector_env_settings(cfg.env, cfg.num_envs_per_env_runner)
+    local = cfg.num_env_runners == 0  # the driver samples: a missing GPU is one line here
+    env_kwargs, runner_kwargs = vector_env_settings(cfg.env, cfg.num_envs_per_env_runner, local=local)
     return (
         PPOConfig()
         .environment(**env_kwargs)
