@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypedDict, runtime_checkable
+from typing import Any, NotRequired, Protocol, TypedDict, runtime_checkable
 
 
 class EsperError(Exception):
@@ -384,6 +384,26 @@ class FieldReportSink(Protocol):
     """Takes a run's field reports when it ends (Urza and Karn, in the pipeline)."""
 
     def send_field_reports(self, reports: Iterable[FieldReport]) -> None: ...
+
+
+# ---- a run's event log --------------------------------------------------------------------------------
+class SeedEvent(TypedDict):
+    """One row of a run's event log (``Trainer.events``, ``seed_events.parquet``, the checkpoint):
+    a seed's stage transition, or a governor rollback (``kind`` rollback: ``slot`` empty and no
+    seed fields). Read back from a checkpoint, ``kind`` is the plain string (equal to the member)."""
+
+    epoch: int
+    step: int
+    val_acc: float  # validation accuracy when it happened
+    kind: EventKind | str  # germinate, transition, fossilize, cull or rollback
+    slot: str
+    reason: str
+    old: NotRequired[str]  # SeedStage names
+    new: NotRequired[str]
+    blueprint: NotRequired[str]
+    blueprint_hash: NotRequired[str]
+    alpha: NotRequired[float]
+    seed_params: NotRequired[int]
 
 
 # ---- the environment's per-step info ----------------------------------------------------------------

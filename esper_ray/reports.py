@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,9 @@ def read_table(path: str | Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-def plot_report(history: Sequence[dict], events: Sequence[dict], path: str | Path, title: str = "") -> Path:
+def plot_report(
+    history: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]], path: str | Path, title: str = ""
+) -> Path:
     """Accuracy per epoch with germinations, fossilizations and culls marked; params over time."""
     import matplotlib
 

@@ -26,8 +26,10 @@ from esper_ray.contracts import (
     ActionKind,
     ControllerAction,
     EsperError,
+    EventKind,
     GlobalTelemetry,
     Observation,
+    SeedOutcome,
     SeedStage,
     SlotTelemetry,
 )
@@ -1204,3 +1206,24 @@ def test_probe_puts_the_host_back_in_train_mode_when_it_fails(data: TaskData) ->
     with pytest.raises(RuntimeError, match="boom"):
         trainer.observe()
     assert trainer.host.training
+
+
+def test_event_rows_carry_their_kind_as_an_enum_and_count_the_same_read_back(data: TaskData) -> None:
+    trainer = Trainer(make_cfg(), data)
+    epoch(trainer, ControllerAction.germinate("hidden0", "residual_mlp"))
+    epoch(trainer, ControllerAction.cull("hidden0"))
+    kinds = [e["kind"] for e in trainer.events]  # germinated, training, ..., culled, embargoed
+    assert kinds[0] is EventKind.GERMINATE and kinds.count(EventKind.CULL) == 1
+    assert {k for k in kinds if k not in (EventKind.GERMINATE, EventKind.CULL)} == {EventKind.TRANSITION}
+    assert all(isinstance(e["kind"], EventKind) for e in trainer.events)
+    assert trainer.field_reports[-1].outcome is SeedOutcome.CULLED
+    state = trainer.state_dict()
+    state.pop("blend_snapshots")
+    state = json.loads(json.dumps(state))  # as a checkpoint reads it back: kinds are plain strings
+    assert [e["kind"] for e in state["events"]] == [str(k) for k in kinds]
+    assert all(type(e["kind"]) is str for e in state["events"])
+    again = Trainer(make_cfg(), data)
+    again.load_state_dict(state)
+    summary = again.summary()
+    assert (again.germinations, summary["culls"], summary["fossilizations"]) == (1, 1, 0)
+    assert summary["field_reports"][-1]["outcome"] == "culled"

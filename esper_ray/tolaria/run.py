@@ -25,7 +25,7 @@ from typing import Any
 
 from esper_ray.blueprints import BlueprintCatalogue
 from esper_ray.config import RunConfig, dump_config
-from esper_ray.contracts import EsperError
+from esper_ray.contracts import EsperError, SeedEvent
 from esper_ray.lineage import LEDGER_FILE, SIGNATURE_FILE, Ledger, weights_digest
 from esper_ray.reports import plot_report, write_table
 from esper_ray.tamiyo.controllers import Controller, make_controller
@@ -122,7 +122,7 @@ def _attach_ledger(trainer: Trainer, run_dir: Path, key_path: str | None) -> Led
         key_path=Path(key_path) if key_path else None,
     )
 
-    def on_event(row: dict[str, Any]) -> None:
+    def on_event(row: SeedEvent) -> None:
         slot = trainer.host.slots[row["slot"]] if row["slot"] else None
         # The weights this change affected: the seed's, or the host's after a rollback or cull.
         affected = (

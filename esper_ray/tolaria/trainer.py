@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,12 @@ from esper_ray.contracts import (
     ActionKind,
     ControllerAction,
     EsperError,
+    EventKind,
     FieldReport,
     HostContext,
     Observation,
+    SeedEvent,
+    SeedOutcome,
     SeedStage,
     TrialResult,
 )
@@ -53,13 +56,25 @@ from esper_ray.tolaria.telemetry import grad_norms
 # A loss function gets (logits, labels, batch indices) and returns a scalar loss. One that also
 # has ``slot_gaps(trainer) -> {slot: float}`` (distillation) feeds Observation.distill.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-EventHook = Callable[[dict[str, Any]], None]
+EventHook = Callable[[SeedEvent], None]
 
 _LEDGER_KIND = {
-    SeedStage.GERMINATED: "germinate",
-    SeedStage.FOSSILIZED: "fossilize",
-    SeedStage.CULLED: "cull",
+    SeedStage.GERMINATED: EventKind.GERMINATE,
+    SeedStage.FOSSILIZED: EventKind.FOSSILIZE,
+    SeedStage.CULLED: EventKind.CULL,
 }
+
+
+class _Birth(TypedDict):
+    """What the trainer keeps of a live seed from its germination to its field report (JSON in a
+    checkpoint's ``births``)."""
+
+    epoch: int
+    step: int
+    val_acc: float
+    blueprint: str
+    params: int
+    stage_reached: str  # the furthest stage it reached before fossilizing or being culled
 
 
 class Trainer:
@@ -100,12 +115,12 @@ class Trainer:
         self.plateau = 0
         self.last: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []
+        self.events: list[SeedEvent] = []
         self.field_reports: list[FieldReport] = []
         self.event_hooks: list[EventHook] = []
         self.book = CandidateBook(self.catalogue, cfg.blueprints, cfg.controller.max_germinations)
         self.observer = Observer(self.data, cfg.training.probe_size, cfg.training.signal_every)
-        self._births: dict[str, dict[str, Any]] = {}
+        self._births: dict[str, _Birth] = {}
         self._blend_snapshots: dict[str, optim.HostSnapshot] = {}
         self._host_grad: dict[str, float] = {}
         # (host version, slots, seeded slots, parameter groups): _measure_grads
@@ -243,7 +258,16 @@ class Trainer:
         """Back to the last good state, then cull the seed responsible (if any)."""
         culprit = self._culprit()  # judge before the restore makes every seed's weights finite again
         self._good.restore()
-        self._record({"kind": "rollback", "slot": "", "reason": why})
+        self._record(
+            SeedEvent(
+                epoch=self.epoch,
+                step=self.step,
+                val_acc=self.last.get("val_acc", 0.0),
+                kind=EventKind.ROLLBACK,
+                slot="",
+                reason=why,
+            )
+        )
         if culprit is not None:
             culprit.cull(f"governor: {why}")
 
@@ -556,24 +580,23 @@ class Trainer:
     def done(self) -> bool:
         return self.epoch >= self.cfg.training.epochs
 
-    def _record(self, row: dict[str, Any]) -> None:
-        row = {"epoch": self.epoch, "step": self.step, "val_acc": self.last.get("val_acc", 0.0), **row}
-        self.events.append(row)
+    def _record(self, event: SeedEvent) -> None:
+        self.events.append(event)
         for hook in self.event_hooks:
-            hook(row)
+            hook(event)
 
     def _on_transition(self, slot: SeedSlot, t: Transition) -> None:
         name = slot.name
         if t.new is SeedStage.GERMINATED and slot.seed is not None:  # a germinated slot holds its seed
             optim.add_seed_group(self.opt, name, slot.seed, self.cfg.training.seed_lr)
-            self._births[name] = {
-                "epoch": self.epoch,
-                "step": self.step,
-                "val_acc": self.last.get("val_acc", 0.0),
-                "blueprint": slot.blueprint_name,
-                "params": slot.seed_params,
-                "stage_reached": SeedStage.GERMINATED.name,
-            }
+            self._births[name] = _Birth(
+                epoch=self.epoch,
+                step=self.step,
+                val_acc=self.last.get("val_acc", 0.0),
+                blueprint=slot.blueprint_name,
+                params=slot.seed_params,
+                stage_reached=SeedStage.GERMINATED.name,
+            )
         elif t.new is SeedStage.BLENDING:
             self._blend_snapshots[name] = optim.take_host_snapshot(self.host, self.opt)
         elif t.new is SeedStage.CULLED:
@@ -585,18 +608,22 @@ class Trainer:
             self._blend_snapshots.pop(name, None)
         if name in self._births and t.new in (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING):
             self._births[name]["stage_reached"] = t.new.name
+        birth = self._births.get(name)
         self._record(
-            {
-                "kind": _LEDGER_KIND.get(t.new, "transition"),
-                "slot": name,
-                "old": t.old.name,
-                "new": t.new.name,
-                "blueprint": self._births.get(name, {}).get("blueprint", ""),
-                "blueprint_hash": t.blueprint_hash,
-                "reason": t.reason,
-                "alpha": slot.alpha,
-                "seed_params": slot.seed_params,
-            }
+            SeedEvent(
+                epoch=self.epoch,
+                step=self.step,
+                val_acc=self.last.get("val_acc", 0.0),
+                kind=_LEDGER_KIND.get(t.new, EventKind.TRANSITION),
+                slot=name,
+                old=t.old.name,
+                new=t.new.name,
+                blueprint=birth["blueprint"] if birth is not None else "",
+                blueprint_hash=t.blueprint_hash,
+                reason=t.reason,
+                alpha=slot.alpha,
+                seed_params=slot.seed_params,
+            )
         )
         if t.new in (SeedStage.FOSSILIZED, SeedStage.CULLED):
             self._field_report(slot, t)
@@ -614,7 +641,7 @@ class Trainer:
                 slot_width=slot_channels(slot.shape),
                 task=self.data.name,
                 stage_reached=t.new.name if t.new is SeedStage.FOSSILIZED else birth["stage_reached"],
-                outcome="fossilized" if t.new is SeedStage.FOSSILIZED else "culled",
+                outcome=SeedOutcome.FOSSILIZED if t.new is SeedStage.FOSSILIZED else SeedOutcome.CULLED,
                 accuracy_before=birth["val_acc"],
                 accuracy_after=after,
                 seed_params=birth["params"],
@@ -626,7 +653,11 @@ class Trainer:
     @property
     def germinations(self) -> int:
         """Germinations so far in this run (culled ones included)."""
-        return sum(e.get("kind") == "germinate" for e in self.events)
+        return self._count(EventKind.GERMINATE)
+
+    def _count(self, kind: EventKind) -> int:
+        """Events of ``kind`` so far (rows read back from a checkpoint hold the kind as a string)."""
+        return sum(e["kind"] == kind for e in self.events)
 
     def summary(self) -> dict[str, Any]:
         counts = self.host.param_count()
@@ -637,9 +668,9 @@ class Trainer:
             "best_val_acc": self.best_val,
             **{f"{k}_params": v for k, v in counts.items()},
             "germinations": self.germinations,
-            "fossilizations": sum(e.get("kind") == "fossilize" for e in self.events),
-            "culls": sum(e.get("kind") == "cull" for e in self.events),
-            "rollbacks": sum(e.get("kind") == "rollback" for e in self.events),
+            "fossilizations": self._count(EventKind.FOSSILIZE),
+            "culls": self._count(EventKind.CULL),
+            "rollbacks": self._count(EventKind.ROLLBACK),
             "architecture": self.host.architecture(),
             "field_reports": [asdict(r) for r in self.field_reports],
         }
