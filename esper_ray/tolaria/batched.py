@@ -321,7 +321,26 @@ class HostStack:
         """One training step of the rows at positions ``members`` of the epoch on their batches ``xb, yb``."""
         stack_rows = [ep.rows[j] for j in members]
         index, weights = self._select(stack_rows, xb.device)
-        losses, values = self._losses(weights, [ep.trainers[j] for j in members], xb, yb)
+        trainers = [ep.trainers[j] for j in members]
+        if any(self._plan(trainers, {}, len(weights) // 2, xb.device)):  # a slot computes: autograd through it
+            losses, values = self._losses(self.forward(weights, trainers, xb), yb)
+            keep = self._governor(ep, members, values)
+            self._backward(ep, members, losses, keep)
+            with torch.no_grad():
+                grads = self._host_grads(ep, members, keep, index)
+        else:  # the host's layers alone (no seed in use): their backward by hand, the same kernels
+            grads, keep, values = self._plain_step(ep, members, weights, xb, yb)
+        with torch.no_grad():
+            last = [pos for pos in keep if b == ep.n_batches[members[pos]] - 1]
+            if last:
+                self._measure_grads([trainers[pos] for pos in last], [[g[pos] for g in grads] for pos in last])
+            whole = index is None and len(keep) == len(members)
+            self._adam_host([stack_rows[pos] for pos in keep], keep, grads, whole)
+            self._adam_seeds([trainers[pos] for pos in keep])
+        ep.account(members, keep, values, xb.shape[1])
+
+    def _governor(self, ep: _Epoch, members: list[int], values: list[float]) -> list[int]:
+        """The positions of the members whose loss the governor accepts (the others are marked tripped)."""
         keep = []
         for pos, j in enumerate(members):
             why = ep.trainers[j].governor.check(values[pos])
@@ -329,26 +348,12 @@ class HostStack:
                 ep.tripped[j] = why
             else:
                 keep.append(pos)
-        self._backward(ep, members, losses, keep)
-        with torch.no_grad():
-            grads = self._host_grads(ep, members, keep, index)
-            last = [pos for pos in keep if b == ep.n_batches[members[pos]] - 1]
-            if last:
-                self._measure_grads(
-                    [ep.trainers[members[pos]] for pos in last], [[g[pos] for g in grads] for pos in last]
-                )
-            whole = index is None and len(keep) == len(members)
-            self._adam_host([stack_rows[pos] for pos in keep], keep, grads, whole)
-            self._adam_seeds([ep.trainers[members[pos]] for pos in keep])
-        ep.account(members, keep, values, xb.shape[1])
+        return keep
 
-    def _losses(
-        self, weights: list[torch.Tensor], trainers: list[Trainer], xb: torch.Tensor, yb: torch.Tensor
-    ) -> tuple[torch.Tensor, list[float]]:
+    def _losses(self, logits: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         """Each row's mean cross-entropy on its batch: as a tensor (rows,) to differentiate, and as
         the numbers ``F.cross_entropy`` gives that row alone (the governor and the epoch's mean read them)."""
-        logits = self.forward(weights, trainers, xb)
-        m, size = xb.shape[0], xb.shape[1]
+        m, size = yb.shape[0], yb.shape[1]
         # F.cross_entropy is log_softmax then nll_loss: taken apart so that the log-softmax (a fifth of
         # a batch's time at N = 32) serves both the gradient and the loss values.
         lsm = F.log_softmax(logits, 2)
@@ -359,6 +364,45 @@ class HostStack:
         else:  # one read back per batch, not one per row (not bit for bit there anyway)
             values = losses.tolist()
         return losses, values
+
+    def _plain_step(
+        self, ep: _Epoch, members: list[int], weights: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[int], list[float]]:
+        """Per host layer the members' gradients, the kept positions and the loss values, for rows
+        where no slot computes anything. Autograd runs only from the loss to the logits; the layers'
+        backward is written out with the kernels autograd runs for them (``_BatchedLinear.backward``,
+        ReLU's ``threshold_backward``), so the numbers are the same, without the autograd graph."""
+        with torch.no_grad():
+            h = xb.flatten(2) if xb.dim() > 3 else xb
+            inputs = []  # each layer's input (after the ReLU, for the layers past the first)
+            for i in range(len(weights) // 2):
+                if i > 0:
+                    h = torch.relu(h)
+                inputs.append(h)
+                h = torch.baddbmm(weights[2 * i + 1].unsqueeze(1), h, weights[2 * i].transpose(1, 2))
+        logits = h.requires_grad_()
+        losses, values = self._losses(logits, yb)
+        keep = self._governor(ep, members, values)
+        for j in members:
+            for p in ep.seed_params[j]:
+                p.grad = None
+        if keep:
+            kept = losses if len(keep) == len(members) else losses[torch.tensor(keep, device=losses.device)]
+            (g,) = torch.autograd.grad(kept.sum(), logits)
+        else:
+            g = torch.zeros_like(logits)
+        with torch.no_grad():
+            grads: list[torch.Tensor] = [g] * len(weights)
+            for i in reversed(range(len(inputs))):
+                grads[2 * i] = torch.bmm(g.transpose(1, 2), inputs[i])
+                grads[2 * i + 1] = g.sum(1)
+                if i > 0:
+                    g = torch.ops.aten.threshold_backward(torch.bmm(g, weights[2 * i]), inputs[i], 0)
+            if len(keep) < len(members):  # rows that tripped: nothing of theirs moves (their gradient may be NaN)
+                drop = torch.tensor([pos for pos in range(len(members)) if pos not in keep], device=g.device)
+                for grad in grads:
+                    grad.index_fill_(0, drop, 0.0)
+        return grads, keep, values
 
     def _backward(self, ep: _Epoch, members: list[int], losses: torch.Tensor, keep: list[int]) -> None:
         """Fresh gradients of the kept rows' losses (host layers and the members' seeds)."""
