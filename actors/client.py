@@ -169,7 +169,8 @@ class UrzaCatalogue:
             entry = resolve_in(self.entries, name_or_hash)
             # Recompute from a fresh parse of the spec and compare with what Urza vouched for.
             recomputed = BlueprintSpec.from_json(entry.spec.to_json()).content_hash
-            if recomputed != self._claimed.get(entry.name) or recomputed != entry.report.blueprint_hash:
+            vouched = entry.report.blueprint_hash if entry.report is not None else None
+            if recomputed != self._claimed.get(entry.name) or recomputed != vouched:
                 raise EsperError(f"blueprint {name_or_hash!r}: content hash does not match its spec")
             return entry
 
@@ -275,8 +276,8 @@ class UrzaCatalogue:
 
     # ---- driver-side metrics --------------------------------------------------------------------
     @staticmethod
-    def record_germination(blueprint: str = "") -> None:
-        record_germination(blueprint)
+    def record_germination() -> None:
+        record_germination()
 
     @staticmethod
     def record_accuracy(accuracy: float) -> None:
@@ -299,8 +300,8 @@ def _metric(name: str) -> Any:
     return _METRICS[name]
 
 
-def record_germination(blueprint: str = "") -> None:
-    """Count one germination (the blueprint name is not a tag: tag values must stay few)."""
+def record_germination() -> None:
+    """Count one germination (no blueprint tag: a metric's tag values must stay few)."""
     DRIVER_COUNTS["germinations"] += 1
     _metric("germinations").inc()
 

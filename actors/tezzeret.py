@@ -144,7 +144,7 @@ def check_spec(spec: BlueprintSpec, max_params: int = DEFAULT_MAX_PARAMS) -> Val
 def validate_spec(text: Any, *, expected_hash: str | None = None, max_params: int = DEFAULT_MAX_PARAMS) -> Validation:
     """Parse, hash-check and contract-check one submitted text; never raises."""
     parsed = parse_spec(text, expected_hash)
-    return check_spec(parsed.spec, max_params) if parsed.ok else parsed
+    return check_spec(parsed.spec, max_params) if parsed.ok and parsed.spec is not None else parsed
 
 
 def _contract_failure(spec: BlueprintSpec, reason: str) -> Validation:
@@ -195,7 +195,7 @@ def compile_seed(
 
 
 # ---- the actor --------------------------------------------------------------------------------------
-@ray.remote(max_concurrency=4)
+@ray.remote(max_concurrency=4)  # type: ignore[call-overload]  # Ray's stubs omit actor options
 class Tezzeret:
     """The compiler actor, named ``tezzeret``: a queue and one worker thread.
 
@@ -217,7 +217,7 @@ class Tezzeret:
 
         # By name, not an import statement: cloudpickle would then try to ship the (unpicklable)
         # config module object with this method whenever the driver has already imported it.
-        inductor_config = importlib.import_module("torch._inductor.config")
+        inductor_config: Any = importlib.import_module("torch._inductor.config")
 
         torch.set_num_threads(threads)  # share the machine with the trainer...
         inductor_config.compile_threads = threads  # ...also while inductor builds kernels
@@ -250,7 +250,7 @@ class Tezzeret:
         """
         self._counts["submitted"] += 1
         parsed = parse_spec(spec_json, expected_hash)
-        if not parsed.ok:
+        if not parsed.ok or parsed.spec is None:  # a parsed verdict always carries its spec
             shown = spec_json[:MAX_STORED_CHARS] if isinstance(spec_json, str) else repr(spec_json)[:200]
             self._reject(parsed.key, shown, parsed.reason, parsed.stage)
             return parsed.key
@@ -362,7 +362,7 @@ class Tezzeret:
 
     def _process(self, key: str, spec_json: str) -> None:
         verdict = validate_spec(spec_json, max_params=self.max_params)
-        if not verdict.ok:
+        if not verdict.ok or verdict.spec is None:  # a passing verdict always carries its spec
             self._reject(verdict.key, spec_json, verdict.reason, verdict.stage)
             return
         spec, shape = verdict.spec, verdict.shapes[0]

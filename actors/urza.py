@@ -428,7 +428,7 @@ class UrzaLibrary:
         return [e.spec_json for e in sorted(self.ready(), key=rank)[:k]]
 
     def stats(self) -> dict[str, Any]:
-        counts = {s: 0 for s in STATUSES}
+        counts: dict[str, int] = {str(s): 0 for s in STATUSES}  # plain keys: this dict is logged
         for entry in self.entries.values():
             counts[entry.status] += 1
         return {

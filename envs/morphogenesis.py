@@ -51,7 +51,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from esper_ray.config import RunConfig, StrictModel, validate_model
-from esper_ray.contracts import ControllerAction, EsperError, Observation
+from esper_ray.contracts import ControllerAction, EnvInfo, EsperError, EventKind, Observation
 from esper_ray.tamiyo.encoding import ActionSpace, ObsEncoder, SetLayout
 from esper_ray.tasks import TaskConfig, TaskDistribution, load_task, sample_tasks
 from esper_ray.tolaria.trainer import Trainer
@@ -177,7 +177,8 @@ class MorphogenesisEnv(gym.Env):
         self.layout = SetLayout(config.max_slots, config.run.blueprints.max_candidates)
         self.encoder = ObsEncoder(self.layout)
         self.space = ActionSpace((), self.layout.k, self.layout.max_slots)  # the host's slots at reset
-        self.action_space = MaskedDiscrete(self.layout.n_actions)
+        self._actions = MaskedDiscrete(self.layout.n_actions)  # typed: _observe keeps its mask current
+        self.action_space = self._actions
         self.observation_space = gym.spaces.Dict(
             {
                 "observations": gym.spaces.Box(-np.inf, np.inf, (self.encoder.size,), np.float32),
@@ -197,7 +198,8 @@ class MorphogenesisEnv(gym.Env):
         train_seed = options.get("train_seed", int(self.np_random.integers(2**31)))
         self.trainer = self.make_trainer(index, train_seed)
         slots = tuple(self.trainer.host.slots)
-        self.layout.check_fits(len(slots), 0, f"the env (task {self.task.family}, max_slots)")
+        family = tasks[index].family  # the task make_trainer just chose
+        self.layout.check_fits(len(slots), 0, f"the env (task {family}, max_slots)")
         self.space = ActionSpace(slots, self.layout.k, self.layout.max_slots)
         self._order: dict[str, float] = {}  # content hash -> sort key (shuffle_candidates)
         for _ in range(self.config.warmup_epochs):
@@ -246,7 +248,7 @@ class MorphogenesisEnv(gym.Env):
         self.task = self.config.tasks[task_index]
         base = self.config.run
         data = load_task(self.task)
-        training = {"seed": train_seed, "eval_test": False}  # the test split is scored once, at the end
+        training: dict[str, Any] = {"seed": train_seed, "eval_test": False}  # test scored once, at the end
         if data.host_init is not None and self.config.task_hosts:
             # A task that ships a (damaged) pre-trained host: start from it, frozen, so the
             # only way to the missing capacity is a seed in the right slot.
@@ -262,8 +264,13 @@ class MorphogenesisEnv(gym.Env):
             loss_fn = make_distillation(self.config.distill, data, run)
         return Trainer(run, data, run_id=f"episode-{train_seed}", loss_fn=loss_fn)
 
+    def _live(self) -> Trainer:
+        if self.trainer is None:
+            raise EsperError("step() before reset()")
+        return self.trainer
+
     def _observe(self) -> dict[str, np.ndarray]:
-        trainer = self.trainer
+        trainer = self._live()
         trainer.refresh_candidates()
         if self.config.shuffle_candidates and self.config.split == "train":
             for entry in trainer.candidates:  # a newcomer mid-episode gets a random place too
@@ -272,12 +279,12 @@ class MorphogenesisEnv(gym.Env):
         obs = trainer.observe()
         self._candidates = obs.candidates
         self._mask = self.space.mask(trainer.legal_actions(), obs.candidates).astype(np.float32)
-        self.action_space.mask = self._mask
+        self._actions.mask = self._mask
         return {"observations": self.encoder.encode(obs), "action_mask": self._mask.copy()}
 
-    def _info(self) -> dict[str, Any]:
-        t = self.trainer
-        summary = {
+    def _info(self) -> EnvInfo:
+        t = self._live()
+        summary: EnvInfo = {
             "task": t.data.name,
             "epoch": t.epoch,
             "val_acc": t.last["val_acc"],
@@ -285,7 +292,7 @@ class MorphogenesisEnv(gym.Env):
             "start_val_acc": self.start_acc,
             "seed_params": t.host.param_count()["seeds"],
             "actions": self.actions_taken,
-            "germinated_slots": [e["slot"] for e in t.events if e.get("kind") == "germinate"],
+            "germinated_slots": [e["slot"] for e in t.events if e.get("kind") == EventKind.GERMINATE],
             "ground_truth_slot": t.data.meta.get("ground_truth_slot", ""),
         }
         return summary

@@ -131,10 +131,10 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _simic(args: argparse.Namespace) -> int:
-    from esper_ray.cluster import persistent_path
+    from esper_ray.cluster import ensure_ray, persistent_path
     from esper_ray.config import load_config
     from esper_ray.simic.config import SimicConfig
-    from esper_ray.simic.ppo import ensure_ray, train_simic
+    from esper_ray.simic.ppo import train_simic
 
     path = _config_path(args, SIMIC_CONFIG)
     cfg = load_config(path, args.overrides, model=SimicConfig)
@@ -165,14 +165,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     from esper_ray.config import load_config
     from esper_ray.simic.config import SimicConfig
     from esper_ray.simic.evaluate import episodes_ran, format_table, run_evaluation
+    from esper_ray.tamiyo.controllers import Controller, policy_label
     from esper_ray.tamiyo.policy import load_policy
     from esper_ray.tasks import cache_dir
 
     path = _config_path(args, SIMIC_CONFIG)
     cfg = load_config(path, args.overrides, model=SimicConfig)
-    policies = {}
+    policies: dict[str, Controller] = {}
     for policy_path in args.policy or []:
-        policies[f"policy:{policy_label(policy_path)}"] = load_policy(policy_path)  # fail now, not after baselines
+        # Loaded now (one line if it is unreadable), not after the baselines have played.
+        policies[f"policy:{policy_label(policy_path)}"] = load_policy(policy_path)
     seeds = range(args.seeds)
     ran = episodes_ran(cfg.env, seeds)
     if not args.no_progress:
@@ -230,10 +232,9 @@ def _task_slice(text: str | None) -> slice | None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from esper_ray.cluster import persistent_path
+    from esper_ray.cluster import ensure_ray, persistent_path
     from esper_ray.config import load_config
     from esper_ray.simic.config import SweepConfig
-    from esper_ray.simic.ppo import ensure_ray
     from esper_ray.simic.sweep import run_sweep
 
     path = _config_path(args, SWEEP_CONFIG)
@@ -348,12 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_dir")
     lin.set_defaults(func=_lineage)
     return parser
-
-
-def policy_label(path: str | Path) -> str:
-    """A policy's name in tables: its run's name for ``<run>/policy``, else the folder's own name."""
-    path = Path(path).resolve()
-    return path.parent.name if path.name == "policy" else path.name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from esper_ray.contracts import EsperError
 from esper_ray.hosts import HostConfig
 from esper_ray.kasmina import LifecycleConfig
 from esper_ray.tasks import TaskConfig
+from esper_ray.util import error_line
 
 # A run's name becomes a folder name: no separators, no "..", nothing a shell or a filesystem reads.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -265,7 +266,8 @@ def _parse_value(item: str, key: str, raw: str) -> Any:
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        marked = err.problem if isinstance(err, yaml.MarkedYAMLError) else None
+        problem = marked or error_line(err)
         raise EsperError(f"override {item!r}: {key} is not a valid YAML value ({problem})") from None
 
 
@@ -343,7 +345,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise EsperError(f"{path}: cannot be read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise EsperError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise EsperError(f"{path}: not valid YAML: {error_line(err)}") from None
     if not isinstance(raw, dict):
         raise EsperError(f"{path}: expected a mapping at the top level")
     return raw
@@ -362,7 +364,8 @@ def load_config(
     raw = apply_overrides(raw, overrides or [])
     source = str(path) if path else "config"
     cfg = validate_model(model, raw, source)
-    name = getattr(cfg, "name", None)  # RunConfig, SimicConfig, SweepConfig ... all name a folder
+    # RunConfig, SimicConfig, SweepConfig ... name a folder; a model without the field has no name.
+    name = cfg.model_dump(include={"name"}).get("name") if "name" in type(cfg).model_fields else None
     if isinstance(name, str):
         check_plain_name(name, f"{source}: name")
     return cfg

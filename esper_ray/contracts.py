@@ -376,7 +376,7 @@ class AccuracySink(Protocol):
 class GerminationSink(Protocol):
     """Counts germinations as they happen."""
 
-    def record_germination(self, blueprint: str = "") -> None: ...
+    def record_germination(self) -> None: ...
 
 
 @runtime_checkable

@@ -29,10 +29,10 @@ import os
 import secrets
 import stat
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,7 +46,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
-from esper_ray.contracts import EsperError, LineageEvent, SeedStage
+from esper_ray.contracts import EsperError, EventKind, LineageEvent, SeedStage
+from esper_ray.util import atomic_write, atomic_write_text
 
 __all__ = [
     "GENESIS",
@@ -72,15 +73,15 @@ KEY_ENV = "ESPER_RAY_LINEAGE_KEY"
 SIGNATURE_DOMAIN = "esper-ray-lineage:v1"
 
 # Kinds that change one slot's seed; they must name the slot.
-SEED_KINDS = frozenset({"germinate", "transition", "fossilize", "cull"})
-KINDS = SEED_KINDS | {"rollback", "init", "checkpoint", "resume"}
+SEED_KINDS = frozenset({EventKind.GERMINATE, EventKind.TRANSITION, EventKind.FOSSILIZE, EventKind.CULL})
+KINDS = frozenset(EventKind)
 """Every event kind :meth:`Ledger.append` accepts."""
 
 # The stage a seed kind implies when the caller leaves ``stage`` empty.
-_DEFAULT_STAGE = {
-    "germinate": SeedStage.GERMINATED.name,
-    "fossilize": SeedStage.FOSSILIZED.name,
-    "cull": SeedStage.CULLED.name,
+_DEFAULT_STAGE: dict[str, str] = {
+    EventKind.GERMINATE: SeedStage.GERMINATED.name,
+    EventKind.FOSSILIZE: SeedStage.FOSSILIZED.name,
+    EventKind.CULL: SeedStage.CULLED.name,
 }
 _STAGE_NAMES = frozenset(s.name for s in SeedStage)
 # In these stages the slot holds no seed, so the architecture names no blueprint.
@@ -461,7 +462,7 @@ def _check_checkpoint(run_dir: Path, chain: _Chain) -> str:
     """The final checkpoint matches the ledger's last checkpoint event; returns a note."""
     ckpt = Path(run_dir) / CHECKPOINT_DIR
     last = next(
-        (i for i in range(len(chain.rows) - 1, -1, -1) if chain.rows[i]["kind"] == "checkpoint"),
+        (i for i in range(len(chain.rows) - 1, -1, -1) if chain.rows[i]["kind"] == EventKind.CHECKPOINT),
         None,
     )
     if not ckpt.exists():
@@ -551,25 +552,12 @@ def verify_run(run_dir: Path, key_path: Path | None = None, check_checkpoint: bo
         if check_checkpoint:
             note += ", " + _check_checkpoint(run_dir, chain)
     except EsperError as err:
-        return LineageReport(False, n, getattr(err, "seq", None), _one_line(str(err)))
+        seq = err.seq if isinstance(err, _Tampered) else None  # other errors are not one event's fault
+        return LineageReport(False, n, seq, _one_line(str(err)))
     return LineageReport(True, n, None, f"ok: {n} events, {note}")
 
 
 # ---- the ledger --------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write via a temporary file in the same folder, fsync, then os.replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class Ledger:
     """Append-only, hash-chained and signed; lives in run_dir/lineage.parquet + lineage.sig.json.
 
@@ -659,7 +647,7 @@ class Ledger:
             "seq": len(self._events),
             "run_id": self.run_id,
             "host_id": self.host_id,
-            "kind": kind,
+            "kind": str(kind),  # a plain string (an EventKind member is one): hashed and stored as text
             "slot": str(slot),
             "blueprint_hash": str(blueprint_hash),
             "stage": stage,
@@ -697,7 +685,7 @@ class Ledger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         table = self._table()
-        _atomic_write(self.run_dir / LEDGER_FILE, lambda f: pq.write_table(table, f))
+        atomic_write(self.run_dir / LEDGER_FILE, lambda f: pq.write_table(table, f))
         count, head = len(self._events), self.head
         signature = self._key.sign(_signed_message(self.run_id, count, head))
         sig = {
@@ -706,8 +694,7 @@ class Ledger:
             "public_key": _raw_public(self._key.public_key()).hex(),
             "signature": signature.hex(),
         }
-        text = (json.dumps(sig, indent=1, sort_keys=True) + "\n").encode()
-        _atomic_write(self.run_dir / SIGNATURE_FILE, lambda f: f.write(text))
+        atomic_write_text(self.run_dir / SIGNATURE_FILE, json.dumps(sig, indent=1, sort_keys=True) + "\n")
         self._dirty = False
 
 
@@ -726,16 +713,16 @@ def replay(events: Sequence[LineageEvent]) -> dict[str, dict[str, str]]:
     saved: dict[str, dict[str, str]] = {}
     for ev in events:
         kind = ev.kind
-        if kind == "checkpoint":
+        if kind == EventKind.CHECKPOINT:
             saved = {name: dict(entry) for name, entry in arch.items()}
             continue
-        if kind == "resume":
+        if kind == EventKind.RESUME:
             arch = {name: dict(saved.get(name, _DORMANT)) for name in arch}
             continue
         if kind not in SEED_KINDS or not ev.slot:
             continue
         stage = ev.stage or _DEFAULT_STAGE.get(kind, "")
-        if kind == "germinate":
+        if kind == EventKind.GERMINATE:
             arch[ev.slot] = {"stage": stage, "blueprint_hash": ev.blueprint_hash}
             continue
         entry = arch.setdefault(ev.slot, dict(_DORMANT))

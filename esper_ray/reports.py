@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -12,9 +11,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from esper_ray.util import atomic_write
+
 
 def _flat(row: Any) -> dict[str, Any]:
-    row = asdict(row) if is_dataclass(row) else dict(row)
+    row = asdict(row) if is_dataclass(row) and not isinstance(row, type) else dict(row)
     # Nested values (dicts, lists) become JSON strings so every table has a flat schema.
     return {k: json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v for k, v in row.items()}
 
@@ -28,10 +29,7 @@ def write_table(rows: Sequence[Any], path: str | Path, columns: Sequence[str] | 
         table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in flat])
     else:
         table = pa.table({c: pa.array([], pa.string()) for c in (columns or [])})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def read_table(path: str | Path) -> list[dict[str, Any]]:

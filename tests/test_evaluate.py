@@ -85,7 +85,7 @@ def test_fidelity_is_hits_over_germinations_placed() -> None:
 
 
 def test_policy_label_names_the_run_or_the_folder(tmp_path) -> None:
-    from esper_ray.cli import policy_label
+    from esper_ray.tamiyo.controllers import policy_label
 
     assert policy_label(tmp_path / "tamiyo-ppo" / "policy") == "tamiyo-ppo"  # what simic exports
     assert policy_label("policies/tamiyo-mnist1d") == "tamiyo-mnist1d"  # a committed policy folder

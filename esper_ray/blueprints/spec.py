@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from functools import cached_property
 from typing import Any, Literal
 
@@ -101,9 +102,10 @@ class Node(BaseModel):
                 raise ValueError(f"node {self.id}: {name} must be an integer, got {value!r}")
             if value < 1:
                 raise ValueError(f"node {self.id}: {name} must be >= 1, got {value}")
-        if (w := self.args.get("width")) is not None and w > MAX_WIDTH:
+        # Both are integers here when present (checked just above).
+        if isinstance(w := self.args.get("width"), int) and w > MAX_WIDTH:
             raise ValueError(f"node {self.id}: width {w} is over the limit {MAX_WIDTH}")
-        if (k := self.args.get("kernel")) is not None and (k > MAX_KERNEL or k % 2 == 0):
+        if isinstance(k := self.args.get("kernel"), int) and (k > MAX_KERNEL or k % 2 == 0):
             raise ValueError(f"node {self.id}: kernel must be odd and <= {MAX_KERNEL}, got {k}")
         if self.op == "act" and self.args.get("fn", "relu") not in ACTIVATIONS:
             raise ValueError(f"node {self.id}: unknown activation {self.args.get('fn')!r}")
@@ -166,13 +168,13 @@ class BlueprintSpec(BaseModel):
     @cached_property
     def content_hash(self) -> str:
         """SHA-256 over what determines the built module (kind and nodes), not the name."""
-        body = {"kind": self.kind, "nodes": [n.model_dump(mode="json") for n in self.nodes]}
+        body: dict[str, Any] = {"kind": self.kind, "nodes": [n.model_dump(mode="json") for n in self.nodes]}
         if self.blend != "lerp":  # only then: the hashes of every lerp spec stay what they were
             body["blend"] = self.blend
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> BlueprintSpec:
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> BlueprintSpec:
         """A validated copy (pydantic's own would skip validation and keep the cached hash)."""
         return type(self).model_validate({**self.model_dump(), **(update or {})})
 

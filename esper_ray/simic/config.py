@@ -87,3 +87,20 @@ class SweepConfig(StrictModel):
         "the CPUs its driver and env runners ask for to what is free instead of failing; fails only when a "
         "process would get less than 0.1 CPU",
     )
+
+
+def module_config(max_slots: int, k: int, hidden: int) -> dict[str, Any]:
+    """The ``model_config`` of a ``TamiyoSetModule`` (``esper_ray.simic.module``)."""
+    return {"max_slots": max_slots, "k": k, "hidden": hidden}
+
+
+def module_config_of(cfg: SimicConfig, env_cfg: Any = None) -> dict[str, Any]:
+    """The ``TamiyoSetModule`` ``model_config`` for ``cfg``: set maxima from its env config.
+
+    Online (PPO) and offline (MARWIL) training both build their module from this, so an
+    offline checkpoint warm-starts the online one.
+    """
+    import envs
+
+    env_cfg = env_cfg or envs.EnvConfig.model_validate(cfg.env)
+    return module_config(env_cfg.max_slots, env_cfg.run.blueprints.max_candidates, cfg.ppo.hidden)

@@ -21,24 +21,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from esper_ray.config import ScheduledAction
-from esper_ray.contracts import ActionKind, ControllerAction, EsperError, HostContext, SeedStage, TrialResult
-from esper_ray.reports import write_table
-from esper_ray.tamiyo.baselines import (
-    BestFixedController,
-    BestFixedTable,
-    ScheduleController,
-    TrialHeuristic,
-    modal_sequence,
-    replay_schedule,
+from esper_ray.contracts import (
+    ActionKind,
+    ControllerAction,
+    EsperError,
+    EventKind,
+    HostContext,
+    Observation,
+    SeedStage,
+    TrialResult,
 )
-from esper_ray.tamiyo.controllers import Controller, HeuristicController, RandomController, StaticController
-
-ControllerFactory = Callable[[int], Controller]
+from esper_ray.reports import write_table
+from esper_ray.tamiyo.baselines import BestFixedTable, ScheduleController, modal_sequence, replay_schedule
+from esper_ray.tamiyo.controllers import Controller, ControllerFactory, EpisodeFactory, controller_factory
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,16 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Stat:
     return Stat(float(x.mean()), float(sem * stats.t.ppf((1 + confidence) / 2, len(x) - 1)), len(x))
 
 
-def encode_action(env, action: ControllerAction, obs) -> int:
+@runtime_checkable
+class ActionEncoder(Protocol):
+    """An env that turns a controller's action into its own action index (``MorphogenesisEnv``)."""
+
+    def encode_action(self, action: ControllerAction, obs: Observation) -> int: ...
+
+
+def encode_action(env: Any, action: ControllerAction, obs: Observation) -> int:
     """The env's index of ``action``: ``env.encode_action`` where the env has it, else its action space's."""
-    encode = getattr(type(env), "encode_action", None)
-    if encode is not None:
+    if isinstance(env, ActionEncoder):
         return env.encode_action(action, obs)
     return env.space.encode(action, obs.candidates)
 
@@ -100,7 +106,7 @@ def play_episode(env, controller: Controller, task_index: int, seed: int) -> dic
         "final_val_acc": info["val_acc"],
         "seed_params": info["seed_params"],
         "germinations": len(slots),
-        "culls": sum(e.get("kind") == "cull" for e in trainer.events),
+        "culls": sum(e.get("kind") == EventKind.CULL for e in trainer.events),
         "seconds": time.perf_counter() - started,
         "fidelity_hits": sum(s == truth for s in slots) if truth else None,
         "ground_truth_slot": truth,
@@ -194,12 +200,14 @@ def evaluate_controllers(
                     )
         if name in replay_of:
             schedule = replay_schedule(modal_sequence([r["actions"] for r in mine]))
-            plan.insert(
-                i + 1,
-                (f"replay({name})", lambda s, sc=schedule: ScheduleController(sc, fossilize=False, name="replay")),
-            )
+            plan.insert(i + 1, (f"replay({name})", _replayer(schedule)))
         i += 1
     return rows
+
+
+def _replayer(schedule: list[ScheduledAction]) -> ControllerFactory:
+    """factory(seed) playing ``schedule`` exactly (the ``replay`` of a controller's modal actions)."""
+    return lambda seed: ScheduleController(schedule, fossilize=False, name="replay")
 
 
 def summary_table(rows: list[dict[str, Any]], baseline: str | None = "heuristic") -> list[dict[str, Any]]:
@@ -209,7 +217,7 @@ def summary_table(rows: list[dict[str, Any]], baseline: str | None = "heuristic"
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["controller"], []).append(r)
-    base = {(r["task"], r["seed"]): r["final_test_acc"] for r in by.get(baseline, [])}
+    base = {(r["task"], r["seed"]): r["final_test_acc"] for r in (by.get(baseline, []) if baseline else [])}
     table = []
     for name, rs in by.items():
         acc = mean_ci([r["final_test_acc"] for r in rs])
@@ -327,24 +335,12 @@ def baseline_factories(
     ``settings`` (a ControllerConfig: the env's ``run.controller``). ``best-fixed`` needs ``table``."""
     factories: dict[str, ControllerFactory] = {}
     for name in names:
-        if name == "static":
-            factories[name] = lambda seed: StaticController()
-        elif name == "random":
-            factories[name] = lambda seed: RandomController(settings.p_act, seed)
-        elif name == "heuristic":
-            factories[name] = lambda seed: HeuristicController(settings.plateau_patience, settings.cull_below)
-        elif name == "trial":
-            factories[name] = lambda seed: TrialHeuristic(run, settings.trial, settings.plateau_patience)
-        elif name == "fixed":
-            if not settings.schedule:
-                raise EsperError("baseline fixed needs env.run.controller.schedule (a list of steps)")
-            factories[name] = lambda seed: ScheduleController(settings.schedule, fossilize=True)
-        elif name == "best-fixed":
-            if table is None:
-                raise EsperError("baseline best-fixed needs its table (search_best_fixed)")
-            factories[name] = lambda seed: BestFixedController(table, run)
-        else:
+        if name not in BASELINE_KINDS or name == "replay":
             raise EsperError(f"unknown baseline {name!r} (known: {', '.join(BASELINE_KINDS)})")
+        if name == "best-fixed" and table is None:
+            raise EsperError("baseline best-fixed needs its table (search_best_fixed)")
+        cfg = settings.model_copy(update={"kind": name})
+        factories[name] = controller_factory(cfg, run, table=table, source="env.run.controller")
     return factories
 
 
@@ -480,9 +476,7 @@ def episodes_ran(env_config: dict[str, Any], seeds: Sequence[int]) -> dict[str, 
 
 def _episodes_of(controller: Controller) -> ControllerFactory:
     """factory(seed) for a given controller: a learned policy draws with a generator per episode seed."""
-    from esper_ray.tamiyo.policy import PolicyController
-
-    if isinstance(controller, PolicyController):
+    if isinstance(controller, EpisodeFactory):
         return controller.episode
     return lambda seed: controller
 

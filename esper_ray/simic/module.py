@@ -17,13 +17,11 @@ from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
 from esper_ray.contracts import EsperError
+from esper_ray.simic.config import module_config
 from esper_ray.tamiyo.encoding import SetLayout
 from esper_ray.tamiyo.setnet import SetPolicyNet
 
-
-def module_config(max_slots: int, k: int, hidden: int) -> dict[str, Any]:
-    """The ``model_config`` of a ``TamiyoSetModule``."""
-    return {"max_slots": max_slots, "k": k, "hidden": hidden}
+__all__ = ["TamiyoSetModule", "module_config"]
 
 
 class TamiyoSetModule(TorchRLModule, ValueFunctionAPI):
@@ -31,15 +29,20 @@ class TamiyoSetModule(TorchRLModule, ValueFunctionAPI):
 
     def setup(self) -> None:
         cfg = self.model_config
+        if not isinstance(cfg, dict):  # module_config() builds a plain dict; RLlib passes it through
+            raise EsperError(f"TamiyoSetModule needs a model_config dict (module_config), got {type(cfg).__name__}")
         self.layout = SetLayout(int(cfg["max_slots"]), int(cfg["k"]))
-        space = self.observation_space
+        space, actions = self.observation_space, self.action_space
         if not isinstance(space, gym.spaces.Dict) or set(space.spaces) != {"observations", "action_mask"}:
             raise EsperError("TamiyoSetModule needs a Dict observation space of observations and action_mask")
-        if space["observations"].shape != (self.layout.size,) or self.action_space.n != self.layout.n_actions:
+        if not isinstance(actions, gym.spaces.Discrete):
+            raise EsperError(f"TamiyoSetModule needs a Discrete action space, got {type(actions).__name__}")
+        shape = space["observations"].shape or ()
+        if shape != (self.layout.size,) or actions.n != self.layout.n_actions:
             raise EsperError(
                 f"TamiyoSetModule(max_slots={self.layout.max_slots}, k={self.layout.k}) expects "
                 f"{self.layout.size} observations and {self.layout.n_actions} actions, the env gives "
-                f"{space['observations'].shape[0]} and {self.action_space.n}"
+                f"{shape[0] if shape else 0} and {actions.n}"
             )
         self.net = SetPolicyNet(self.layout, int(cfg.get("hidden", 64)))
 

@@ -64,8 +64,9 @@ import pyarrow.parquet as pq
 
 from esper_ray.config import validate_model
 from esper_ray.contracts import EsperError
-from esper_ray.simic.config import OfflineSettings, SimicConfig
+from esper_ray.simic.config import OfflineSettings, SimicConfig, module_config_of
 from esper_ray.simic.record import decision_arrays, read_recording
+from esper_ray.util import error_line
 
 
 def _settings(cfg: SimicConfig, settings: OfflineSettings | dict[str, Any] | None) -> OfflineSettings:
@@ -78,8 +79,6 @@ def _settings(cfg: SimicConfig, settings: OfflineSettings | dict[str, Any] | Non
 
 def _model_config(cfg: SimicConfig) -> dict[str, Any]:
     # Exactly what esper_ray.simic.ppo.build_ppo_config gives the online module.
-    from esper_ray.simic.ppo import module_config_of
-
     return module_config_of(cfg)
 
 
@@ -218,7 +217,7 @@ def train_offline(
     started (embedded, or RAY_ADDRESS) if it is not running.
     """
     import envs
-    from esper_ray.simic.ppo import ensure_ray
+    from esper_ray.cluster import ensure_ray
     from esper_ray.tamiyo.policy import export_rl_module, load_policy
 
     settings = _settings(cfg, settings)
@@ -328,6 +327,4 @@ def warm_start(algo, checkpoint: str | Path) -> None:
     try:
         algo.restore_from_path(str(source.absolute()), component=component)
     except Exception as err:  # RLlib raises many kinds; the user needs one line
-        raise EsperError(
-            f"cannot warm-start from {checkpoint}: {str(err).splitlines()[0] if str(err) else err!r}"
-        ) from None
+        raise EsperError(f"cannot warm-start from {checkpoint}: {error_line(err)}") from None

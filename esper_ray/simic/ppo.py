@@ -21,7 +21,8 @@ from typing import Any
 
 from esper_ray.cluster import ensure_ray, require_free
 from esper_ray.contracts import EsperError
-from esper_ray.simic.config import SimicConfig
+from esper_ray.simic.config import SimicConfig, module_config_of
+from esper_ray.util import error_line
 
 
 def _callbacks_class():
@@ -69,7 +70,8 @@ def build_ppo_config(cfg: SimicConfig):
         .environment(**env_kwargs)
         .env_runners(
             num_env_runners=cfg.num_env_runners,
-            num_cpus_per_env_runner=cfg.num_cpus_per_env_runner,
+            # Fractional CPUs work (Ray schedules them); RLlib's annotation says int.
+            num_cpus_per_env_runner=cfg.num_cpus_per_env_runner,  # type: ignore[arg-type]
             num_gpus_per_env_runner=cfg.num_gpus_per_env_runner,
             **runner_kwargs,
             rollout_fragment_length="auto",
@@ -93,15 +95,6 @@ def build_ppo_config(cfg: SimicConfig):
         .callbacks(_callbacks_class())
         .debugging(seed=cfg.seed)
     )
-
-
-def module_config_of(cfg: SimicConfig, env_cfg=None) -> dict[str, Any]:
-    """The TamiyoSetModule ``model_config`` for ``cfg`` (set maxima from its env config)."""
-    import envs
-    from esper_ray.simic.module import module_config
-
-    env_cfg = env_cfg or envs.EnvConfig.model_validate(cfg.env)
-    return module_config(env_cfg.max_slots, env_cfg.run.blueprints.max_candidates, cfg.ppo.hidden)
 
 
 def summarize(result: dict[str, Any]) -> dict[str, float]:
@@ -155,9 +148,7 @@ def train_simic(
         try:
             algo = Algorithm.from_checkpoint(str(Path(resume).absolute()))
         except Exception as err:  # RLlib raises many kinds; the user needs one line
-            raise EsperError(
-                f"cannot resume from {resume}: {str(err).splitlines()[0] if str(err) else err!r}"
-            ) from None
+            raise EsperError(f"cannot resume from {resume}: {error_line(err)}") from None
     else:
         algo = build_ppo_config(cfg).build_algo()
         if warm_start is not None:  # an offline (MARWIL/BC) checkpoint of the same module

@@ -28,7 +28,6 @@ episode (controller, task, seed, steps, return, final accuracy).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,15 +37,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esper_ray.contracts import EsperError
-from esper_ray.tamiyo.controllers import Controller
+from esper_ray.tamiyo.controllers import Controller, ControllerFactory, policy_factory
+from esper_ray.util import atomic_write, error_line
 
 FORMAT = "esper-ray-decisions/2"
 META_KEY = b"esper-ray"
 COLUMNS = ("eps_id", "t", "obs", "actions", "rewards", "new_obs", "terminateds", "truncateds")
 RECORDABLE = ("static", "random", "heuristic", "trial")
 """Baselines that can be recorded (the schedule baselines need a schedule or a searched table)."""
-
-ControllerFactory = Callable[[int], Controller]
 
 
 def obs_type(obs_size: int, n_actions: int) -> pa.StructType:
@@ -76,7 +74,8 @@ def schema(obs_size: int, n_actions: int, meta: dict[str, Any] | None = None) ->
 
 
 def controller_factories(specs: Iterable[str], settings=None, run=None) -> dict[str, ControllerFactory]:
-    """Baseline names (``RECORDABLE``) or exported policy folders -> named factories.
+    """Baseline names (``RECORDABLE``) or exported policy folders -> named factories (a policy as
+    ``policy:<label>``, labelled like everywhere else: ``esper_ray.tamiyo.controllers.policy_label``).
 
     Baselines are built by ``esper_ray.simic.evaluate.baseline_factories`` with ``settings`` (a
     ControllerConfig; its defaults when None) and ``run`` (the EpisodeRun that hands ``trial``
@@ -84,7 +83,6 @@ def controller_factories(specs: Iterable[str], settings=None, run=None) -> dict[
     """
     from esper_ray.config import ControllerConfig
     from esper_ray.simic.evaluate import EpisodeRun, baseline_factories
-    from esper_ray.tamiyo.policy import load_policy
 
     settings = settings or ControllerConfig()
     run = run or EpisodeRun()
@@ -93,8 +91,8 @@ def controller_factories(specs: Iterable[str], settings=None, run=None) -> dict[
         if spec in RECORDABLE:
             out.update(baseline_factories([spec], settings, run))
         else:
-            policy = load_policy(spec)  # fail now, with one line
-            out[f"policy:{Path(spec).parent.name or spec}"] = policy.episode
+            label, factory = policy_factory(spec)  # loaded now: fails with one line
+            out[label] = factory
     if not out:
         raise EsperError(f"nothing to record: name controllers ({', '.join(RECORDABLE)} or a policy folder)")
     return out
@@ -207,11 +205,7 @@ def record_episodes(
     }
     table = pa.Table.from_pylist(rows, schema=schema(env.layout.size, env.layout.n_actions, meta))
     path.mkdir(parents=True, exist_ok=True)
-    file = path / "decisions.parquet"
-    tmp = path / ".decisions.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, file)
-    return file
+    return atomic_write(path / "decisions.parquet", lambda f: pq.write_table(table, f))
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -236,7 +230,7 @@ def read_recording(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
         try:
             table = pq.read_table(file)
         except (OSError, pa.ArrowException) as err:
-            raise EsperError(f"recording {file} is unreadable: {str(err).splitlines()[0]}") from None
+            raise EsperError(f"recording {file} is unreadable: {error_line(err)}") from None
         raw = (table.schema.metadata or {}).get(META_KEY)
         try:
             meta = json.loads(raw) if raw else {}
@@ -251,7 +245,7 @@ def read_recording(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
         try:
             table = table.select(list(COLUMNS)).cast(want)
         except (pa.ArrowException, ValueError) as err:
-            raise EsperError(f"recording {file} has wrong column types: {str(err).splitlines()[0]}") from None
+            raise EsperError(f"recording {file} has wrong column types: {error_line(err)}") from None
         tables.append(table)
         metas.append(meta)
     first = metas[0]

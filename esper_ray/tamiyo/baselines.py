@@ -33,6 +33,7 @@ from esper_ray.contracts import (
     SeedStage,
     TrialResult,
 )
+from esper_ray.util import atomic_write_text, error_line
 
 
 @runtime_checkable
@@ -215,10 +216,7 @@ class BestFixedTable:
     def write(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def read(cls, path: str | Path) -> BestFixedTable:
@@ -233,7 +231,7 @@ class BestFixedTable:
         except FileNotFoundError:
             raise EsperError(f"best-fixed table not found: {path}") from None
         except (ValueError, KeyError, TypeError) as err:
-            raise EsperError(f"{path}: not a best-fixed table ({str(err).splitlines()[0]})") from None
+            raise EsperError(f"{path}: not a best-fixed table ({error_line(err)})") from None
         if not entries:
             raise EsperError(f"{path}: the best-fixed table has no contexts")
         return cls(entries=entries, meta=raw.get("meta", {}))
@@ -332,10 +330,11 @@ class TrialHeuristic:
             if s.stage is SeedStage.CULLED and s.blueprint and s.blueprint not in self.failed.get(s.name, []):
                 self.failed.setdefault(s.name, []).append(s.blueprint)
         for a in legal:
-            if a.kind is ActionKind.FOSSILIZE and by_slot[a.slot].contribution >= self.cull_below:
+            slot = by_slot.get(a.slot) if a.slot else None  # a fossilize always names its slot
+            if a.kind is ActionKind.FOSSILIZE and slot is not None and slot.contribution >= self.cull_below:
                 return a
         for a in legal:
-            if a.kind is ActionKind.CULL:
+            if a.kind is ActionKind.CULL and a.slot is not None:
                 s = by_slot[a.slot]
                 if s.stage is SeedStage.HOLDING and s.contribution < self.cull_below:
                     self.failed.setdefault(s.name, []).append(s.blueprint or "")
@@ -343,7 +342,7 @@ class TrialHeuristic:
         if any(s.stage.is_live for s in obs.slots):
             return ControllerAction.wait()
         germinations = [
-            a for a in legal if a.kind is ActionKind.GERMINATE and a.blueprint not in self.failed.get(a.slot, [])
+            a for a in legal if a.kind is ActionKind.GERMINATE and a.blueprint not in self.failed.get(a.slot or "", [])
         ]
         d = self.counter.decision
         due = d - self.last_round >= self.settings.every or obs.global_.plateau_epochs >= self.plateau_patience
@@ -365,7 +364,8 @@ class TrialHeuristic:
             scores = HeuristicController.bottleneck_scores(slots)
             floor = HeuristicController.DEFICIT_FLOOR
             slots = sorted(slots, key=lambda s: (s.grad_deficit <= floor, -scores[s.name]))[: t.top_slots]
-        per_slot = {s.name: [a.blueprint for a in germinations if a.slot == s.name][: t.max_candidates] for s in slots}
+        named = [(a.slot, a.blueprint) for a in germinations if a.blueprint is not None]  # a germination names one
+        per_slot = {s.name: [b for slot, b in named if slot == s.name][: t.max_candidates] for s in slots}
         record: dict[str, Any] = {"decision": self.counter.decision}
         pairs = [(slot, name) for slot, names in per_slot.items() for name in names]
         if t.screen_steps < t.steps and any(len(names) > t.keep for names in per_slot.values()):

@@ -8,11 +8,17 @@ if it beats them.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from esper_ray.contracts import ActionKind, ControllerAction, EsperError, Observation, SeedStage
+from esper_ray.contracts import ActionKind, ControllerAction, ControllerKind, EsperError, Observation, SeedStage
+
+if TYPE_CHECKING:
+    from esper_ray.config import ControllerConfig
+    from esper_ray.tamiyo.baselines import BestFixedTable
 
 
 @runtime_checkable
@@ -91,12 +97,19 @@ class HeuristicController:
 
     def act(self, obs: Observation, legal: list[ControllerAction]) -> ControllerAction:
         by_slot = {s.name: s for s in obs.slots}
+        # A fossilize or cull action always names a slot (ControllerAction checks it).
         for a in legal:
-            if a.kind is ActionKind.FOSSILIZE and by_slot[a.slot].contribution > self.cull_below:
+            s = by_slot.get(a.slot) if a.slot else None
+            if a.kind is ActionKind.FOSSILIZE and s is not None and s.contribution > self.cull_below:
                 return a
         for a in legal:
             s = by_slot.get(a.slot) if a.slot else None
-            if a.kind is ActionKind.CULL and s.stage is SeedStage.HOLDING and s.contribution <= self.cull_below:
+            if (
+                a.kind is ActionKind.CULL
+                and s is not None
+                and s.stage is SeedStage.HOLDING
+                and s.contribution <= self.cull_below
+            ):
                 return a
         if any(s.stage.is_live for s in obs.slots) or obs.global_.plateau_epochs < self.plateau_patience:
             return ControllerAction.wait()
@@ -109,7 +122,7 @@ class HeuristicController:
         tried = self.tried.setdefault(slot, [])
         fresh = [a for a in options if a.blueprint not in tried] or options
         choice = fresh[0]
-        tried.append(choice.blueprint)
+        tried.append(choice.blueprint or "")  # a germination always names its blueprint
         return choice
 
     DEFICIT_FLOOR = 0.0
@@ -159,36 +172,97 @@ class HeuristicController:
         self.tried = {k: list(v) for k, v in state.get("tried", {}).items()}
 
 
-def make_controller(cfg, seed: int = 0, run=None) -> Controller:
+ControllerFactory = Callable[[int], Controller]
+"""``factory(seed)``: a fresh controller for one episode seeded ``seed``."""
+
+
+def make_controller(
+    cfg: ControllerConfig,
+    seed: int = 0,
+    run: Any = None,
+    *,
+    table: BestFixedTable | None = None,
+    source: str = "controller",
+) -> Controller:
     """A controller from a ControllerConfig (``policy`` loads an exported Tamiyo).
 
-    ``run`` is the collaborator the ``trial`` and ``best-fixed`` kinds need (the Trainer, which
-    implements ``baselines.CandidateTrials`` and ``baselines.HostContextSource``); EsperError
-    without it.
+    ``run`` is the collaborator the ``trial`` and ``best-fixed`` kinds need (the Trainer, or an
+    evaluation's ``EpisodeRun``, which implement ``baselines.CandidateTrials`` and
+    ``baselines.HostContextSource``); EsperError without it. ``best-fixed`` plays ``table`` when
+    given, else reads ``cfg.best_fixed.table``. ``source`` names where ``cfg`` came from in error
+    messages (``controller`` in a run config, ``env.run.controller`` in an evaluation).
     """
     from esper_ray.tamiyo import baselines
 
-    if cfg.kind == "static":
+    kind = ControllerKind(cfg.kind)
+    if kind is ControllerKind.STATIC:
         return StaticController()
-    if cfg.kind == "random":
+    if kind is ControllerKind.RANDOM:
         return RandomController(cfg.p_act, seed)
-    if cfg.kind == "heuristic":
+    if kind is ControllerKind.HEURISTIC:
         return HeuristicController(cfg.plateau_patience, cfg.cull_below)
-    if cfg.kind in ("fixed", "replay"):
+    if kind in (ControllerKind.FIXED, ControllerKind.REPLAY):
         if not cfg.schedule:
-            raise EsperError(f"controller.kind={cfg.kind} needs controller.schedule (a list of steps)")
-        return baselines.ScheduleController(cfg.schedule, fossilize=cfg.kind == "fixed", name=cfg.kind)
-    if cfg.kind in ("trial", "best-fixed") and run is None:
-        raise EsperError(f"controller.kind={cfg.kind} needs the run it plays in (make_controller(..., run=trainer))")
-    if cfg.kind == "trial":
+            raise EsperError(f"{source}.kind={kind} needs {source}.schedule (a list of steps)")
+        return baselines.ScheduleController(cfg.schedule, fossilize=kind is ControllerKind.FIXED, name=kind.value)
+    if kind in (ControllerKind.TRIAL, ControllerKind.BEST_FIXED) and run is None:
+        raise EsperError(f"{source}.kind={kind} needs the run it plays in (make_controller(..., run=trainer))")
+    if kind is ControllerKind.TRIAL:
         return baselines.TrialHeuristic(run, cfg.trial, cfg.plateau_patience)
-    if cfg.kind == "best-fixed":
-        if not cfg.best_fixed.table:
-            raise EsperError(
-                "controller.kind=best-fixed needs controller.best_fixed.table "
-                "(the best_fixed.json that esper-ray evaluate --baselines best-fixed writes)"
-            )
-        return baselines.BestFixedController(baselines.BestFixedTable.read(cfg.best_fixed.table), run)
+    if kind is ControllerKind.BEST_FIXED:
+        if table is None:
+            if not cfg.best_fixed.table:
+                raise EsperError(
+                    f"{source}.kind=best-fixed needs {source}.best_fixed.table "
+                    "(the best_fixed.json that esper-ray evaluate --baselines best-fixed writes)"
+                )
+            table = baselines.BestFixedTable.read(cfg.best_fixed.table)
+        return baselines.BestFixedController(table, run)
     from esper_ray.tamiyo.policy import load_policy  # torch-only inference, no RLlib
 
     return load_policy(cfg.path, sample=cfg.sample, seed=seed)
+
+
+def controller_factory(
+    cfg: ControllerConfig,
+    run: Any = None,
+    *,
+    table: BestFixedTable | None = None,
+    source: str = "controller",
+) -> ControllerFactory:
+    """``factory(seed)`` building ``cfg``'s controller per episode (see ``make_controller``).
+
+    What ``make_controller`` would refuse is refused now, once, not at the first episode.
+    A ``policy`` is loaded once; each episode draws with its own generator seeded ``seed``.
+    """
+    from esper_ray.tamiyo.baselines import BestFixedController
+
+    kind = ControllerKind(cfg.kind)
+    if kind is ControllerKind.POLICY:
+        policy = make_controller(cfg, run=run, table=table, source=source)
+        return policy.episode if isinstance(policy, EpisodeFactory) else (lambda seed: policy)
+    first = make_controller(cfg, 0, run, table=table, source=source)  # fail now, with one line
+    if isinstance(first, BestFixedController):
+        table = first.table  # read once, not per episode
+    return lambda seed: make_controller(cfg, seed, run, table=table, source=source)
+
+
+@runtime_checkable
+class EpisodeFactory(Protocol):
+    """A controller that makes one fresh, seeded copy of itself per episode (a learned policy)."""
+
+    def episode(self, seed: int) -> Controller: ...
+
+
+def policy_label(path: str | Path) -> str:
+    """A policy's name in tables: its run's name for ``<run>/policy``, else the folder's own name."""
+    path = Path(path).resolve()
+    return path.parent.name if path.name == "policy" else path.name
+
+
+def policy_factory(path: str | Path) -> tuple[str, ControllerFactory]:
+    """(``policy:<label>``, factory) for the exported policy folder ``path``, loaded now (one-line
+    EsperError when it is missing or unreadable); each episode draws with its own generator."""
+    from esper_ray.tamiyo.policy import load_policy
+
+    return f"policy:{policy_label(path)}", load_policy(path).episode

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from esper_ray.contracts import ControllerAction, EsperError, Observation
 from esper_ray.tamiyo.encoding import ActionSpace, ObsEncoder, SetLayout
 from esper_ray.tamiyo.setnet import SetPolicyNet
+from esper_ray.util import error_line
 
 FORMAT = "esper-ray-tamiyo-policy/2"
 SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "tamiyo"
@@ -121,7 +122,7 @@ def load_policy(path: str | Path | None, *, sample: bool = True, seed: int = 0) 
         meta = json.loads(meta_file.read_text())
         tensors = load_file(weights_file)
     except (OSError, ValueError, SafetensorError) as err:
-        raise EsperError(f"policy at {path} is unreadable: {str(err).splitlines()[0]}") from None
+        raise EsperError(f"policy at {path} is unreadable: {error_line(err)}") from None
     if not isinstance(meta, dict):
         raise EsperError(f"policy at {path}: policy.json is not a JSON object")
     if meta.get("format") != FORMAT:
@@ -133,5 +134,5 @@ def load_policy(path: str | Path | None, *, sample: bool = True, seed: int = 0) 
     try:
         net.load_state_dict(tensors)
     except RuntimeError as err:
-        raise EsperError(f"policy at {path} is inconsistent with its policy.json: {str(err).splitlines()[0]}") from None
+        raise EsperError(f"policy at {path} is inconsistent with its policy.json: {error_line(err)}") from None
     return PolicyController(net, source=str(path), sample=sample, seed=seed)

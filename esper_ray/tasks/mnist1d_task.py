@@ -25,9 +25,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import os
 import random
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 
 from esper_ray.tasks.base import TaskConfig, TaskData, cache_dir, finish, split_pool, task_name
 from esper_ray.tasks.params import Mnist1dParams, parse_params, settings_tag
+from esper_ray.util import atomic_write
 
 _DEFAULT = Mnist1dParams()
 
@@ -106,17 +105,9 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write atomically (temp file + rename) so a concurrent reader never sees half a file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+        atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as exc:
         warnings.warn(f"mnist1d cache not written to {path}: {exc}", stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"mnist1d cache not written to {path}: {exc}", stacklevel=3)
-        Path(tmp).unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=32)

@@ -31,8 +31,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import lzma
-import os
-import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch
 from esper_ray.contracts import EsperError
 from esper_ray.tasks.base import TEST_FRACTION, TaskConfig, TaskData, cache_dir, finish, task_name
 from esper_ray.tasks.params import TextParams
+from esper_ray.util import atomic_write_bytes
 
 VOCAB = 256
 """Byte values: the number of classes of every text task."""
@@ -104,13 +103,11 @@ def corpus_bytes(domain: str) -> bytes:
     except OSError:
         pass
     data = _shipped(corpus)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass  # a cache we cannot write: the shipped corpus is read again next time
     return data
 
 

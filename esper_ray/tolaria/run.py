@@ -25,7 +25,7 @@ from typing import Any
 
 from esper_ray.blueprints import BlueprintCatalogue
 from esper_ray.config import RunConfig, dump_config
-from esper_ray.contracts import EsperError, SeedEvent
+from esper_ray.contracts import AccuracySink, EsperError, EventKind, FieldReportSink, GerminationSink, SeedEvent
 from esper_ray.lineage import LEDGER_FILE, SIGNATURE_FILE, Ledger, weights_digest
 from esper_ray.reports import plot_report, write_table
 from esper_ray.tamiyo.controllers import Controller, make_controller
@@ -230,7 +230,7 @@ def _run(
     ledger = _attach_ledger(trainer, run_dir, cfg.lineage.key_path) if cfg.lineage.enabled else None
     if ledger is not None and resumed:
         digest = weights_digest(trainer.host.state_dict())
-        last = next((e for e in reversed(ledger.events) if e.kind == "checkpoint"), None)
+        last = next((e for e in reversed(ledger.events) if e.kind == EventKind.CHECKPOINT), None)
         if last is None or (last.epoch, last.step, last.weights_digest) != (trainer.epoch, trainer.step, digest):
             # The run was killed after its checkpoint was written but before the ledger recorded
             # it: record it now (marked recovered), so that replay restarts from this checkpoint.
@@ -251,11 +251,11 @@ def _run(
         )
 
     # A pipeline client (actors.client.UrzaCatalogue) also takes metrics and field reports.
-    record_accuracy = getattr(catalogue, "record_accuracy", None)
-    record_germination = getattr(catalogue, "record_germination", None)
-    if record_germination is not None:
+    accuracy_sink = catalogue if isinstance(catalogue, AccuracySink) else None
+    if isinstance(catalogue, GerminationSink):
+        germinations: GerminationSink = catalogue
         trainer.event_hooks.append(
-            lambda row: record_germination(row["blueprint"]) if row["kind"] == "germinate" else None
+            lambda row: germinations.record_germination() if row["kind"] == EventKind.GERMINATE else None
         )
     bar = _Progress(cfg.training.epochs, trainer.epoch, progress, cfg.name)
     stop = cfg.training.epochs if stop_after is None else min(cfg.training.epochs, trainer.epoch + stop_after)
@@ -267,8 +267,8 @@ def _run(
             action = trainer.apply_decision(controller)
             row = trainer.end_epoch(action)
             bar.update(row)
-            if record_accuracy is not None:
-                record_accuracy(row["val_acc"])
+            if accuracy_sink is not None:
+                accuracy_sink.record_accuracy(row["val_acc"])
             if ledger is not None:
                 ledger.flush()
             due = (every and trainer.epoch % every == 0) or (every_s and time.monotonic() - last_saved >= every_s)
@@ -279,9 +279,8 @@ def _run(
         bar.close()
     _checkpoint(trainer, controller, run_dir, ledger)
     summary = _write_outputs(trainer, run_dir)
-    send = getattr(catalogue, "send_field_reports", None)
-    if send is not None and trainer.field_reports:
-        send(trainer.field_reports)  # fire-and-forget: they accumulate in Urza for Karn
+    if isinstance(catalogue, FieldReportSink) and trainer.field_reports:
+        catalogue.send_field_reports(trainer.field_reports)  # fire-and-forget: they accumulate in Urza for Karn
     return RunResult(run_dir, summary, trainer)
 
 
