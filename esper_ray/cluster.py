@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from esper_ray.contracts import EsperError
+from esper_ray.util import error_line
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -56,7 +57,7 @@ def ensure_ray(
         try:
             ray.init(address=address, log_to_driver=log_to_driver)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise EsperError(f"could not join Ray at {address}: {str(err).splitlines()[0]}") from None
+            raise EsperError(f"could not join Ray at {address}: {error_line(err)}") from None
         return
     ray.init(
         num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),

@@ -9,6 +9,7 @@ import torch
 from esper_ray.blueprints.builder import SeedModule, build_seed
 from esper_ray.blueprints.spec import BlueprintSpec
 from esper_ray.contracts import EsperError
+from esper_ray.util import error_line
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def check_contract(
     except EsperError as err:
         return ContractResult(False, str(err))
     except (RuntimeError, ValueError) as err:  # torch refusing a shape we did not foresee
-        return ContractResult(False, f"build failed: {err}".splitlines()[0])
+        return ContractResult(False, f"build failed: {error_line(err)}")
     params = sum(p.numel() for p in seed.parameters())
     gen = torch.Generator().manual_seed(0)
     h = torch.randn((batch, *slot_shape), generator=gen)

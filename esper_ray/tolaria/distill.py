@@ -75,6 +75,7 @@ from esper_ray.contracts import EsperError
 from esper_ray.hosts import HostConfig, MorphoHost, build_host
 from esper_ray.hosts.transformer import TransformerHost
 from esper_ray.tasks import TaskData, cache_dir
+from esper_ray.util import error_line
 
 FORMAT = "esper-ray-teacher/1"
 _CACHE_VERSION = 1  # bump when a cached teacher's meaning changes (training loop, format)
@@ -389,11 +390,6 @@ def _checkpoint_files(path: Path) -> tuple[Path, Path]:
     return path / "teacher.safetensors", path / "teacher.json"
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def load_teacher(path: str | Path, data: TaskData) -> tuple[MorphoHost, dict[str, Any]]:
     """Load a teacher checkpoint for ``data``; EsperError (one line, naming the path) if unusable."""
     path = Path(path).expanduser()
@@ -405,7 +401,7 @@ def load_teacher(path: str | Path, data: TaskData) -> tuple[MorphoHost, dict[str
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EsperError(f"{where}: {meta_path.name} is not valid JSON: {_one_line(err)}") from None
+        raise EsperError(f"{where}: {meta_path.name} is not valid JSON: {error_line(err)}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise EsperError(f"{where}: {meta_path.name} is not an {FORMAT} file")
     try:
@@ -421,7 +417,7 @@ def load_teacher(path: str | Path, data: TaskData) -> tuple[MorphoHost, dict[str
         raw = weights.read_bytes()
         tensors = load(raw)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise EsperError(f"{where}: {weights.name} is not a readable safetensors file: {_one_line(err)}") from None
+        raise EsperError(f"{where}: {weights.name} is not a readable safetensors file: {error_line(err)}") from None
     recorded = meta.get("weights_sha256")
     if recorded is not None and recorded != hashlib.sha256(raw).hexdigest():
         raise EsperError(f"{where}: {weights.name} does not match the sha256 recorded in {meta_path.name}")
@@ -429,7 +425,7 @@ def load_teacher(path: str | Path, data: TaskData) -> tuple[MorphoHost, dict[str
     try:
         host.load_host_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
     except (EsperError, RuntimeError) as err:
-        raise EsperError(f"{where}: weights do not fit its host config: {_one_line(err)}") from None
+        raise EsperError(f"{where}: weights do not fit its host config: {error_line(err)}") from None
     host.requires_grad_(False)
     return host, meta
 
