@@ -346,3 +346,42 @@ def test_reset_takes_one_seed_per_episode(torch_seed):
     np.testing.assert_array_equal(obs["observations"][1], single.reset(seed=8)[0]["observations"])
     with pytest.raises(EsperError, match="3 seeds for 2 episodes"):
         venv.reset(seed=[1, 2, 3])
+
+
+def test_a_stack_grows_and_runs_leave_it_bit_for_bit(torch_seed):
+    # HostStacks directly: a run's weights and Adam state survive its stack growing around it (1 -> 2
+    # rows) exactly, and a run that leaves keeps its values in memory of its own.
+    from esper_ray.config import RunConfig
+    from esper_ray.tasks import load_task
+    from esper_ray.tolaria.batched import HostStacks
+    from esper_ray.tolaria.trainer import Trainer
+
+    cfg = RunConfig(task={"family": "mnist1d", "n_train": 400}, lineage={"enabled": False})
+    data = load_task(cfg.task)
+
+    def run(seed: int) -> Trainer:
+        return Trainer(cfg.model_copy(update={"training": cfg.training.model_copy(update={"seed": seed})}), data)
+
+    alone, a, b = run(1), run(1), run(2)
+    stacks = HostStacks(3)
+    stacks.attach(0, a)
+    for _ in range(2):
+        stacks.train_epochs([0])
+        alone.train_epoch()
+    stacks.attach(2, b)  # same skeleton, no free row: the stack grows to 2 rows with a's Adam state in it
+    assert [s.n for s in stacks.stacks.values()] == [2]
+    stacks.train_epochs([0, 2])
+    alone.train_epoch()
+    assert a.last == {**alone.last, "epoch_seconds": a.last["epoch_seconds"]}
+    for p, q in zip(a.host.host_parameters(), alone.host.host_parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(a.opt.state[p]["exp_avg_sq"], alone.opt.state[q]["exp_avg_sq"])
+        assert float(a.opt.state[p]["step"]) == float(alone.opt.state[q]["step"]) == 12.0  # 3 epochs x 4 batches
+    stacks.detach(0)
+    kept = [p.clone() for p in a.host.host_parameters()]
+    stacks.train_epochs([2])  # b trains on; a's weights no longer live in the stack
+    assert all(torch.equal(p, k) for p, k in zip(a.host.host_parameters(), kept, strict=True))
+    stacks.detach(2)
+    assert stacks.stacks == {}
+    with pytest.raises(EsperError, match="episode 2 has no run"):
+        stacks.train_epochs([2])
