@@ -21,12 +21,12 @@ import os
 import sys
 from pathlib import Path
 
-from esper_ray.contracts import EsperError
+from esper_ray.contracts import ControllerKind, EsperError
 
 DEFAULT_CONFIG = Path("configs/quickstart.yaml")
 SIMIC_CONFIG = Path("configs/controller_ppo.yaml")
 SWEEP_CONFIG = Path("configs/sweep_ppo.yaml")
-BASELINES = ("static", "random", "heuristic", "trial")
+BASELINES = (ControllerKind.STATIC, ControllerKind.RANDOM, ControllerKind.HEURISTIC, ControllerKind.TRIAL)
 
 
 def _run_folder(path: Path) -> Path:
@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(f"training.device={args.device}")
         path = _config_path(args, DEFAULT_CONFIG)
         cfg = load_config(path, overrides)
-        if cfg.controller.kind == "policy":
+        if cfg.controller.kind == ControllerKind.POLICY:
             from esper_ray.tamiyo.policy import load_policy
 
             load_policy(cfg.controller.path)  # a bad policy folder fails before Ray or the run folder

@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from esper_ray.contracts import EventKind
 from esper_ray.util import atomic_write
 
 
@@ -72,7 +73,7 @@ def plot_report(
             label=None if kind in seen else label,
         )
         slot = ev.get("slot", "")
-        if kind == "germinate":
+        if kind == EventKind.GERMINATE:
             ax_acc.annotate(
                 f"{ev.get('blueprint', '')}@{slot}",
                 (ev["epoch"], ev.get("val_acc", 0.0)),

@@ -29,6 +29,7 @@ from esper_ray.config import ScheduledAction
 from esper_ray.contracts import (
     ActionKind,
     ControllerAction,
+    ControllerKind,
     EsperError,
     EventKind,
     HostContext,
@@ -324,7 +325,7 @@ def _actions_json(row: dict[str, Any]) -> str:
     return json.dumps([[d, str(a)] for d, a in row.get("actions", [])])
 
 
-BASELINE_KINDS = ("static", "random", "heuristic", "trial", "fixed", "best-fixed", "replay")
+BASELINE_KINDS = tuple(k for k in ControllerKind if k is not ControllerKind.POLICY)
 """What ``esper-ray evaluate --baselines`` takes (``replay`` replays the policies given, else ``trial``)."""
 
 
@@ -335,9 +336,9 @@ def baseline_factories(
     ``settings`` (a ControllerConfig: the env's ``run.controller``). ``best-fixed`` needs ``table``."""
     factories: dict[str, ControllerFactory] = {}
     for name in names:
-        if name not in BASELINE_KINDS or name == "replay":
+        if name not in BASELINE_KINDS or name == ControllerKind.REPLAY:
             raise EsperError(f"unknown baseline {name!r} (known: {', '.join(BASELINE_KINDS)})")
-        if name == "best-fixed" and table is None:
+        if name == ControllerKind.BEST_FIXED and table is None:
             raise EsperError("baseline best-fixed needs its table (search_best_fixed)")
         cfg = settings.model_copy(update={"kind": name})
         factories[name] = controller_factory(cfg, run, table=table, source="env.run.controller")
@@ -507,24 +508,25 @@ def run_evaluation(
             raise EsperError(f"unknown baseline {name!r} (known: {', '.join(BASELINE_KINDS)})")
     settings = env.run.controller
     replay_of: list[str] = []
-    if "replay" in baselines:
-        replay_of = list(policies) or (["trial"] if "trial" in baselines else [])
+    if ControllerKind.REPLAY in baselines:
+        replay_of = list(policies) or ([ControllerKind.TRIAL.value] if ControllerKind.TRIAL in baselines else [])
         if not replay_of:
             raise EsperError("replay replays a policy's modal actions: give --policy (or the trial baseline)")
-    if "best-fixed" in baselines and not env.train_tasks:
+    if ControllerKind.BEST_FIXED in baselines and not env.train_tasks:
         raise EsperError("best-fixed searches the training tasks: env.train_tasks is empty")
     if not baselines and not policies:
         raise EsperError("nothing to evaluate: give --baselines and/or --policy")
     run = EpisodeRun()
     table = None
-    if "best-fixed" in baselines:
+    if ControllerKind.BEST_FIXED in baselines:
         table, cached = search_best_fixed(env_config, settings.best_fixed, cache=cache, progress=progress)
         if progress:
             chosen = {k: v["schedule"] for k, v in table.entries.items()}
             progress(f"best-fixed table ({'cached' if cached else 'searched'}): {json.dumps(chosen)}")
-    factories = baseline_factories([n for n in baselines if n != "replay"], settings, run, table)
+    factories = baseline_factories([n for n in baselines if n != ControllerKind.REPLAY], settings, run, table)
     factories.update({label: _episodes_of(policy) for label, policy in policies.items()})
-    big_static_of = next(iter(policies), "heuristic" if "heuristic" in factories else None)
+    heuristic = ControllerKind.HEURISTIC.value
+    big_static_of = next(iter(policies), heuristic if heuristic in factories else None)
     rows = evaluate_controllers(
         factories, env_config, seeds, big_static_of=big_static_of, progress=progress, run=run, replay_of=replay_of
     )

@@ -36,14 +36,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esper_ray.contracts import EsperError
+from esper_ray.contracts import ControllerKind, EsperError
 from esper_ray.tamiyo.controllers import Controller, ControllerFactory, policy_factory
 from esper_ray.util import atomic_write, error_line
 
 FORMAT = "esper-ray-decisions/2"
 META_KEY = b"esper-ray"
 COLUMNS = ("eps_id", "t", "obs", "actions", "rewards", "new_obs", "terminateds", "truncateds")
-RECORDABLE = ("static", "random", "heuristic", "trial")
+RECORDABLE = (ControllerKind.STATIC, ControllerKind.RANDOM, ControllerKind.HEURISTIC, ControllerKind.TRIAL)
 """Baselines that can be recorded (the schedule baselines need a schedule or a searched table)."""
 
 
