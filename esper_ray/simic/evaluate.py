@@ -30,6 +30,7 @@ from esper_ray.contracts import (
     ActionKind,
     ControllerAction,
     ControllerKind,
+    EnvInfo,
     EsperError,
     EventKind,
     HostContext,
@@ -86,6 +87,7 @@ def play_episode(env, controller: Controller, task_index: int, seed: int) -> dic
     done = False
     actions: list[tuple[int, ControllerAction]] = []
     decision = 0
+    info: EnvInfo
     while not done:
         obs = trainer.observe()
         action = controller.act(obs, trainer.legal_actions())

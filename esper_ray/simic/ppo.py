@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from esper_ray.cluster import ensure_ray, require_free
-from esper_ray.contracts import EsperError
+from esper_ray.contracts import EnvInfo, EsperError
 from esper_ray.simic.config import SimicConfig, module_config_of
 from esper_ray.util import error_line
 
@@ -32,7 +32,7 @@ def _callbacks_class():
         """Logs what the host run did in each episode."""
 
         def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
-            info = episode.get_infos(-1)
+            info: EnvInfo = episode.get_infos(-1)
             if metrics_logger is None or not info:
                 return
             metrics_logger.log_value("esper_final_val_acc", info["val_acc"])
