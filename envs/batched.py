@@ -73,8 +73,10 @@ class _Worker:
         self.job: Callable[[], Any] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
-        self.waiting = False  # paused for an epoch
-        self.failed: BaseException | None = None  # the batched epoch it waited for failed
+        self.waiting = False  # paused for an epoch or a probe
+        self.request: tuple[str, Any] = ("epoch", None)  # what it paused for: ("epoch", None), ("probe", trainer)
+        self.reply: Any = None  # the answer to a probe request
+        self.failed: BaseException | None = None  # the batched work it waited for failed
         self.thread = threading.Thread(target=self._loop, name=f"esper-episode-{index}", daemon=True)
         self.thread.start()
 
@@ -96,14 +98,18 @@ class _Worker:
         self.go.release()
         self.back.acquire()
 
-    def pause_for_epoch(self) -> None:
-        """In the worker's thread: hand control back until the batched epoch has run."""
+    def pause(self, kind: str, payload: Any = None) -> Any:
+        """In the worker's thread: hand control back until the batched work asked for (an epoch, a
+        probe) has run; its reply (a probe's activations and gradients)."""
+        self.request = (kind, payload)
         self.waiting = True
         self.back.release()
         self.go.acquire()
         if self.failed is not None:
             err, self.failed = self.failed, None
             raise err
+        reply, self.reply = self.reply, None
+        return reply
 
     def stop(self) -> None:
         self.job = None
@@ -156,12 +162,14 @@ class BatchedMorphogenesisEnv(VectorEnv):
 
             def train_epoch() -> dict[str, float]:
                 if threading.current_thread() is worker.thread:
-                    worker.pause_for_epoch()
+                    worker.pause("epoch")
                 else:  # the episode called on its own, outside a batched step (e.g. a checker)
                     self._train([row])
                 return trainer.last
 
             trainer.train_epoch = train_epoch  # type: ignore[method-assign]  # per instance; the class is untouched
+            if not why:
+                self._batch_probe(trainer, worker)
             self._trainers[row] = trainer
             return trainer
 
@@ -179,7 +187,7 @@ class BatchedMorphogenesisEnv(VectorEnv):
                 break
             error = None
             try:
-                self._train(waiting)
+                self._serve(waiting)
             except BaseException as err:
                 error = err
             self._resume(waiting, error)
@@ -205,6 +213,35 @@ class BatchedMorphogenesisEnv(VectorEnv):
         ``error``), so no thread is left waiting."""
         while paused := [i for i in jobs if self._workers[i].waiting]:
             self._resume(paused, error)
+
+    def _batch_probe(self, trainer: Trainer, worker: _Worker) -> None:
+        """Route the run's probe (``Observer.probe``: the forward and backward on the probe batch)
+        through the batched step, so the stack computes the probes of every episode that needs one
+        at once; the kernel fits on their results stay per episode. A run whose observer has no
+        probe to route keeps its own."""
+        observer = getattr(trainer, "observer", None)
+        own = getattr(observer, "probe", None)
+        if observer is None or own is None:
+            return
+
+        def probe(host: Any) -> Any:
+            if threading.current_thread() is worker.thread and host is trainer.host:
+                return worker.pause("probe", trainer)
+            return own(host)
+
+        observer.probe = probe
+
+    def _serve(self, rows: list[int]) -> None:
+        """The batched work the paused episodes of ``rows`` wait for: their epochs, their probes."""
+        workers = self._workers
+        probes = [i for i in rows if workers[i].request[0] == "probe"]
+        self._train([i for i in rows if workers[i].request[0] == "epoch"])
+        if probes:
+            trainers = [workers[i].request[1] for i in probes]
+            xs = [t.observer.probe_x for t in trainers]
+            ys = [t.observer.probe_y for t in trainers]
+            for i, reply in zip(probes, self.stacks.probe(probes, xs, ys), strict=True):
+                workers[i].reply = reply
 
     def _train(self, rows: list[int]) -> None:
         """One epoch of these episodes' runs: the MLP hosts batched per skeleton, others one by one."""

@@ -111,6 +111,7 @@ def test_batched_env_matches_single_envs(torch_seed):
                 done[i] = True
     assert resets == n
     assert venv.stacks.grouped_calls > 0  # seeds of one blueprint in several episodes ran as one vmapped call
+    assert venv.stacks.probed >= n  # the probes (forward and backward on the probe batch) ran batched too
     # The script exercised every lifecycle edge the env has (else this test would prove little).
     # (a cull after blending restores the host's weights and Adam state from the blend snapshot)
     assert {"germinate", "fossilize", "cull", "BLENDING", "HOLDING", "cull after blending"} <= seen_events

@@ -77,6 +77,22 @@ class _BatchedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class _Blend(torch.autograd.Function):
+    """``torch.lerp(h, s, alpha)`` with one alpha per row, differentiated as the slot's own lerp with a
+    Python-float alpha is: the gradient to ``h`` scaled by ``1 - alpha`` computed in double, then
+    rounded (``rest``), not by ``1 - alpha`` in float32, which can differ in the last bit."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(alpha, rest)
+        return torch.lerp(h, s, alpha)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        alpha, rest = ctx.saved_tensors
+        return grad * rest, grad * alpha, None, None
+
+
 class _Grad:
     """A gradient tensor in the shape ``telemetry.grad_norms`` reads (``.grad``)."""
 
@@ -350,7 +366,7 @@ class HostStack:
                 keep.append(pos)
         return keep
 
-    def _losses(self, logits: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    def _losses(self, logits: torch.Tensor, yb: torch.Tensor, values: bool = True) -> tuple[torch.Tensor, list[float]]:
         """Each row's mean cross-entropy on its batch: as a tensor (rows,) to differentiate, and as
         the numbers ``F.cross_entropy`` gives that row alone (the governor and the epoch's mean read them)."""
         m, size = yb.shape[0], yb.shape[1]
@@ -358,12 +374,12 @@ class HostStack:
         # a batch's time at N = 32) serves both the gradient and the loss values.
         lsm = F.log_softmax(logits, 2)
         losses = F.nll_loss(lsm.reshape(m * size, -1), yb.reshape(-1), reduction="none").view(m, size).mean(1)
+        if not values:
+            return losses, []
         if logits.device.type == "cpu":
             with torch.no_grad():  # each row's loss as F.cross_entropy's mean reduction sums it (its own order)
-                values = [float(F.nll_loss(lsm[pos], yb[pos])) for pos in range(m)]
-        else:  # one read back per batch, not one per row (not bit for bit there anyway)
-            values = losses.tolist()
-        return losses, values
+                return losses, [float(F.nll_loss(lsm[pos], yb[pos])) for pos in range(m)]
+        return losses, losses.tolist()  # one read back per batch, not one per row (not bit for bit there anyway)
 
     def _plain_step(
         self, ep: _Epoch, members: list[int], weights: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor
@@ -440,16 +456,20 @@ class HostStack:
         trainers: list[Trainer],
         x: torch.Tensor,
         ablated: dict[int, str] | None = None,
+        taps: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits (rows, batch, classes) of the hosts of ``trainers`` (rows of ``weights``) with
         their slots, on ``x`` (rows, batch, *input); ``ablated``: row position -> a slot that
-        outputs its input whatever its seed (``SeedSlot.ablated``)."""
+        outputs its input whatever its seed (``SeedSlot.ablated``); ``taps``: gets the activation
+        entering each boundary's slot, boundary by boundary (``MorphoHost.forward_with_activations``)."""
         h = x.flatten(2) if x.dim() > 3 else x
         n_layers = len(weights) // 2
         plan = self._plan(trainers, ablated or {}, n_layers, x.device)
         for i in range(n_layers):
             if i > 0:
                 h = torch.relu(h)
+            if taps is not None:
+                taps.append(h)
             if plan[i]:
                 h = self._slots(plan[i], h)
             h = _BatchedLinear.apply(h, weights[2 * i], weights[2 * i + 1])
@@ -511,8 +531,46 @@ class HostStack:
         s = torch.func.vmap(call)(stacked, h if mode == _FOSSIL else h.detach())
         if mode == _FOSSIL:
             return s
-        alpha = torch.tensor([slot.alpha for slot in slots], dtype=h.dtype, device=h.device)
-        return torch.lerp(h, s, alpha.view(-1, *([1] * (h.dim() - 1))))
+        shape = (-1, *([1] * (h.dim() - 1)))
+        alpha = torch.tensor([slot.alpha for slot in slots], dtype=h.dtype, device=h.device).view(shape)
+        rest = torch.tensor([1.0 - slot.alpha for slot in slots], dtype=h.dtype, device=h.device).view(shape)
+        return _Blend.apply(h, s, alpha, rest)
+
+    # ---- probe -------------------------------------------------------------------------------
+    def probe(
+        self, rows: Sequence[int], xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]
+    ) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """``Observer.probe`` for the runs of ``rows`` at once, each on its probe batch ``(x, y)``:
+        per row, each slot's input activation and the gradient of the row's mean cross-entropy
+        there, with the hosts in eval mode (the same numbers as the run's own probe on the CPU)."""
+        rows = list(rows)
+        out: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = [({}, {})] * len(rows)
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for j in range(len(rows)):
+            by_shape[(tuple(xs[j].shape), tuple(ys[j].shape))].append(j)
+        self._plans.clear()  # stages changed since the last epoch (the decision's action)
+        for members in by_shape.values():
+            trainers = [self.trainer(rows[j]) for j in members]
+            _, weights = self._select([rows[j] for j in members], xs[0].device)
+            x = torch.stack([xs[j] for j in members]).requires_grad_(True)
+            y = torch.stack([ys[j] for j in members])
+            taps: list[torch.Tensor] = []
+            for t in trainers:
+                t.host.eval()
+            try:
+                losses, _ = self._losses(self.forward(weights, trainers, x, taps=taps), y, values=False)
+                grads = torch.autograd.grad(losses.sum(), taps, allow_unused=True)
+            finally:
+                for t in trainers:
+                    t.host.train()
+            for pos, (j, t) in enumerate(zip(members, trainers, strict=True)):
+                acts = {name: taps[slot.index][pos].detach() for name, slot in t.host.slots.items()}
+                out[j] = (
+                    acts,
+                    {name: _grad_at(grads[slot.index], taps[slot.index], pos) for name, slot in t.host.slots.items()},
+                )
+        self._plans.clear()
+        return out
 
     # ---- optimizer -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -774,6 +832,7 @@ class HostStacks:
         self.stacks: dict[tuple, HostStack] = {}
         self.where: list[tuple[tuple, int] | None] = [None] * n  # per episode: (skeleton, stack row)
         self.grouped_calls = 0  # seed groups run as one vmapped call, over every stack
+        self.probed = 0  # probes computed here (``probe``), for tests and benchmarks
 
     def attach(self, episode: int, trainer: Trainer) -> None:
         """Put episode ``episode``'s new run in its skeleton's stack (leaving any stack it was in)."""
@@ -816,6 +875,31 @@ class HostStacks:
             stack.train_epochs(sorted(stack_rows))
             self.grouped_calls += stack.grouped_calls - before
 
+    def probe(
+        self, episodes: Sequence[int], xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]
+    ) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """``HostStack.probe`` for these episodes' runs (each on its probe batch), stack by stack."""
+        self.probed += len(episodes)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for pos, episode in enumerate(episodes):
+            place = self.where[episode]
+            if place is None:
+                raise EsperError(f"host stacks: episode {episode} has no run in a stack")
+            groups[place[0]].append(pos)
+        out: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = [({}, {})] * len(episodes)
+        for key, positions in groups.items():
+            rows = [self._row(episodes[pos]) for pos in positions]
+            res = self.stacks[key].probe(rows, [xs[pos] for pos in positions], [ys[pos] for pos in positions])
+            for pos, r in zip(positions, res, strict=True):
+                out[pos] = r
+        return out
+
+    def _row(self, episode: int) -> int:
+        place = self.where[episode]
+        if place is None:
+            raise EsperError(f"host stacks: episode {episode} has no run in a stack")
+        return place[1]
+
 
 def _adam_update(params, ms, vs, grads, beta1: float, beta2: float, eps: float, step_size: float, bc2_sqrt: float):
     """The arithmetic of ``torch.optim.Adam``'s single-tensor step (no weight decay, no amsgrad) on
@@ -827,3 +911,8 @@ def _adam_update(params, ms, vs, grads, beta1: float, beta2: float, eps: float, 
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, ms, denom, value=-step_size)
+
+
+def _grad_at(grad: torch.Tensor | None, act: torch.Tensor, pos: int) -> torch.Tensor:
+    """Row ``pos`` of a probe gradient (zeros where the loss did not depend on the activation)."""
+    return torch.zeros_like(act[pos]) if grad is None else grad[pos]
