@@ -313,9 +313,7 @@ class HostStack:
             self.sync(r)
         ep = _Epoch.start(rows, [self.trainer(r) for r in rows])
         bs = ep.trainers[0].cfg.training.batch_size
-        stacked = None
-        if len(set(ep.sizes)) == 1:  # one gather per epoch; each batch is then a view
-            stacked = (torch.stack([x for x, _ in ep.orders]), torch.stack([y for _, y in ep.orders]))
+        stacked = ep.stacked
         for b in range(max(ep.n_batches)):
             live = [j for j in range(len(rows)) if b < ep.n_batches[j] and not ep.tripped[j]]
             if not live:
@@ -751,6 +749,7 @@ class _Epoch:
     rows: list[int]  # stack rows
     trainers: list[Trainer]
     orders: list[tuple[torch.Tensor, torch.Tensor]]  # the epoch's shuffled (x, y)
+    stacked: tuple[torch.Tensor, torch.Tensor] | None  # the same, stacked, when every row's data has one shape
     sizes: list[int]  # training examples
     n_batches: list[int]
     blending: list[list[SeedSlot]]  # slots whose alpha ramps per step
@@ -762,19 +761,28 @@ class _Epoch:
     @classmethod
     def start(cls, rows: list[int], trainers: list[Trainer]) -> _Epoch:
         """Each run's batch order for the epoch (from its own generator), in train mode."""
-        orders, sizes = [], []
+        perms = [torch.randperm(len(t.data.x_train), generator=t.gen).to(t.data.x_train.device) for t in trainers]
+        stacked = None
+        if len({(t.data.x_train.shape, t.data.y_train.shape) for t in trainers}) == 1:
+            # One gather per row straight into one stacked tensor: every full batch is then a view.
+            x0, y0 = trainers[0].data.x_train, trainers[0].data.y_train
+            stacked = (x0.new_empty((len(rows), *x0.shape)), y0.new_empty((len(rows), *y0.shape)))
+            for j, (t, perm) in enumerate(zip(trainers, perms, strict=True)):
+                torch.index_select(t.data.x_train, 0, perm, out=stacked[0][j])
+                torch.index_select(t.data.y_train, 0, perm, out=stacked[1][j])
+            orders = [(stacked[0][j], stacked[1][j]) for j in range(len(rows))]
+        else:
+            orders = [(t.data.x_train[p], t.data.y_train[p]) for t, p in zip(trainers, perms, strict=True)]
         for t in trainers:
-            x, y = t.data.x_train, t.data.y_train
-            perm = torch.randperm(len(x), generator=t.gen).to(x.device)
-            orders.append((x[perm], y[perm]))
-            sizes.append(len(x))
             t.host.train()
         bs = trainers[0].cfg.training.batch_size
         slots = [list(t.host.slots.values()) for t in trainers]
+        sizes = [len(t.data.x_train) for t in trainers]
         return cls(
             rows=rows,
             trainers=trainers,
             orders=orders,
+            stacked=stacked,
             sizes=sizes,
             n_batches=[math.ceil(n / bs) for n in sizes],
             blending=[[s for s in row if s.stage is SeedStage.BLENDING] for row in slots],
