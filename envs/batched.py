@@ -14,7 +14,11 @@ time (strict hand-off, never two at once, so no locking is needed anywhere else)
 env starts every episode's call; each runs until it needs an epoch trained (it hands control
 back) or it finishes. When every episode has either finished or is waiting, the stack trains all
 the waiting epochs at once and hands control back to each in turn; and so on until all finish.
-A thread switch costs tens of microseconds against milliseconds of training per epoch.
+The probe telemetry meets the same way: an episode whose observation needs fresh probe signals
+pauses in ``Observer.probe`` (the forward and backward on its probe batch), and the stacks
+compute the probes of all such episodes as one batch (``HostStack.probe``); the kernel fits on
+the results (``telemetry.SlotProbe``, LAPACK per matrix on the CPU) stay per episode. A thread
+switch costs tens of microseconds against milliseconds of training per epoch.
 
 Autoreset: gymnasium's ``NEXT_STEP`` mode, the one RLlib's ``SingleAgentEnvRunner`` (Ray 2.60)
 expects: the step after an episode terminated resets that episode (its action is ignored) and

@@ -20,7 +20,10 @@ forward, whose custom autograd keeps a seed's NaN off the host), and their Adam 
 fused ``torch._foreach`` update over every seed tensor of every row. Per row: its own batch order
 (its trainer's generator), governor (a bad loss rolls back and culls in that row only, which
 then sits out the rest of the epoch, exactly as ``train_epoch`` breaks), alpha ramp, gradient
-norms, validation, counterfactual contributions and lifecycle steps.
+norms, validation, counterfactual contributions and lifecycle steps. A batch where no slot
+computes anything (no seed in use) skips autograd for the host layers: their backward is written
+out with the kernels autograd would run. ``HostStack.probe`` is ``Observer.probe`` (activations
+and loss gradients at every slot on the probe batch) for several runs at once.
 
 The rows of one stack share a skeleton (``skeleton``: input shape and every host parameter's
 shape). ``HostStacks`` holds runs of mixed skeletons, one stack per skeleton, each growing as
