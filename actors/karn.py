@@ -4,9 +4,10 @@ The actor is a thin shell around :class:`esper_ray.karn.KarnBreeder` (generator,
 reward model, spec table). It runs its rounds in a background thread, so its methods
 (``stats``, ``ingest_field_reports``, ``stop``) answer while a round is under way.
 
-One round: ask Urza for its best specs (the parents) and its field reports, refit the
-reward model if new reports can be used, generate a pool, and submit the chosen
-``karn_batch`` specs to Tezzeret without waiting for the answers. Any failure of the
+One round: unless Tezzeret's queue already holds ``MAX_BACKLOG_ROUNDS`` rounds' worth of specs
+(backpressure) or no trainer asked for blueprints lately (idle), ask Urza for its best specs (the
+parents) and its field reports, refit the reward model if new reports can be used, generate a
+pool, and submit the chosen ``karn_batch`` specs to Tezzeret without waiting for the answers. Any failure of the
 other actors (not up yet, restarting, raising) is recorded in ``stats()`` and the
 round is retried at the next tick: the loop never dies, and nothing here waits on the
 training side.
@@ -39,9 +40,10 @@ def _handle(target: Any) -> Any:
     return target.handle if isinstance(target, Peer) else target
 
 
-# Submissions Tezzeret has not answered yet, in rounds' worth: beyond this Karn skips
-# submitting (Tezzeret is behind; a longer queue would only hold stale proposals).
-_MAX_BACKLOG_ROUNDS = 4
+# Backpressure, in rounds' worth of specs (x karn_batch): when Tezzeret's queue (specs waiting or
+# being compiled) or Karn's unanswered submissions reach this, Karn skips the round (Tezzeret is
+# behind; a longer queue would only hold stale proposals).
+MAX_BACKLOG_ROUNDS = 4
 # While idle (no demand), how often Karn looks for demand again: a wake-up takes at most this long.
 IDLE_POLL_S = 2.0
 
@@ -177,6 +179,10 @@ class Karn:
         if self._idle_now:
             self._counts["idle_rounds"] += 1
             return
+        bound = MAX_BACKLOG_ROUNDS * self.cfg.karn_batch
+        if len(self._pending) >= bound or self._tezzeret_queue() >= bound:
+            self._counts["backlog_skips"] += 1
+            return
         try:
             ref = _handle(self._urza).top_specs.remote(self._top_k)
             spec_jsons = ray.get(ref, timeout=self._call_timeout_s)
@@ -190,9 +196,6 @@ class Karn:
                 self._breeder.ingest(reports)
         except Exception as err:
             self._record("urza.field_reports", err)
-        if len(self._pending) >= _MAX_BACKLOG_ROUNDS * self.cfg.karn_batch:
-            self._counts["backlog_skips"] += 1
-            return
         with self._lock:
             self._breeder.retrain_if_needed()
             before = self._breeder.generator.stats.valid
@@ -221,6 +224,15 @@ class Karn:
             self._record("urza.demand_age_s", err)
             return False
         return age > idle_after
+
+    def _tezzeret_queue(self) -> int:
+        """Specs waiting in Tezzeret's queue or being compiled (0 when it does not answer: the
+        submissions then fail and are counted, and the Peer is looked up again)."""
+        try:
+            return int(ray.get(_handle(self._tezzeret).queue_len.remote(), timeout=self._call_timeout_s))
+        except Exception as err:
+            self._record("tezzeret.queue_len", err)
+            return 0
 
     def _collect_answers(self) -> None:
         """Count Tezzeret's answers that have arrived, without waiting for the others."""

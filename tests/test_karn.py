@@ -330,6 +330,9 @@ def test_karn_actor_submits_at_its_rate_and_survives_a_failing_urza(ray_ready: N
         def all(self) -> list[tuple[float, str]]:
             return self.received
 
+        def queue_len(self) -> int:  # keeps up: no backpressure here (tests/test_backpressure.py has it)
+            return 0
+
     cfg = ActorsConfig(karn_interval_s=0.25, karn_batch=3, namespace="karn-test")
     urza, tez = FakeUrza.remote(), FakeTezzeret.remote()
     karn = Karn.options(num_cpus=cfg.karn.num_cpus, num_gpus=cfg.karn.num_gpus, max_restarts=cfg.max_restarts).remote(
