@@ -106,7 +106,7 @@ def train(label: str, run_cfg: RunConfig, data, client: UrzaCatalogue) -> RunRes
         action = trainer.apply_decision(controller)
         if action.kind is ActionKind.GERMINATE:
             germinations += 1
-            client.record_germination(action.blueprint)
+            client.record_germination()
         client.record_accuracy(trainer.last["val_acc"])
         trainer.end_epoch(action)
     loop_s = time.perf_counter() - start

@@ -568,7 +568,7 @@ def test_metrics_and_counters(pipeline) -> None:
     assert tez["mode_eager"] >= len(STANDARD_BLUEPRINTS) and tez["submitted"] > 0 and tez["rejected"] > 0
     assert bench["benchmarks"] >= len(STANDARD_BLUEPRINTS) and bench["device"] == "cpu"
     before = dict(client_module.DRIVER_COUNTS)
-    pipeline.client.record_germination("norm")
+    pipeline.client.record_germination()
     pipeline.client.record_accuracy(0.8)
     assert client_module.DRIVER_COUNTS["germinations"] == before["germinations"] + 1
     assert client_module.DRIVER_COUNTS["accuracy_updates"] == before["accuracy_updates"] + 1
