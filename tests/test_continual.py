@@ -250,7 +250,7 @@ def test_culling_a_blended_gated_seed_restores_the_host() -> None:
     assert trainer.host.slots["hidden1"].stage in (SeedStage.BLENDING, SeedStage.HOLDING)
     moved = trainer.host.host_state_dict()
     assert any(not torch.equal(moved[k], before[k]) for k in before)
-    snapshot = trainer._blend_snapshots["hidden1"].weights
+    snapshot = trainer.state_dict()["blend_snapshots"]["hidden1"].weights
     trainer.apply(ControllerAction.cull("hidden1"))
     after = trainer.host.host_state_dict()
     assert all(torch.equal(after[k], snapshot[k]) for k in snapshot)

@@ -127,7 +127,7 @@ def assert_on_device(trainer: Trainer) -> None:
             # Adam keeps the scalar ``step`` on the CPU (not capturable, not fused); moments live with p.
             if torch.is_tensor(v) and v.dim() > 0:
                 assert on(v), f"Adam {k} of a {tuple(p.shape)} parameter is on {v.device}"
-    for slot, snap in trainer._blend_snapshots.items():
+    for slot, snap in trainer.state_dict()["blend_snapshots"].items():
         assert all(on(v) for v in snap.weights.values()), f"blend snapshot of {slot}"
 
 
