@@ -36,23 +36,20 @@ the curve. Measured figures are in BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from common import write_result
 
-import torch  # noqa: E402
-
-from esper_ray.blueprints import TRANSFORMER_BLUEPRINTS, BlueprintSpec, Node  # noqa: E402
-from esper_ray.config import RunConfig  # noqa: E402
-from esper_ray.simic.evaluate import mean_ci  # noqa: E402
-from esper_ray.tamiyo.controllers import StaticController  # noqa: E402
-from esper_ray.tasks import load_task  # noqa: E402
-from esper_ray.tolaria.trainer import Trainer  # noqa: E402
+from esper_ray.blueprints import TRANSFORMER_BLUEPRINTS, BlueprintSpec, Node
+from esper_ray.config import RunConfig
+from esper_ray.simic.evaluate import mean_ci
+from esper_ray.tamiyo.controllers import StaticController
+from esper_ray.tasks import load_task
+from esper_ray.tolaria.trainer import Trainer
 
 LN2 = math.log(2.0)
 SLOTS = ("hidden0", "hidden1", "hidden2")
@@ -258,24 +255,24 @@ def main(argv: list[str] | None = None) -> int:
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "seeds": args.seeds,
-                    "quick": args.quick,
-                    "pretrain_epochs": args.pretrain,
-                    "epochs": args.epochs,
-                    "docs_bpb": mean_ci(docs_bpb).mean,
-                    "before_test_bpb": before_test,
-                    "table": table,
-                    "matched": matched,
-                    "verdict": verdict,
-                    "runs": results,
-                    "seconds": seconds,
-                },
-                indent=2,
-                default=lambda v: None,
-            )
+        write_result(
+            args.json,
+            __file__,
+            {
+                "seeds": args.seeds,
+                "quick": args.quick,
+                "pretrain_epochs": args.pretrain,
+                "epochs": args.epochs,
+                "docs_bpb": mean_ci(docs_bpb).mean,
+                "before_test_bpb": before_test,
+                "table": table,
+                "matched": matched,
+                "verdict": verdict,
+                "runs": results,
+                "seconds": seconds,
+            },
+            started,
+            argv,
         )
     return 0
 

@@ -24,45 +24,31 @@ slot the heuristic germinates at), and as diagnostics argmax(grad_predictability
 heuristic score (consumer grad norm + activation collapse) and the deficit rule alone (first
 slot with a positive downstream ``grad_deficit``, else the last).
 
-Run (about 3 minutes on one CPU thread with the defaults; ``--signal-only`` ~0.3 s per task)::
+Run (a few minutes on one CPU thread with the defaults; ``--signal-only`` takes seconds)::
 
     .venv/bin/python benchmarks/bottleneck_study.py            # 5 seeds x 3 slots, frozen host
     .venv/bin/python benchmarks/bottleneck_study.py --seeds 3 --trainable-host
     .venv/bin/python benchmarks/bottleneck_study.py --signal-only --seeds 30
 
-What to expect with the defaults (frozen host, 30 epochs, seed_lr 1e-3 as in the env, env task
-settings: input_dim 40, hidden [64, 64], 6000 samples), as measured: the damaged host scores
-10-18 %; the seed at the true slot 39-71 % (mean 41 / 53 / 69 % for input / hidden0 / hidden1);
-the best other slot 7.7-19.8 points lower; the true slot is best on 15/15 tasks, resolved on
-14/15 (the miss: 1.2 points); HeuristicController.choose_slot, the deficit rule and
-argmax(grad_predictability) pick the true slot on 15/15, the old heuristic score on 5/15.
-``--signal-only --seeds 30``: choose_slot 90/90, deficit rule 90/90, argmax 85/90 (on the
-256 probe rows the signals use; 89/90 on all 512); ``--signal-only --seeds 6 --first-seed 100``:
-18/18 for all three. With ``--trainable-host`` (3 seeds) the damaged host alone repairs itself to
-43-57 %, seeds add 0-4 points and the slots blur (true slot best on 8/9 by -1.7 to +3.7
-points), while the signal still points at the true slot on 9/9. With seed_lr 3e-3 the
-germinated seed overshoots in isolated training and lags the reference for ~20 epochs
-(resolved 9/15 at 24 epochs).
+What it measured (the defaults, and the diagnostics of ``--signal-only``, ``--trainable-host`` and a
+larger seed_lr) is in BENCHMARKS.md, section 1; ``--json PATH`` writes the shares for run_all.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from esper_ray.blueprints.library import STANDARD_BLUEPRINTS  # noqa: E402
-from esper_ray.config import RunConfig  # noqa: E402
-from esper_ray.contracts import ControllerAction, SeedStage  # noqa: E402
-from esper_ray.tamiyo.controllers import HeuristicController  # noqa: E402
-from esper_ray.tasks import TaskConfig, TaskData, load_task  # noqa: E402
-from esper_ray.tolaria.trainer import Trainer  # noqa: E402
+from esper_ray.blueprints.library import STANDARD_BLUEPRINTS
+from esper_ray.config import RunConfig
+from esper_ray.contracts import ControllerAction, SeedStage
+from esper_ray.tamiyo.controllers import HeuristicController
+from esper_ray.tasks import TaskConfig, TaskData, load_task
+from esper_ray.tolaria.trainer import Trainer
 
 BLUEPRINT = "residual_mlp"
 SLOTS = ("input", "hidden0", "hidden1")
@@ -184,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-lr", type=float, default=1e-3)
     p.add_argument("--n-samples", type=int, default=6000)
     p.add_argument("--trainable-host", action="store_true", help="host trains too (lr 1e-3)")
-    p.add_argument(
-        "--signal-only", action="store_true", help="only the first-decision telemetry (fast: ~0.3 s per task)"
-    )
+    p.add_argument("--signal-only", action="store_true", help="only the first-decision telemetry (fast)")
+    p.add_argument("--quick", action="store_true", help="1 task seed per slot, 12 epochs (CI: a smoke value)")
+    p.add_argument("--json", help="also write the shares to this JSON file")
     args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs = 1, 12
     if args.signal_only:
         return signal_only(args)
     torch.set_num_threads(1)
@@ -262,6 +250,19 @@ def main(argv: list[str] | None = None) -> int:
         f"deficit rule (gradient_information_deficit): {share('deficit_hit'):.0%}"
     )
     print(f"total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        figures = {
+            "tasks": n,
+            "placed": share("heuristic_hit"),
+            "resolved": share("resolved"),
+            "true_slot_best": share("best_is_truth"),
+            "signal": share("signal_hit"),
+            "epochs": args.epochs,
+            "seeds": args.seeds,
+            "trainable_host": args.trainable_host,
+            "quick": args.quick,
+        }
+        write_result(args.json, __file__, figures, started, argv)
     return 0
 
 

@@ -34,40 +34,39 @@ fine-tuning rows, trainable and total parameters, and wall seconds; then the par
 ratio full / seeds-only and the parameters per point of accuracy gained. Written to
 ``--out``: ``distill_table.csv`` (the table) and ``distill_runs.csv`` (one row per run).
 
-Expect (2 shared CPU cores, one thread; measured, 3 seeds, ~2 min once the seed-0 teacher
-was cached, each further teacher ~10 s): teacher 0.910 ± 0.015; student alone 0.587 ± 0.045;
-distilled 0.594 ± 0.060 (KD barely helps this MLP: its limit is inductive bias, not labels);
-distilled + heuristic 0.760 ± 0.052 (a conv1d seed at the input, sometimes one more at
-hidden1; 84% of the teacher); big static of the grown size 0.775 ± 0.004; fine-tuning
-E=30: full +0.022 ± 0.079 with 7,434 trainable parameters, seeds only +0.101 ± 0.039 with
-2,820 on average: 2.6x fewer trainable parameters, ~12x fewer per point of accuracy gained,
-not the design's 10-100x at equal gain (this student is tiny: one conv seed is 19% of it,
-and full fine-tuning cannot add the conv inductive bias at all, so gains are not equal).
+It takes a few minutes on 2 CPU cores once the teachers are cached. The measured table is in
+BENCHMARKS.md (section 3, second figure), with an earlier run's readings for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-# Run as a script from a checkout: make the package importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from common import (
+    Column,
+    grown_label,
+    missing_row,
+    play,
+    pm,
+    run_config,
+    student_arms,
+    text_table,
+    write_csv,
+    write_result,
+)
 
-import torch  # noqa: E402
-
-from esper_ray.blueprints import BlueprintSpec  # noqa: E402
-from esper_ray.config import RunConfig  # noqa: E402
-from esper_ray.contracts import SeedStage  # noqa: E402
-from esper_ray.simic.evaluate import mean_ci  # noqa: E402
-from esper_ray.tamiyo.controllers import HeuristicController, StaticController  # noqa: E402
-from esper_ray.tasks import load_task  # noqa: E402
-from esper_ray.tolaria.distill import DistillConfig, load_distill_config, make_distillation  # noqa: E402
-from esper_ray.tolaria.trainer import Trainer  # noqa: E402
+from esper_ray.config import RunConfig
+from esper_ray.simic.evaluate import mean_ci
+from esper_ray.tamiyo.controllers import HeuristicController, StaticController
+from esper_ray.tasks import load_task
+from esper_ray.tolaria.distill import DistillConfig, load_distill_config, make_distillation
+from esper_ray.tolaria.trainer import Trainer
 
 ROWS = (
     "teacher",
@@ -81,31 +80,6 @@ ROWS = (
 )
 
 
-def _run_cfg(base: RunConfig, seed: int, controller: str, **training: Any) -> RunConfig:
-    return base.model_copy(
-        update={
-            "training": base.training.model_copy(update={"seed": seed, **training}),
-            "controller": base.controller.model_copy(update={"kind": controller}),
-            "lineage": base.lineage.model_copy(update={"enabled": False}),
-        }
-    )
-
-
-def _play(trainer: Trainer, controller) -> Trainer:
-    while not trainer.done:
-        trainer.train_epoch()
-        trainer.end_epoch(trainer.apply_decision(controller))
-    return trainer
-
-
-def _grown(trainer: Trainer) -> dict[str, str]:
-    return {
-        s.name: s.seed.spec_json
-        for s in trainer.host.slots.values()
-        if s.seed is not None and s.stage is not SeedStage.CULLED
-    }
-
-
 def _row(name: str, seed: int, trainer: Trainer | None, started: float, **extra: Any) -> dict[str, Any]:
     row = {"row": name, "seed": seed, "seconds": round(time.perf_counter() - started, 2)}
     if trainer is not None:
@@ -117,7 +91,7 @@ def _row(name: str, seed: int, trainer: Trainer | None, started: float, **extra:
             "total_params": counts["total"],
             "seed_params": counts["seeds"],
             "germinations": sum(e.get("kind") == "germinate" for e in trainer.events),
-            "grown": ",".join(f"{k}:{BlueprintSpec.from_json(v).name}" for k, v in _grown(trainer).items()),
+            "grown": grown_label(trainer),
         }
     return row | extra
 
@@ -141,42 +115,20 @@ def one_seed(base: RunConfig, dcfg: DistillConfig, data, seed: int, ft_epochs: i
         }
     )
 
-    t = time.perf_counter()
-    alone = _play(Trainer(_run_cfg(base, seed, "static"), data), StaticController())
-    rows.append(_row("student alone (CE)", seed, alone, t))
-
-    t = time.perf_counter()
-    distilled = _play(Trainer(_run_cfg(base, seed, "static"), data, loss_fn=loss), StaticController())
-    rows.append(_row("student distilled", seed, distilled, t))
-
-    t = time.perf_counter()
-    cfg_h = _run_cfg(base, seed, "heuristic")
-    heuristic = HeuristicController(cfg_h.controller.plateau_patience, cfg_h.controller.cull_below)
-    grown = _play(Trainer(cfg_h, data, loss_fn=loss), heuristic)
-    rows.append(_row("distilled + heuristic", seed, grown, t))
-
-    t = time.perf_counter()
-    if policy is not None:
-        tamiyo = _play(Trainer(_run_cfg(base, seed, "static"), data, loss_fn=loss), policy)
-        rows.append(_row("distilled + tamiyo", seed, tamiyo, t))
-
-    t = time.perf_counter()
-    big = Trainer(_run_cfg(base, seed, "static"), data, loss_fn=loss)
-    for slot, spec_json in _grown(grown).items():
-        big.graft_fossilized(slot, BlueprintSpec.from_json(spec_json))
-    rows.append(_row("big static (grown size)", seed, _play(big, StaticController()), t))
+    arms, distilled = student_arms(base, data, loss, seed, policy, lambda name, tr, t: _row(name, seed, tr, t))
+    rows += arms
 
     # Fine-tuning protocol: both arms start from the distilled student's final weights.
     start_weights = distilled.host.host_state_dict()
     start_acc = distilled.last["test_acc"]
     for name, frozen, kind in (("fine-tune: full", False, "static"), ("fine-tune: seeds only", True, "heuristic")):
         t = time.perf_counter()
-        cfg = _run_cfg(base, seed, kind, epochs=ft_epochs, freeze_host=frozen)
+        cfg = run_config(base, seed, kind, epochs=ft_epochs, freeze_host=frozen)
         ft = Trainer(cfg, data, loss_fn=loss)
         ft.host.load_host_state_dict(start_weights)
         ft.remember_good()  # the governor's rollback point is these weights, not the random init
         ctl = StaticController() if kind == "static" else HeuristicController(cfg.controller.plateau_patience)
-        _play(ft, ctl)
+        play(ft, ctl)
         rows.append(_row(name, seed, ft, t, start_acc=start_acc, gain=ft.last["test_acc"] - start_acc))
     for r in rows:
         r["retained"] = r["test_acc"] / teacher.test_acc
@@ -188,8 +140,7 @@ def summarise(runs: list[dict[str, Any]], seeds: int, policy_given: bool) -> lis
     for name in ROWS:
         rs = [r for r in runs if r["row"] == name]
         if not rs:
-            note = "not given (--policy PATH)" if name == "distilled + tamiyo" and not policy_given else "no runs"
-            table.append({"row": name, "n": 0, "note": note})
+            table.append(missing_row(name, policy_given))
             continue
         acc, kept = mean_ci([r["test_acc"] for r in rs]), mean_ci([r["retained"] for r in rs])
         row = {
@@ -215,29 +166,17 @@ def summarise(runs: list[dict[str, Any]], seeds: int, policy_given: bool) -> lis
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    lines = [
-        f"{'':<26}{'n':>2}  {'test acc':>15}  {'of teacher':>15}  {'gain':>16}  {'trainable':>9}  "
-        f"{'total':>7}  {'germ.':>5}  {'sec':>5}  note"
+    """The printed table: accuracy, share of the teacher's, gain, parameters, germinations, seconds."""
+    columns = [
+        Column("test acc", 15, lambda r: pm(r["test_acc"], r["test_acc_ci95"], ".4f")),
+        Column("of teacher", 15, lambda r: f"{r['retained']:>6.1%} ± {r['retained_ci95']:>5.1%}"),
+        Column("gain", 16, lambda r: pm(r["gain"], r["gain_ci95"], "+.4f")),
+        Column("trainable", 9, lambda r: f"{r['trainable_params']:,.0f}"),
+        Column("total", 7, lambda r: f"{r['total_params']:,.0f}"),
+        Column("germ.", 5, lambda r: f"{r['germinations']:.2f}"),
+        Column("sec", 5, lambda r: f"{r['seconds']:.1f}"),
     ]
-    for r in table:
-        if r["n"] == 0:
-            lines.append(f"{r['row']:<26}{0:>2}  {r['note']}")
-            continue
-        gain = "" if math.isnan(r["gain"]) else f"{r['gain']:+.4f} ± {r['gain_ci95']:.4f}"
-        lines.append(
-            f"{r['row']:<26}{r['n']:>2}  {r['test_acc']:.4f} ± {r['test_acc_ci95']:.4f}  "
-            f"{r['retained']:>6.1%} ± {r['retained_ci95']:>5.1%}  {gain:>16}  {r['trainable_params']:>9,.0f}  "
-            f"{r['total_params']:>7,.0f}  {r['germinations']:>5.2f}  {r['seconds']:>5.1f}  {r['note']}"
-        )
-    return "\n".join(lines)
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    return text_table(table, columns, label_width=26)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,29 +235,26 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.json:
-        import json
-
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "seeds": args.seeds,
-                    "ft_epochs": args.ft_epochs,
-                    "epochs": base.training.epochs,
-                    "quick": args.quick,
-                    "table": table,
-                    "param_ratio": ratio,
-                    "params_per_point": per_point,
-                    "params_per_point_ratio": per_point["full"] / per_point["seeds"]
-                    if math.isfinite(per_point["full"]) and math.isfinite(per_point["seeds"])
-                    else None,
-                    "seconds": round(time.perf_counter() - started, 1),
-                },
-                indent=2,
-                default=lambda v: None,
-            )
+        write_result(
+            args.json,
+            __file__,
+            {
+                "seeds": args.seeds,
+                "ft_epochs": args.ft_epochs,
+                "epochs": base.training.epochs,
+                "quick": args.quick,
+                "table": table,
+                "param_ratio": ratio,
+                "params_per_point": per_point,
+                "params_per_point_ratio": per_point["full"] / per_point["seeds"]
+                if math.isfinite(per_point["full"]) and math.isfinite(per_point["seeds"])
+                else None,
+            },
+            started,
+            argv,
         )
-    _write_csv(table, out / "distill_table.csv")
-    _write_csv(runs, out / "distill_runs.csv")
+    write_csv(table, out / "distill_table.csv")
+    write_csv(runs, out / "distill_runs.csv")
     print(f"\nwritten: {out}/distill_table.csv, {out}/distill_runs.csv ({time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -32,27 +32,20 @@ and ``--json PATH`` are for CI and benchmarks/run_all.py. Measured figures are i
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-# Run as a script from a checkout: make the package importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from common import Column, grown_label, missing_row, pm, student_arms, text_table, write_csv, write_result
 
-import torch  # noqa: E402
-
-from esper_ray.blueprints import BlueprintSpec  # noqa: E402
-from esper_ray.config import RunConfig  # noqa: E402
-from esper_ray.contracts import SeedStage  # noqa: E402
-from esper_ray.simic.evaluate import mean_ci  # noqa: E402
-from esper_ray.tamiyo.controllers import HeuristicController, StaticController  # noqa: E402
-from esper_ray.tasks import load_task  # noqa: E402
-from esper_ray.tolaria.distill import get_teacher, load_distill_config, make_distillation  # noqa: E402
-from esper_ray.tolaria.trainer import Trainer  # noqa: E402
+from esper_ray.config import RunConfig
+from esper_ray.simic.evaluate import mean_ci
+from esper_ray.tasks import load_task
+from esper_ray.tolaria.distill import get_teacher, load_distill_config, make_distillation
+from esper_ray.tolaria.trainer import Trainer
 
 ROWS = (
     "teacher",
@@ -78,31 +71,6 @@ QUICK = [
 LN2 = math.log(2.0)
 
 
-def _run_cfg(base: RunConfig, seed: int, controller: str) -> RunConfig:
-    return base.model_copy(
-        update={
-            "training": base.training.model_copy(update={"seed": seed}),
-            "controller": base.controller.model_copy(update={"kind": controller}),
-            "lineage": base.lineage.model_copy(update={"enabled": False}),
-        }
-    )
-
-
-def _play(trainer: Trainer, controller) -> Trainer:
-    while not trainer.done:
-        trainer.train_epoch()
-        trainer.end_epoch(trainer.apply_decision(controller))
-    return trainer
-
-
-def _grown(trainer: Trainer) -> dict[str, str]:
-    return {
-        s.name: s.seed.spec_json
-        for s in trainer.host.slots.values()
-        if s.seed is not None and s.stage is not SeedStage.CULLED
-    }
-
-
 def _row(name: str, seed: int, trainer: Trainer, started: float) -> dict[str, Any]:
     loss, acc = trainer.evaluate(trainer.data.x_test, trainer.data.y_test)
     counts = trainer.host.param_count()
@@ -114,41 +82,14 @@ def _row(name: str, seed: int, trainer: Trainer, started: float) -> dict[str, An
         "params": counts["total"],
         "seed_params": counts["seeds"],
         "germinations": sum(e.get("kind") == "germinate" for e in trainer.events),
-        "grown": ",".join(f"{k}:{BlueprintSpec.from_json(v).name}" for k, v in _grown(trainer).items()),
+        "grown": grown_label(trainer),
         "seconds": round(time.perf_counter() - started, 2),
     }
 
 
 def one_seed(base: RunConfig, loss, data, seed: int, policy) -> list[dict[str, Any]]:
     """Every student arm for one seed (the teacher's row is added by the caller)."""
-    rows = []
-    t = time.perf_counter()
-    rows.append(
-        _row("student alone (CE)", seed, _play(Trainer(_run_cfg(base, seed, "static"), data), StaticController()), t)
-    )
-    t = time.perf_counter()
-    distilled = _play(Trainer(_run_cfg(base, seed, "static"), data, loss_fn=loss), StaticController())
-    rows.append(_row("student distilled", seed, distilled, t))
-    t = time.perf_counter()
-    cfg_h = _run_cfg(base, seed, "heuristic")
-    heuristic = HeuristicController(cfg_h.controller.plateau_patience, cfg_h.controller.cull_below)
-    grown = _play(Trainer(cfg_h, data, loss_fn=loss), heuristic)
-    rows.append(_row("distilled + heuristic", seed, grown, t))
-    if policy is not None:
-        t = time.perf_counter()
-        rows.append(
-            _row(
-                "distilled + tamiyo",
-                seed,
-                _play(Trainer(_run_cfg(base, seed, "static"), data, loss_fn=loss), policy),
-                t,
-            )
-        )
-    t = time.perf_counter()
-    big = Trainer(_run_cfg(base, seed, "static"), data, loss_fn=loss)
-    for slot, spec_json in _grown(grown).items():
-        big.graft_fossilized(slot, BlueprintSpec.from_json(spec_json))
-    rows.append(_row("big static (grown size)", seed, _play(big, StaticController()), t))
+    rows, _ = student_arms(base, data, loss, seed, policy, lambda name, tr, t: _row(name, seed, tr, t))
     return rows
 
 
@@ -161,8 +102,7 @@ def summarise(runs: list[dict[str, Any]], policy_given: bool) -> list[dict[str, 
     for name in ROWS:
         rs = [r for r in runs if r["row"] == name]
         if not rs:
-            note = "not given (--policy PATH)" if name == "distilled + tamiyo" and not policy_given else "no runs"
-            table.append({"row": name, "n": 0, "note": note})
+            table.append(missing_row(name, policy_given))
             continue
         bpb, acc = mean_ci([r["test_bpb"] for r in rs]), mean_ci([r["test_acc"] for r in rs])
         closed = [
@@ -191,29 +131,20 @@ def summarise(runs: list[dict[str, Any]], policy_given: bool) -> list[dict[str, 
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    lines = [
-        f"{'':<25}{'n':>2}  {'test bits/byte':>15}  {'next-byte acc':>15}  {'gap closed':>15}  {'params':>8}  "
-        f"{'germ.':>5}  {'sec':>6}  note"
+    """The printed table: bits per byte, accuracy, gap closed, parameters, germinations, seconds."""
+    columns = [
+        Column("test bits/byte", 15, lambda r: pm(r["test_bpb"], r["test_bpb_ci95"], ".4f")),
+        Column("next-byte acc", 15, lambda r: pm(r["test_acc"], r["test_acc_ci95"], ".4f")),
+        Column(
+            "gap closed",
+            15,
+            lambda r: "" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:>6.1%} ± {r['gap_closed_ci95']:>5.1%}",
+        ),
+        Column("params", 8, lambda r: f"{r['params']:,.0f}"),
+        Column("germ.", 5, lambda r: f"{r['germinations']:.2f}"),
+        Column("sec", 6, lambda r: f"{r['seconds']:.1f}"),
     ]
-    for r in table:
-        if r["n"] == 0:
-            lines.append(f"{r['row']:<25}{0:>2}  {r['note']}")
-            continue
-        closed = "" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:>6.1%} ± {r['gap_closed_ci95']:>5.1%}"
-        lines.append(
-            f"{r['row']:<25}{r['n']:>2}  {r['test_bpb']:.4f} ± {r['test_bpb_ci95']:.4f}  "
-            f"{r['test_acc']:.4f} ± {r['test_acc_ci95']:.4f}  {closed:>15}  {r['params']:>8,.0f}  "
-            f"{r['germinations']:>5.2f}  {r['seconds']:>6.1f}  {r['note']}"
-        )
-    return "\n".join(lines)
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    return text_table(table, columns, label_width=25)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,28 +213,28 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table))
     seconds = round(time.perf_counter() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(table, out / "table.csv")
-    _write_csv(runs, out / "runs.csv")
+    write_csv(table, out / "table.csv")
+    write_csv(runs, out / "runs.csv")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "seeds": args.seeds,
-                    "quick": args.quick,
-                    "task": data.name,
-                    "context": data.input_shape[0],
-                    "epochs": base.training.epochs,
-                    "student_windows": len(data.x_train),
-                    "teacher_windows": args.teacher_windows,
-                    "teacher": dcfg.teacher.model_dump(mode="json"),
-                    "student": base.host.model_dump(mode="json"),
-                    "table": table,
-                    "runs": runs,
-                    "seconds": seconds,
-                },
-                indent=2,
-                default=lambda v: None,
-            )
+        write_result(
+            args.json,
+            __file__,
+            {
+                "seeds": args.seeds,
+                "quick": args.quick,
+                "task": data.name,
+                "context": data.input_shape[0],
+                "epochs": base.training.epochs,
+                "student_windows": len(data.x_train),
+                "teacher_windows": args.teacher_windows,
+                "teacher": dcfg.teacher.model_dump(mode="json"),
+                "student": base.host.model_dump(mode="json"),
+                "table": table,
+                "runs": runs,
+                "seconds": seconds,
+            },
+            started,
+            argv,
         )
     print(f"\nwritten: {out}/table.csv, {out}/runs.csv ({seconds:.0f} s)")
     return 0

@@ -63,6 +63,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import write_result
 
 import envs
 from esper_ray.tasks import TaskConfig, load_task
@@ -232,6 +233,7 @@ def main() -> None:
     parser.add_argument("--batched-seeded-steps", type=int, default=10, help="timed steps per seeded row")
     parser.add_argument("--batched-wait-only", action="store_true", help="batched rows without the seeded variant")
     args = parser.parse_args()
+    started = time.perf_counter()
     if args.quick:
         args.episodes, args.epochs = 1, 15
         args.batched_n, args.batched_steps, args.batched_seeded_n, args.batched_seeded_steps = "1,8", 5, "8", 3
@@ -242,10 +244,9 @@ def main() -> None:
         rows = batched_rows(ns, args.batched_steps, args.device, seeded_ns, args.batched_seeded_steps)
         _print_batched(rows)
         if args.json:
-            import json
-
-            with open(args.json, "w") as f:
-                json.dump({"batched": _batched_json(rows, args.device)}, f, indent=2)
+            write_result(
+                args.json, __file__, {"batched": _batched_json(rows, args.device)}, started, device=args.device
+            )
         return
     lockstep(2, 0, germinate=False)  # warm caches and code paths
     variants = {
@@ -282,33 +283,32 @@ def main() -> None:
     print(f"throughput ratio env/plain = {ratio:.3f} (target >= 0.9); {spread}")
     _print_batched(rows)
     if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "epochs": args.epochs,
-                    "episodes": args.episodes,
-                    "design": "lockstep",
-                    "plain_epochs_per_s": args.epochs / float(np.mean(plain)),
-                    "env_steps_per_s": args.epochs / float(np.mean(env)),
-                    "env_fresh_steps_per_s": args.epochs / float(np.mean(figures["env, fresh signals"][1])),
-                    "ratio_fresh": ratios["env, fresh signals"],
-                    "ratio_probe_kept": ratios["env, probe kept"],
-                    "signal_every": envs.SIGNAL_EVERY,
-                    "env_seeded_steps_per_s": args.epochs / float(np.mean(seeded)),
-                    "episode_s": float(np.mean(env)),
-                    "episode_seeded_s": float(np.mean(seeded)),
-                    "ratio": ratio,
-                    "ratio_per_episode": per_episode,
-                    "target": 0.9,
-                    "ppo_s_per_iteration": seconds,
-                    "quick": args.quick,
-                    "batched": _batched_json(rows, args.device),
-                },
-                f,
-                indent=2,
-            )
+        write_result(
+            args.json,
+            __file__,
+            {
+                "epochs": args.epochs,
+                "episodes": args.episodes,
+                "design": "lockstep",
+                "plain_epochs_per_s": args.epochs / float(np.mean(plain)),
+                "env_steps_per_s": args.epochs / float(np.mean(env)),
+                "env_fresh_steps_per_s": args.epochs / float(np.mean(figures["env, fresh signals"][1])),
+                "ratio_fresh": ratios["env, fresh signals"],
+                "ratio_probe_kept": ratios["env, probe kept"],
+                "signal_every": envs.SIGNAL_EVERY,
+                "env_seeded_steps_per_s": args.epochs / float(np.mean(seeded)),
+                "episode_s": float(np.mean(env)),
+                "episode_seeded_s": float(np.mean(seeded)),
+                "ratio": ratio,
+                "ratio_per_episode": per_episode,
+                "target": 0.9,
+                "ppo_s_per_iteration": seconds,
+                "quick": args.quick,
+                "batched": _batched_json(rows, args.device),
+            },
+            started,
+            device=args.device,
+        )
 
 
 def _print_batched(rows: dict[str, dict[int, tuple[float, float]]]) -> None:

@@ -25,14 +25,11 @@ latter is the price of sharing the CPUs with the pipeline, not waiting: on 2 sha
 cores expect it above 1 while a compile runs (the actors take 1 thread each, the
 trainer 1), and near 1 on a machine with cores to spare.
 
-Expected output, measured on 2 shared CPU cores under a load average of ~6 (numbers
-vary with load; the trainer polls once per epoch, and the client asks Urza for news at
-most once a second)::
-
-    idle: 30 epochs in 0.92 s, median epoch 0.021 s, waited 0.0003 s (0.03%), 8 candidates, ...
-    busy: 30 epochs in 1.34 s, median epoch 0.034 s, waited 0.0010 s (0.08%), 8 candidates, ...
-    pipeline during/after the busy run: tezzeret queue 6 (working on a0bc1078a2ef), ...
-    waiting fraction 0.08% (target < 1%), step-time ratio busy/idle 1.63
+It prints one line per run (epochs, loop seconds, median epoch, seconds waited and their
+share of the loop, candidates seen), the pipeline's state during and after the busy run, and
+the waiting fraction with the busy/idle ratio (the trainer polls once per epoch, and the
+client asks Urza for news at most once a second). The figures vary with the machine's load;
+the measured ones are in BENCHMARKS.md ("Other measurements").
 
 The exit status is 1 if the waiting fraction misses the 1% target. ``--quick`` (15 epochs,
 compiles slowed by 3 s, 2 extra specs) and ``--json PATH`` (the figures) are for
@@ -49,13 +46,11 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
-# Run as a script from a checkout: make the packages importable without installing them.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
+from common import write_result  # noqa: E402
 
 from actors.client import UrzaCatalogue  # noqa: E402
 from actors.launch import ensure_ray, start_pipeline, stop_pipeline, wait_until_ready  # noqa: E402
@@ -134,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="15 epochs, compiles slowed by 3 s, 2 extra specs")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
+    started = time.perf_counter()
     if args.quick:
         args.epochs, args.slow_compile_s, args.extra_specs = 15, 3.0, 2
 
@@ -187,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
         fraction = max(idle.waiting_fraction, busy.waiting_fraction)
         print(f"waiting fraction {100 * fraction:.2f}% (target < 1%), step-time ratio busy/idle {ratio:.2f}")
         if args.json:
-            import json
-
             runs = {
                 r.label: {
                     "epochs": r.epochs,
@@ -201,23 +195,23 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for r in (idle, busy)
             }
-            Path(args.json).write_text(
-                json.dumps(
-                    {
-                        "waiting_fraction": fraction,
-                        "waiting_target": 0.01,
-                        "busy_idle_ratio": ratio,
-                        "runs": runs,
-                        "slow_compile_s": args.slow_compile_s,
-                        "compile": not args.no_compile,
-                        "extra_specs": args.extra_specs,
-                        "karn": with_karn,
-                        "quick": args.quick,
-                        "tezzeret": {k: tez[k] for k in ("queue_len", "compile", "slow_compile_s") if k in tez},
-                    },
-                    indent=2,
-                    default=str,
-                )
+            write_result(
+                args.json,
+                __file__,
+                {
+                    "waiting_fraction": fraction,
+                    "waiting_target": 0.01,
+                    "busy_idle_ratio": ratio,
+                    "runs": runs,
+                    "slow_compile_s": args.slow_compile_s,
+                    "compile": not args.no_compile,
+                    "extra_specs": args.extra_specs,
+                    "karn": with_karn,
+                    "quick": args.quick,
+                    "tezzeret": {k: tez[k] for k in ("queue_len", "compile", "slow_compile_s") if k in tez},
+                },
+                started,
+                argv,
             )
         return 0 if fraction < 0.01 else 1
     finally:

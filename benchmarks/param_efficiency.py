@@ -44,62 +44,30 @@ parameters with seeds than with full fine-tuning". Protocol, per seed ``s``:
    can be checked, not taken on trust.
 
 Printed: per scenario a table, mean ± 95% CI over seeds, and a SUMMARY line; ``--json PATH``
-also writes the figures. Expect (measured on 2 shared CPU cores, one thread, 3 seeds, both
-scenarios, about 8 minutes with the machine shared; ``--quick`` about 15 s). The host scores
-0.65 on the original task; new-task test accuracy before -> after, gain, and the per-seed gain
-ratio to full fine-tuning:
-
-    arm (trainable, x fewer)          shift: 0.346 -> ...                  permuted: 0.186 -> ...
-    full (144,650)                    0.619, +0.273 ± 0.036                0.575, +0.389 ± 0.029
-    head (2,570, 56x)                 0.411, +0.065, 0.24 of full's        0.298, +0.112, 0.29
-    bias (778, 186x)                  0.442, +0.096, 0.35                  0.299, +0.113, 0.29
-    lowrank2 @input (242, 598x)       0.489, +0.143, 0.53                  0.286, +0.100, 0.26
-    lowrank8 @input (728, 199x)       0.554, +0.208 ± 0.004, 0.76 ± 0.09   0.398, +0.212, 0.54
-    lowrank16 @input (1,376, 105x)    0.558, +0.212, 0.78                  0.429, +0.243, 0.62
-    conv1d @input (1,410, 103x)       0.430, +0.084, 0.31                  0.275, +0.089, 0.23
-    lowrank40 @input (3,320, 44x)     0.564, +0.218, 0.80 ± 0.03           0.440, +0.254, 0.65
-    residual_mlp @input (5,264, 28x)  0.566, +0.220 ± 0.049, 0.81 ± 0.07   0.448, +0.262, 0.67 ± 0.13
-    lowrank4 @hidden0-2 (7,692, 19x)  0.369, +0.023, 0.08                  0.236, +0.050, 0.13
-    + lowrank8 @input (8,420, 17x)    0.373, +0.027, 0.10                  0.229, +0.043, 0.11
-
-So the target is **not met** at matched gain: no seed configuration reaches 90% of full
-fine-tuning's gain on either scenario. What seeds do give: on ``shift``, 76% of full
-fine-tuning's gain with 199x fewer trainable weights (a rank-8 input adapter) and 80-81% with
-28-44x fewer; on ``permuted``, at most 67% (28x fewer). Likely why (not isolated here): an
-input adapter can undo the permutation, gain and offset, but it cannot make the frozen host
-robust to the added noise nor learn from the 3,200 new examples, which full fine-tuning can (it
-ends at 0.62 on ``shift``, near the host's 0.65 on clean inputs). Seeds at the hidden slots
-barely help, and added to an input adapter they cancel most of its gain (not diagnosed here; the
-isolated epoch, in which a seed moves without seeing its own effect, is a suspect). Budgeted
-fine-tuning (head, biases) gains less than any input seed of rank >= 8.
+also writes the figures. It takes several minutes on 2 CPU cores (``--quick``: seconds). The
+measured table and how to read it are in BENCHMARKS.md, section 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-# Run as a script from a checkout: make the package importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from common import SCENARIOS, seed_runs, shifted_task, write_result
 
-import torch  # noqa: E402
-from stability import SCENARIOS, shifted_task  # noqa: E402
-
-from esper_ray.blueprints.catalogue import LocalCatalogue  # noqa: E402
-from esper_ray.blueprints.library import STANDARD_BLUEPRINTS  # noqa: E402
-from esper_ray.blueprints.spec import BlueprintSpec, Node  # noqa: E402
-from esper_ray.config import RunConfig  # noqa: E402
-from esper_ray.contracts import ControllerAction, SeedStage  # noqa: E402
-from esper_ray.simic.evaluate import mean_ci  # noqa: E402
-from esper_ray.tasks import TaskConfig, TaskData, load_task  # noqa: E402
-from esper_ray.tolaria import optim  # noqa: E402
-from esper_ray.tolaria.trainer import Trainer  # noqa: E402
+from esper_ray.blueprints.catalogue import LocalCatalogue
+from esper_ray.blueprints.library import STANDARD_BLUEPRINTS
+from esper_ray.blueprints.spec import BlueprintSpec, Node
+from esper_ray.config import RunConfig
+from esper_ray.contracts import ControllerAction, SeedStage
+from esper_ray.simic.evaluate import mean_ci
+from esper_ray.tasks import TaskConfig, TaskData, load_task
+from esper_ray.tolaria import optim
+from esper_ray.tolaria.trainer import Trainer
 
 TARGET = 10.0  # "10-100x fewer trainable parameters"
 MATCH = 0.9  # a seed configuration "matches" when its mean gain is at least this share of full fine-tuning's
@@ -395,17 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
     for scenario in scenarios:
-        runs: list[dict[str, Any]] = []
-        for seed in range(args.seeds):
-            rows = one_seed(seed, scenario, args, ARMS)
-            runs += rows
-            for r in rows:
-                print(
-                    f"{scenario} seed {seed} {r['arm']:<46} {r['trainable']:>8,} trainable, lr {r['lr']:g}: "
-                    f"{r['before']:.3f} -> {r['after']:.3f} ({r['gain']:+.3f}), seeds kept {r['kept']} "
-                    f"({r['seconds']:.1f} s)",
-                    flush=True,
-                )
+        runs = seed_runs(
+            scenario,
+            args.seeds,
+            lambda seed: one_seed(seed, scenario, args, ARMS),  # noqa: B023 (called before the loop moves on)
+            lambda r: (
+                f"{r['arm']:<46} {r['trainable']:>8,} trainable, lr {r['lr']:g}: {r['before']:.3f} -> "
+                f"{r['after']:.3f} ({r['gain']:+.3f}), seeds kept {r['kept']} ({r['seconds']:.1f} s)"
+            ),
+        )
         summary = summarise(runs, ARMS)
         print(
             f"\nscenario {scenario} ({SCENARIOS[scenario]} of 40 features permuted, gain/offset/noise): "
@@ -418,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["seconds"] = round(time.perf_counter() - started, 1)
     print(f"total {figures['seconds']:.0f} s")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        write_result(args.json, __file__, figures, started, argv)
     return 0
 
 

@@ -18,10 +18,10 @@ weights, data order and the task shifts all follow ``s``):
    task-specific input shift drawn from ``(s, t)``: a permutation of some of the 40 features,
    a per-feature gain in [0.75, 1.25] and offset ~ N(0, 0.25), and Gaussian noise (std 0.25,
    drawn once per example). Two scenarios: ``shift`` permutes 10 of the 40 features (a
-   moderate domain shift: the pretrained host drops from ~55% to ~37% on it), ``permuted``
-   all 40 (permuted-MNIST style, where full fine-tuning is known to forget; the host drops to
-   ~20%). The Trainer's data is swapped in place (``trainer.data``; the probe batch, task
-   features and best-val / plateau counters are reset with it).
+   moderate domain shift), ``permuted`` all 40 (permuted-MNIST style, where full fine-tuning is
+   known to forget); BENCHMARKS.md gives the pretrained host's accuracy on both. The Trainer's
+   data is swapped in place (``trainer.data``; the probe batch, task features and best-val /
+   plateau counters are reset with it).
 3. Each task gets up to ``--epochs-per-task`` epochs (default 8). A scripted controller drives
    the lifecycle with ``trainer.apply``: at the first decision point of a task a seed
    germinates in every open slot (``residual_mlp`` at ``input`` and ``hidden0``, ``lowrank``
@@ -96,49 +96,9 @@ Printed: per scenario, one table, mean ± 95% CI (Student t) over seeds; ``--jso
 writes the figures (the full matrix of every run included) as a JSON dict. Bad input (an unknown
 arm or scenario, a sample size out of range) is one line on stderr, exit status 2.
 
-Expect (measured on 2 shared CPU cores, one thread, 3 seeds, both scenarios, about 19 minutes
-with the machine shared; ``--quick`` about 2 minutes): degradation of the original task,
-fossilized seeds (tasks; share of germinations culled), and the mean gain on each new task (test
-accuracy after - before its adaptation):
-
-    arm                 shift                                      permuted
-    frozen (no replay)  +16% ± 41%, 22 (8; 7%), +0.025             +41% ± 28%, 22 (8; 10%), +0.030
-    guarded             +1.2% ± 1.8%, 20 (12; 45%), +0.008         +3.2% ± 8.3%, 16 (20, min 11; 74%), +0.004
-    replay_only         +5.2% ± 5.0%, 21 (8; 16%), +0.025          +19% ± 24%, 22 (8; 8%), +0.024
-    replay (+ guard)    +4.8% ± 4.3%, 20 (15; 56%), +0.012         +4.2% ± 4.6%, 17 (17, min 11; 67%), +0.006
-    gated               +4.4% ± 5.9%, 22 (8; 7%), +0.095           +10.1% ± 10.7%, 21 (8; 14%), +0.120
-    routed (bound)      0 by construction, 23 (8), +0.035          0 by construction, 22 (8), +0.064
-    trainable           -3.9% ± 12.8%, 21 (9), +0.150              +44% ± 13%, 21 (9), +0.193
-    replay_trainable    -7.5% ± 11.5%, 21 (10), +0.152             +33% ± 8%, 21 (8), +0.205
-    finetune            +0.4% ± 11.7%, +0.138                      +36% ± 12%, +0.190
-    ewc                 +7.3% ± 13.1%, +0.040                      +29% ± 25%, +0.048
-
-Average accuracy over all tasks seen after the last one: gated 0.446 / 0.325 (shift / permuted),
-finetune 0.460 / 0.343, trainable 0.447 / 0.312, frozen 0.382 / 0.256, replay 0.387 / 0.228.
-Backward transfer on the earlier new tasks: gated -0.028 / -0.043, finetune -0.080 / -0.105,
-the frozen-host arms within ±0.03.
-
-So ``frozen``, the design's protocol without replay, misses the target by far: a frozen host
-does not mean a frozen function, the absorbed seeds were selected for the new tasks only and
-rewrite what the original inputs map to. Rehearsal of 160 original-task examples
-(``replay_only``) damps that damage at the same new-task gain, but does not bring it under 5%.
-The guard (``guarded``, ``replay``) keeps the mean within 5%, but by culling half the seeds or
-more, and the new tasks gain about a point. ``gated`` is the only arm that both protects the
-original task and adapts: 0.63-0.69 of full fine-tuning's new-task gain, 7-14% of its seeds
-culled, and the original task within 5% on ``shift`` (on the mean; the runs: 6.7, 1.9, 4.5%),
-not on ``permuted`` (13.0, 5.2, 12.2%). The gates learn "original vs new" from the 160-example sample and
-leak on original inputs they never saw; 20+ absorbed seeds add up their leaks (the original
-task's accuracy falls a little after nearly every task), and the gates know nothing of the
-earlier new tasks, hence their small negative backward transfer. The weights: the gate
-objective's weight 5 was picked over 1 in quick trial runs (1 seed, 20 pretraining epochs,
-7 tasks; permuted 6.0% -> 4.0%, shift 4.4% -> 3.4% at about the same gain), which read the
-original task's test split: a choice made on test figures, so the gated arm's figures are
-slightly optimistic. ``routed``, with no interference at all, gains only 3.5-6.4 points, because
-each of its seeds is frozen about 3 epochs after it germinates; ``gated`` gains more because its
-fossilized seeds train on until the task ends. ``trainable`` and ``finetune`` learn the new
-tasks (+14-20 points) and barely forget on ``shift`` (the data is still MNIST-1D), but forget
-33-44% on ``permuted``; EWC (lambda 100) forgets less there (29%) but learns the new tasks far
-less (+0.05).
+It takes about 20 minutes on 2 CPU cores with the defaults (``--quick``: a couple of minutes).
+The measured table, the accuracy matrices' figures and how to read them are in BENCHMARKS.md,
+section 2 (the matrices themselves: ``benchmarks/results/stability_matrices.json``).
 """
 
 from __future__ import annotations
@@ -146,26 +106,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-# Run as a script from a checkout: make the package importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from common import SCENARIOS, seed_runs, shifted_task, write_result
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from esper_ray.blueprints import STANDARD_BLUEPRINTS, LocalCatalogue  # noqa: E402
-from esper_ray.config import RunConfig  # noqa: E402
-from esper_ray.contracts import LIVE_STAGES, ControllerAction, EsperError, SeedStage  # noqa: E402
-from esper_ray.kasmina import SeedSlot, gated_blueprint  # noqa: E402
-from esper_ray.simic.evaluate import mean_ci  # noqa: E402
-from esper_ray.tasks import TaskConfig, TaskData, load_task  # noqa: E402
-from esper_ray.tolaria.continual import (  # noqa: E402
+from esper_ray.blueprints import STANDARD_BLUEPRINTS, LocalCatalogue
+from esper_ray.config import RunConfig
+from esper_ray.contracts import LIVE_STAGES, ControllerAction, EsperError, SeedStage
+from esper_ray.kasmina import SeedSlot, gated_blueprint
+from esper_ray.simic.evaluate import mean_ci
+from esper_ray.tasks import TaskConfig, TaskData, load_task
+from esper_ray.tolaria.continual import (
     AccuracyMatrix,
     BoundedSample,
     FisherPenalty,
@@ -173,12 +129,10 @@ from esper_ray.tolaria.continual import (  # noqa: E402
     Rehearsal,
     absorb_fossilized,
 )
-from esper_ray.tolaria.trainer import Trainer  # noqa: E402
+from esper_ray.tolaria.trainer import Trainer
 
 TARGET = 0.05  # relative degradation on the original task
 MIN_FOSSILS = 20  # "20+ successful germination events"
-SCENARIOS = {"shift": 10, "permuted": 40}  # features permuted per task
-NOISE = 0.25
 BLUEPRINT_FOR = {"input": "residual_mlp", "hidden0": "residual_mlp", "hidden1": "lowrank"}
 GATED_FOR = {slot: gated_blueprint(STANDARD_BLUEPRINTS[name]).name for slot, name in BLUEPRINT_FOR.items()}
 MAX_HOLD_EPOCHS = 3  # a holding seed whose gate stays closed this long is culled
@@ -232,29 +186,6 @@ FULL_ARM = "finetune"  # the gated arm's new-task gain is compared with this arm
 
 
 # ---- tasks -------------------------------------------------------------------------------------
-def shifted_task(base: TaskData, seed: int, t: int, permuted: int, noise: float = NOISE) -> TaskData:
-    """``base`` seen through task ``t``'s fixed input shift (drawn from ``(seed, t)``)."""
-    gen = torch.Generator().manual_seed(1_000_003 * seed + t)
-    d = base.input_shape[0]
-    perm = torch.arange(d)
-    chosen = torch.randperm(d, generator=gen)[:permuted]
-    perm[chosen] = chosen[torch.randperm(len(chosen), generator=gen)]
-    gain = 0.75 + 0.5 * torch.rand(d, generator=gen)
-    offset = 0.25 * torch.randn(d, generator=gen)
-
-    def shift(x: torch.Tensor) -> torch.Tensor:
-        return (x[:, perm] * gain + offset + noise * torch.randn(x.shape, generator=gen)).contiguous()
-
-    return dataclasses.replace(
-        base,
-        name=f"{base.name}/shift{seed}.{t}.p{permuted}",
-        x_train=shift(base.x_train),
-        x_val=shift(base.x_val),
-        x_test=shift(base.x_test),
-        meta={**base.meta, "shift": {"seed": seed, "task": t, "permuted": permuted, "noise": noise}},
-    )
-
-
 def use_task(trainer: Trainer, data: TaskData) -> None:
     """Point ``trainer`` at ``data`` (same input shape), resetting what it derived from the old data."""
     trainer.set_task(data)
@@ -369,7 +300,8 @@ def adapt(
 
 
 # ---- one seed ------------------------------------------------------------------------------------
-def _cfg(seed: int, freeze: bool, alpha_steps: int, epochs: int = 10_000) -> RunConfig:
+def run_config(seed: int, freeze: bool, alpha_steps: int, epochs: int = 10_000) -> RunConfig:
+    """The host and lifecycle every arm uses (MLP 40-64-64-10, all slots); ``freeze``: host lr 0."""
     return RunConfig(
         name="stability",
         host={"kind": "mlp", "hidden": [64, 64], "slots": "all"},
@@ -381,7 +313,8 @@ def _cfg(seed: int, freeze: bool, alpha_steps: int, epochs: int = 10_000) -> Run
     )
 
 
-def _catalogue(gated: bool) -> LocalCatalogue:
+def catalogue(gated: bool) -> LocalCatalogue:
+    """The arms' blueprints (``BLUEPRINT_FOR``), their gated forms when ``gated``."""
     specs = [STANDARD_BLUEPRINTS[n] for n in sorted(set(BLUEPRINT_FOR.values()))]
     return LocalCatalogue([gated_blueprint(s) for s in specs] if gated else specs)
 
@@ -399,7 +332,7 @@ def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]
 
     steps = -(-len(original.x_train) // 100)  # alpha reaches 1 after one epoch of blending
     t0 = time.perf_counter()
-    base = Trainer(_cfg(seed, False, steps, args.pretrain), original, run_id="stability-pretrain")
+    base = Trainer(run_config(seed, False, steps, args.pretrain), original, run_id="stability-pretrain")
     while not base.done:
         base.train_epoch()
         base.end_epoch(ControllerAction.wait())
@@ -415,7 +348,7 @@ def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]
         arm = ARMS[name]
         started = time.perf_counter()
         trainer = Trainer(
-            _cfg(seed, arm.freeze, steps), original, run_id=f"stability-{name}", catalogue=_catalogue(arm.gated)
+            run_config(seed, arm.freeze, steps), original, run_id=f"stability-{name}", catalogue=catalogue(arm.gated)
         )
         trainer.host.load_host_state_dict(weights)
         trainer.remember_good()  # the governor's rollback point is the pretrained host
@@ -600,19 +533,18 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
     for scenario in scenarios:
-        runs: list[dict[str, Any]] = []
-        for seed in range(args.seeds):
-            rows = one_seed(seed, scenario, args, arms)
-            runs += rows
-            for r in rows:
-                print(
-                    f"{scenario} seed {seed} {ARMS[r['arm']].label:<38} A0 {r['a0']:.3f} -> A_end {r['a_end']:.3f} "
-                    f"({100 * r['degradation']:+.1f}%), avg acc {r['average_accuracy']:.3f}, BWT new "
-                    f"{r['bwt_new']:+.3f}, {r['tasks']} tasks, germ {r['germinations']} foss {r['fossilizations']} "
-                    f"cull {r['culls']}; new tasks {r['new_before']:.3f} -> {r['new_after']:.3f}; original after "
-                    f"each task {' '.join(f'{a:.2f}' for a in r['curve'])} ({r['seconds']:.0f} s)",
-                    flush=True,
-                )
+        runs = seed_runs(
+            scenario,
+            args.seeds,
+            lambda seed: one_seed(seed, scenario, args, arms),  # noqa: B023 (called before the loop moves on)
+            lambda r: (
+                f"{ARMS[r['arm']].label:<38} A0 {r['a0']:.3f} -> A_end {r['a_end']:.3f} "
+                f"({100 * r['degradation']:+.1f}%), avg acc {r['average_accuracy']:.3f}, BWT new "
+                f"{r['bwt_new']:+.3f}, {r['tasks']} tasks, germ {r['germinations']} foss {r['fossilizations']} "
+                f"cull {r['culls']}; new tasks {r['new_before']:.3f} -> {r['new_after']:.3f}; original after "
+                f"each task {' '.join(f'{a:.2f}' for a in r['curve'])} ({r['seconds']:.0f} s)"
+            ),
+        )
         table = summarise(runs)
         print(
             f"\nscenario {scenario} ({SCENARIOS[scenario]} of 40 features permuted per task, gain/offset/noise): "
@@ -644,8 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"total {total:.0f} s")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        write_result(args.json, __file__, figures, started, argv)
     return 0
 
 

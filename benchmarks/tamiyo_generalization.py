@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import write_result
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -229,9 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reversed catalogue: mean accuracy changes by {figures.reversed_catalogue_change:+.4f}")
         if fidelity is not None:
             print(f"germination fidelity on held-out bottleneck tasks: {fidelity:.1%}")
-    (args.out / f"tamiyo_generalization{suffix}.json").write_text(
-        json.dumps({"table": table, "policies": results}, indent=1, default=str)
-    )
+    figures = {"table": table, "policies": results}
+    write_result(args.out / f"tamiyo_generalization{suffix}.json", __file__, figures, start)
     with (args.out / f"tamiyo_generalization{suffix}_episodes.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*SCALARS, "task_name"], extrasaction="ignore")
         writer.writeheader()

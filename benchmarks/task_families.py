@@ -18,8 +18,7 @@ over tasks) of every growth, the best growth and how many tasks it wins, and wri
 ``benchmarks/results/task_families.csv`` (one row per family and growth; rows of families not
 run this time, e.g. with ``--families``, are kept).
 
-Run (258 runs: ~8 minutes wall on the shared 2-core machine, ~1-2 s per 25-epoch run, data
-loading included; under the shared lock)::
+Run (258 short training runs: about ten minutes on the shared 2-core machine; under the shared lock)::
 
     flock /tmp/esper-heavy.lock .venv/bin/python benchmarks/task_families.py
     .venv/bin/python benchmarks/task_families.py --tasks 1 --repeats 1 --families saturated --out /tmp/tf.csv
@@ -38,19 +37,17 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from esper_ray.blueprints import BlueprintShapeError  # noqa: E402
-from esper_ray.blueprints.library import STANDARD_BLUEPRINTS  # noqa: E402
-from esper_ray.config import RunConfig  # noqa: E402
-from esper_ray.hosts import HostConfig  # noqa: E402
-from esper_ray.tasks import (  # noqa: E402
+from esper_ray.blueprints import BlueprintShapeError
+from esper_ray.blueprints.library import STANDARD_BLUEPRINTS
+from esper_ray.config import RunConfig
+from esper_ray.hosts import HostConfig
+from esper_ray.tasks import (
     TaskConfig,
     TaskData,
     load_distribution,
@@ -58,7 +55,7 @@ from esper_ray.tasks import (  # noqa: E402
     sample_tasks,
     training_overrides,
 )
-from esper_ray.tolaria.trainer import Trainer  # noqa: E402
+from esper_ray.tolaria.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 GROWTHS = (
@@ -125,7 +122,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--families", nargs="*", help="only these families")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "task_families.csv"))
+    parser.add_argument("--json", help="also write the rows as a result file (benchmarks/common.py)")
     args = parser.parse_args()
+    started = time.perf_counter()
     torch.set_num_threads(1)
 
     drawn = [t for key in args.split.split(",") for t in sample_tasks(load_distribution(args.config, key=key))]
@@ -209,6 +208,8 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"\nwrote {out}")
+    if args.json:
+        write_result(args.json, __file__, {"rows": rows}, started)
 
 
 if __name__ == "__main__":

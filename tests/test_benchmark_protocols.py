@@ -7,7 +7,6 @@ fast tests run a tiny host for a few epochs; the ``slow`` one runs param_efficie
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import param_efficiency as pe  # noqa: E402
 import stability as st  # noqa: E402
+from common import read_result  # noqa: E402
+from page import Page, efficiency  # noqa: E402
 
 from esper_ray.blueprints.builder import build_seed  # noqa: E402
 from esper_ray.blueprints.library import STANDARD_BLUEPRINTS  # noqa: E402
@@ -56,7 +57,7 @@ def test_replay_training_sees_the_sample_and_never_the_original_test_split(origi
     """Every input the network is trained on (train-mode forwards) comes from the new task or the
     sample; the gated arm's gate objective reads the same two and nothing else."""
     sample = st.original_sample(original, seed=0)
-    trainer = Trainer(st._cfg(0, True, 32), original, run_id="test-replay", catalogue=st._catalogue(gated))
+    trainer = Trainer(st.run_config(0, True, 32), original, run_id="test-replay", catalogue=st.catalogue(gated))
     if gated:
         trainer.loss_fn = st.GateRehearsal(trainer, sample, batch=st.REPLAY_BATCH, replay=True, seed=0)
     else:
@@ -217,19 +218,19 @@ def test_param_efficiency_quick_writes_its_figures(tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fig = json.loads(out.read_text())
+    result = read_result(out)
+    assert result.script == "benchmarks/param_efficiency.py" and result.command.endswith("param_efficiency.py --quick")
+    assert result.machine["cores"] >= 1 and result.seconds is not None and result.seconds > 0
+    fig = result.figures
     arms = fig["scenarios"]["shift"]["arms"]
     assert arms["full"]["trainable"] == 144_650  # 40*256+256 + 2*(256*256+256) + 256*10+10
     assert arms["head"]["trainable"] == 2_570 and arms["bias"]["trainable"] == 778
     assert arms["seeds: lowrank2 @input"]["trainable"] == 242
     assert all(-1 <= a["gain"] <= 1 for a in arms.values())
     assert "SUMMARY shift:" in proc.stdout
-    # run_all.py's section 3 takes its primary figure from these figures.
-    import run_all
-
-    record = {"status": "ok", "command": "param_efficiency.py --quick", "figures": fig, "rc": 0, "seconds": 1.0}
-    page = run_all.Page({"param_efficiency": record}, run_all.machine(), quick=True, date="today")
-    section = page.efficiency()
+    # The page's section 3 takes its primary figure from this result file.
+    page = Page({"param_efficiency": result}, commands={}, quick=True)
+    section = efficiency(page)["param_efficiency"]
     assert "| shift | seeds: lowrank8 @input | 728 | 198.7x |" in section
     (row,) = [r for r in page.summary if r[0] == "3. parameter efficiency"]
     assert row[1].startswith("shift: ") and "x fewer" in row[1]
