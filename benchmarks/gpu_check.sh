@@ -15,7 +15,7 @@
 #     bash benchmarks/gpu_check.sh
 # The machine has Python 3.12 with torch (CUDA) but no network and neither Ray, pydantic,
 # cryptography, gymnasium, mnist1d nor jsonschema: they travel as cp312 wheels in .whl/
-# (made here by `.venv/bin/python benchmarks/gpu_wheels.py`; git-ignored, never committed) and
+# (made here by `.venv/bin/python tools/gpu_wheels.py`; git-ignored, never committed) and
 # are installed under /tmp/site. The repository is not pip-installed there: PYTHONPATH makes
 # esper_ray, envs and actors importable (nothing reads esper-ray's package metadata).
 # Logs go to $OUT (cuda_tests.log, timing.log, batched.log, distill_transformer.log) when $OUT is set.

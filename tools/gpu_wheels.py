@@ -10,7 +10,7 @@ that ``.whl`` fits the device tool's 64 MiB carry limit; its RECORD loses those 
 
 Run from the repository root, with the project's venv (it reads the versions from it)::
 
-    .venv/bin/python benchmarks/gpu_wheels.py      # then: du -sh .whl
+    .venv/bin/python tools/gpu_wheels.py      # then: du -sh .whl
 
 Needs PyPI (``python3 -m pip download``). ``.whl/`` is git-ignored (.gitignore), never
 committed. Not run by CI.
