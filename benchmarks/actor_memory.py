@@ -2,19 +2,22 @@
 
 Run (it starts a local Ray; run it under the shared lock on a shared machine):
 
-    flock /tmp/esper-heavy.lock .venv/bin/python benchmarks/actor_memory.py [--seconds 60] [--compile]
+    flock /tmp/esper-heavy.lock .venv/bin/python benchmarks/actor_memory.py [--seconds 60] [--compile] \
+        [--json benchmarks/results/actor_memory.json]
 
 Starts the pipeline on an empty library in a temporary folder, waits for the standard
 blueprints, reads each actor process's VmRSS from /proc, lets Karn propose for ``--seconds``
 (a trainer polling Urza meanwhile, so the pipeline does not idle), and reads them again; prints
 one row per actor (MB at start, MB after, growth) and Urza's library counts (entries kept, templates
-held in the object store). What to expect: each actor holds torch (a few hundred MB); Urza grows
-with the blueprints it keeps (their templates live in Ray's object store, the library on disk).
+held in the object store, at most ``actors.urza_templates_in_memory``). What to expect: each actor
+holds torch (a few hundred MB); Urza's growth is bounded by the templates it keeps in the object
+store (the library itself is on disk). ``--json`` also writes the figures to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -33,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="how long Karn proposes between readings")
     parser.add_argument("--compile", action="store_true", help="Tezzeret tries torch.compile (default: eager)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -64,17 +68,41 @@ def main() -> None:
                 p.client.poll()  # a trainer's demand keeps Karn proposing
                 time.sleep(0.5)
             after = {n: _rss_mb(pid) for n, pid in pids.items()}
+            # A trainer may ask for any template: ask for every ready one (the bound must hold).
+            ready = ray.get(p.urza.entries.remote("ready"))
+            for row in ready:
+                ray.get(p.urza.template_ref.remote(row["key"]))
+            served = {n: _rss_mb(pid) for n, pid in pids.items()}
             stats = ray.get(p.urza.stats.remote())
         finally:
             stop_pipeline(p, kill=True)
     print(f"actor resident memory (VmRSS), {args.seconds:g} s of proposals, compile={args.compile}")
-    print(f"{'actor':10s} {'start MB':>9s} {'after MB':>9s} {'growth MB':>10s}")
+    print(f"{'actor':10s} {'start MB':>9s} {'after MB':>9s} {'growth MB':>10s} {'all served MB':>14s}")
     for name in pids:
-        print(f"{name:10s} {start[name]:9.0f} {after[name]:9.0f} {after[name] - start[name]:10.1f}")
+        print(
+            f"{name:10s} {start[name]:9.0f} {after[name]:9.0f} {after[name] - start[name]:10.1f} {served[name]:14.0f}"
+        )
     print(
         f"urza library: {stats['entries']} entries ({stats['ready']} ready, {stats.get('rejected', 0)} rejected), "
-        f"{stats['templates_in_store']} templates in the object store"
+        f"{stats['templates_in_store']} templates in the object store (at most {stats['templates_in_memory_max']})"
     )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        figures = {
+            "measured": time.strftime("%Y-%m-%d", time.gmtime()),
+            "machine": f"{os.cpu_count()} CPUs, local Ray, each actor 0.1 CPU",
+            "seconds_of_proposals": args.seconds,
+            "compile": args.compile,
+            "rss_mb": {
+                n: {"start": round(start[n], 1), "after": round(after[n], 1), "all_served": round(served[n], 1)}
+                for n in pids
+            },
+            "urza": {
+                k: stats[k] for k in ("entries", "ready", "rejected", "templates_in_store", "templates_in_memory_max")
+            },
+        }
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"written: {args.json}")
 
 
 if __name__ == "__main__":
