@@ -25,16 +25,16 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
-from esper_ray.blueprints import BlueprintSpec
-from esper_ray.config import RunConfig
-from esper_ray.contracts import EsperError, SeedStage
-from esper_ray.tamiyo.controllers import HeuristicController, StaticController
-from esper_ray.tasks import TaskData
-from esper_ray.tolaria.trainer import Trainer
+from esper_ray.contracts import EsperError
+
+if TYPE_CHECKING:  # the page renders without the training library: these load where they are used
+    from esper_ray.config import RunConfig
+    from esper_ray.tasks import TaskData
+    from esper_ray.tolaria.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -428,6 +428,8 @@ def play(trainer: Trainer, controller: Any) -> Trainer:
 
 def grown(trainer: Trainer) -> dict[str, str]:
     """The seeds present at the end (culled ones left out): slot -> blueprint spec JSON."""
+    from esper_ray.contracts import SeedStage
+
     return {
         s.name: s.seed.spec_json
         for s in trainer.host.slots.values()
@@ -437,10 +439,12 @@ def grown(trainer: Trainer) -> dict[str, str]:
 
 def grown_label(trainer: Trainer) -> str:
     """``slot:blueprint,...`` of the seeds present at the end."""
+    from esper_ray.blueprints import BlueprintSpec
+
     return ",".join(f"{k}:{BlueprintSpec.from_json(v).name}" for k, v in grown(trainer).items())
 
 
-RowMaker = Callable[[str, Trainer, float], dict[str, Any]]
+RowMaker = Callable[[str, "Trainer", float], dict[str, Any]]
 
 
 def student_arms(
@@ -452,6 +456,10 @@ def student_arms(
     ``distilled + tamiyo`` (when ``policy`` is given) and ``big static (grown size)`` (the heuristic
     run's final seeds fossilized from epoch 0). ``row(name, trainer, started)`` makes each row.
     """
+    from esper_ray.blueprints import BlueprintSpec
+    from esper_ray.tamiyo.controllers import HeuristicController, StaticController
+    from esper_ray.tolaria.trainer import Trainer
+
     rows = []
     t = time.perf_counter()
     rows.append(row("student alone (CE)", play(Trainer(run_config(base, seed, "static"), data), StaticController()), t))
