@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -112,7 +113,7 @@ class SeedSlot(nn.Module):
         mode = self._mode
         if mode == _IDENTITY or self._ablated:
             return h
-        seed = self.seed
+        seed = cast(SeedModule, self.seed)  # every mode but identity has a seed
         if mode == _FOSSIL:
             return seed(h)
         s = seed(h.detach())

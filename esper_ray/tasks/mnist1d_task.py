@@ -29,6 +29,7 @@ import random
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -105,7 +106,7 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write atomically (temp file + rename) so a concurrent reader never sees half a file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        atomic_write(path, lambda f: np.savez(f, **cast(dict[str, Any], arrays)))  # (savez also takes flags)
     except OSError as exc:
         warnings.warn(f"mnist1d cache not written to {path}: {exc}", stacklevel=3)
 
