@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, TypedDict, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,6 @@ from esper_ray.blueprints import (
     BlueprintCatalogue,
     build_seed,
 )
-from esper_ray.blueprints.builder import slot_channels
 from esper_ray.blueprints.catalogue import CatalogueEntry
 from esper_ray.config import RunConfig
 from esper_ray.contracts import (
@@ -39,11 +38,10 @@ from esper_ray.contracts import (
     HostContext,
     Observation,
     SeedEvent,
-    SeedOutcome,
     SeedStage,
     TrialResult,
 )
-from esper_ray.hosts import MorphoHost, build_host, slot_names
+from esper_ray.hosts import MorphoHost, build_host
 from esper_ray.karn.invented import local_catalogue
 from esper_ray.kasmina import SeedSlot, Transition
 from esper_ray.tasks import TaskData, load_task
@@ -51,30 +49,13 @@ from esper_ray.tolaria import optim
 from esper_ray.tolaria.candidates import CandidateBook
 from esper_ray.tolaria.governor import Governor
 from esper_ray.tolaria.observation import Observer, eval_mode, host_context
+from esper_ray.tolaria.seedlog import EventHook, SeedLog
 from esper_ray.tolaria.telemetry import grad_norms
+from esper_ray.tolaria.trials import run_trials
 
 # A loss function gets (logits, labels, batch indices) and returns a scalar loss. One that also
 # has ``slot_gaps(trainer) -> {slot: float}`` (distillation) feeds Observation.distill.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-EventHook = Callable[[SeedEvent], None]
-
-_LEDGER_KIND = {
-    SeedStage.GERMINATED: EventKind.GERMINATE,
-    SeedStage.FOSSILIZED: EventKind.FOSSILIZE,
-    SeedStage.CULLED: EventKind.CULL,
-}
-
-
-class _Birth(TypedDict):
-    """What the trainer keeps of a live seed from its germination to its field report (JSON in a
-    checkpoint's ``births``)."""
-
-    epoch: int
-    step: int
-    val_acc: float
-    blueprint: str
-    params: int
-    stage_reached: str  # the furthest stage it reached before fossilizing or being culled
 
 
 class Trainer:
@@ -115,12 +96,9 @@ class Trainer:
         self.plateau = 0
         self.last: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
-        self.events: list[SeedEvent] = []
-        self.field_reports: list[FieldReport] = []
-        self.event_hooks: list[EventHook] = []
+        self.log = SeedLog(run_id)
         self.book = CandidateBook(self.catalogue, cfg.blueprints, cfg.controller.max_germinations)
         self.observer = Observer(self.data, cfg.training.probe_size, cfg.training.signal_every)
-        self._births: dict[str, _Birth] = {}
         self._blend_snapshots: dict[str, optim.HostSnapshot] = {}
         self._host_grad: dict[str, float] = {}
         # (host version, slots, seeded slots, parameter groups): _measure_grads
@@ -258,16 +236,7 @@ class Trainer:
         """Back to the last good state, then cull the seed responsible (if any)."""
         culprit = self._culprit()  # judge before the restore makes every seed's weights finite again
         self._good.restore()
-        self._record(
-            SeedEvent(
-                epoch=self.epoch,
-                step=self.step,
-                val_acc=self.last.get("val_acc", 0.0),
-                kind=EventKind.ROLLBACK,
-                slot="",
-                reason=why,
-            )
-        )
+        self.log.rollback(why, epoch=self.epoch, step=self.step, val_acc=self.last.get("val_acc", 0.0))
         if culprit is not None:
             culprit.cull(f"governor: {why}")
 
@@ -287,7 +256,7 @@ class Trainer:
             if slot.seed is not None and any(not torch.isfinite(p).all() for p in slot.seed.parameters()):
                 return slot
         # Otherwise the youngest live seed: the most recent change is the likeliest cause.
-        return max(live, key=lambda s: self._births[s.name]["step"], default=None)
+        return max(live, key=lambda s: self.log.born_at_step(s.name), default=None)
 
     # ---- decisions -------------------------------------------------------------------------
     @property
@@ -439,14 +408,10 @@ class Trainer:
     def trial_candidates(
         self, candidates: list[tuple[str, str]], steps: int, seed_lr_scale: float = 1.0
     ) -> TrialResult:
-        """What-if runs, without changing the run: from the host's current weights, train ``steps``
-        batches (a fresh Adam, the run's learning rates with the seed's times ``seed_lr_scale``, the
-        same batches each time) once with the host alone and once per ``(slot, blueprint)`` of
-        ``candidates`` with that seed fully in that open slot (as if fossilized); report the
-        validation loss each reaches. The host's weights are put back exactly afterwards; the run's
-        data order, optimizer and seeds are untouched. Cost: ``(1 + len(candidates)) * steps``
-        training steps.
-        """
+        """What-if runs, without changing the run (``trials.run_trials``): from the host's current
+        weights, train ``steps`` batches once with the host alone and once per ``(slot, blueprint)``
+        of ``candidates`` with that seed fully in that open slot; report the validation loss each
+        reaches. EsperError if one of them is not a germination allowed now."""
         plans = []
         for slot_name, name in candidates:
             target = self.host.slot(slot_name)
@@ -454,68 +419,18 @@ class Trainer:
             if not target.is_open or entry is None or self.book.why_unfit(entry, target):
                 raise EsperError(f"trial: {name!r} in slot {slot_name} is not a germination allowed now")
             plans.append((target, entry))
-        gen = torch.Generator().manual_seed(self.cfg.training.seed * 7919 + self.epoch)
-        x = self.data.x_train
-        bs = min(self.cfg.training.batch_size, len(x))
-        batches = torch.randint(len(x), (steps, bs), generator=gen).to(x.device)
-        host_lr = 0.0 if self.cfg.training.freeze_host else self.cfg.training.lr
-        host_params = [p for p in self.host.host_parameters()]
-        snapshot = self.host.host_state_dict()
-        losses: dict[tuple[str, str], float] = {}
-        try:
-            control = self._trial_run(0, None, batches, host_params, host_lr, 0.0)
-            for target, entry in plans:
-                self.host.load_host_state_dict(snapshot)
-                seed = build_seed(
-                    entry.spec,
-                    target.shape,
-                    max_params=self.cfg.blueprints.max_seed_params,
-                    generator_seed=self.cfg.training.seed * 1_000_003 + self.step,
-                ).to(self.device)
-                lr = self.cfg.training.seed_lr * seed_lr_scale
-                losses[(target.name, entry.name)] = self._trial_run(
-                    target.index, seed, batches, host_params, host_lr, lr
-                )
-        finally:
-            self.host.load_host_state_dict(snapshot)
-            for p in host_params:
-                p.grad = None
-        return TrialResult(steps=steps, control_loss=control, losses=losses)
-
-    def _trial_run(
-        self, index: int, seed, batches: torch.Tensor, host_params: list, host_lr: float, seed_lr: float
-    ) -> float:
-        """``trial_candidates``' one run: train the host (and ``seed`` at boundary ``index``), then
-        the validation loss."""
-        names = slot_names(len(self.host.blocks))
-
-        def forward(h: torch.Tensor) -> torch.Tensor:
-            for i in range(len(self.host.blocks) + 1):
-                if i > 0:
-                    h = self.host.blocks[i - 1](h)
-                if i == index and seed is not None:
-                    h = seed(h)
-                elif names[i] in self.host.slots:
-                    h = self.host.slots[names[i]](h)
-            return self.host.head(h)
-
-        groups = [{"params": host_params, "lr": host_lr}] if host_lr > 0 else []
-        if seed is not None:
-            groups.append({"params": list(seed.parameters()), "lr": seed_lr})
-        if groups:
-            opt = torch.optim.Adam(groups)
-            x, y = self.data.x_train, self.data.y_train
-            for idx in batches:
-                loss = self.loss(forward(x[idx]), y[idx], idx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        with eval_mode(self.host), torch.no_grad():
-            total = 0.0
-            for i in range(0, len(self.data.x_val), 4096):
-                logits, labels = forward(self.data.x_val[i : i + 4096]), self.data.y_val[i : i + 4096]
-                total += float(torch.logsumexp(logits, -1).sum() - logits.gather(-1, labels[..., None]).sum())
-        return total / self.data.y_val.numel()
+        return run_trials(
+            self.host,
+            self.data,
+            self.loss,
+            plans,
+            steps=steps,
+            training=self.cfg.training,
+            max_seed_params=self.cfg.blueprints.max_seed_params,
+            seed_lr_scale=seed_lr_scale,
+            epoch=self.epoch,
+            step=self.step,
+        )
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def end_epoch(self, action: ControllerAction) -> dict[str, Any]:
@@ -550,9 +465,7 @@ class Trainer:
             "plateau": self.plateau,
             "last": self.last,
             "history": self.history,
-            "events": self.events,
-            "field_reports": [asdict(r) for r in self.field_reports],
-            "births": self._births,
+            **self.log.state_dict(),
             "host_grad": self._host_grad,
             **self.observer.state_dict(),
             "governor": self.governor.state_dict(),
@@ -567,9 +480,7 @@ class Trainer:
         self.best_val, self.plateau = state["best_val"], state["plateau"]
         self.last = state["last"]
         self.history = state["history"]
-        self.events = state["events"]
-        self.field_reports = [FieldReport(**r) for r in state["field_reports"]]
-        self._births = state["births"]
+        self.log.load_state_dict(state)
         self._host_grad = state["host_grad"]
         self.observer.load_state_dict(state, len(self.events))
         self.governor.load_state_dict(state["governor"])
@@ -580,23 +491,11 @@ class Trainer:
     def done(self) -> bool:
         return self.epoch >= self.cfg.training.epochs
 
-    def _record(self, event: SeedEvent) -> None:
-        self.events.append(event)
-        for hook in self.event_hooks:
-            hook(event)
-
     def _on_transition(self, slot: SeedSlot, t: Transition) -> None:
+        """A seed's stage changed: its optimizer group and the host snapshot follow, then the log."""
         name = slot.name
         if t.new is SeedStage.GERMINATED and slot.seed is not None:  # a germinated slot holds its seed
             optim.add_seed_group(self.opt, name, slot.seed, self.cfg.training.seed_lr)
-            self._births[name] = _Birth(
-                epoch=self.epoch,
-                step=self.step,
-                val_acc=self.last.get("val_acc", 0.0),
-                blueprint=slot.blueprint_name,
-                params=slot.seed_params,
-                stage_reached=SeedStage.GERMINATED.name,
-            )
         elif t.new is SeedStage.BLENDING:
             self._blend_snapshots[name] = optim.take_host_snapshot(self.host, self.opt)
         elif t.new is SeedStage.CULLED:
@@ -606,58 +505,29 @@ class Trainer:
                 optim.restore_host_snapshot(self.host, self.opt, snap)
         elif t.new is SeedStage.FOSSILIZED:
             self._blend_snapshots.pop(name, None)
-        if name in self._births and t.new in (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.HOLDING):
-            self._births[name]["stage_reached"] = t.new.name
-        birth = self._births.get(name)
-        self._record(
-            SeedEvent(
-                epoch=self.epoch,
-                step=self.step,
-                val_acc=self.last.get("val_acc", 0.0),
-                kind=_LEDGER_KIND.get(t.new, EventKind.TRANSITION),
-                slot=name,
-                old=t.old.name,
-                new=t.new.name,
-                blueprint=birth["blueprint"] if birth is not None else "",
-                blueprint_hash=t.blueprint_hash,
-                reason=t.reason,
-                alpha=slot.alpha,
-                seed_params=slot.seed_params,
-            )
-        )
-        if t.new in (SeedStage.FOSSILIZED, SeedStage.CULLED):
-            self._field_report(slot, t)
+        val_acc = self.last.get("val_acc", 0.0)
+        self.log.transition(slot, t, epoch=self.epoch, step=self.step, val_acc=val_acc, task=self.data.name)
 
-    def _field_report(self, slot: SeedSlot, t: Transition) -> None:
-        birth = self._births.pop(slot.name)
-        after = self.last.get("val_acc", 0.0)
-        self.field_reports.append(
-            FieldReport(
-                run_id=self.run_id,
-                blueprint_hash=t.blueprint_hash,
-                blueprint_name=birth["blueprint"],
-                slot=slot.name,
-                slot_kind=slot.kind,
-                slot_width=slot_channels(slot.shape),
-                task=self.data.name,
-                stage_reached=t.new.name if t.new is SeedStage.FOSSILIZED else birth["stage_reached"],
-                outcome=SeedOutcome.FOSSILIZED if t.new is SeedStage.FOSSILIZED else SeedOutcome.CULLED,
-                accuracy_before=birth["val_acc"],
-                accuracy_after=after,
-                seed_params=birth["params"],
-                epochs_alive=self.epoch - birth["epoch"],
-                extra={"contribution": slot.contribution, "reason": t.reason},
-            )
-        )
+    # ---- the seed log (``seedlog.SeedLog``) ------------------------------------------------------
+    @property
+    def events(self) -> list[SeedEvent]:
+        """Every transition and rollback of the run so far, in order."""
+        return self.log.events
+
+    @property
+    def field_reports(self) -> list[FieldReport]:
+        """The reports of the seeds that fossilized or were culled so far."""
+        return self.log.field_reports
+
+    @property
+    def event_hooks(self) -> list[EventHook]:
+        """Called with each event as it is recorded (append to add one)."""
+        return self.log.hooks
 
     @property
     def germinations(self) -> int:
         """Germinations so far in this run (culled ones included)."""
-        return self._count(EventKind.GERMINATE)
-
-    def _count(self, kind: EventKind) -> int:
-        """Events of ``kind`` so far (rows read back from a checkpoint hold the kind as a string)."""
-        return sum(e["kind"] == kind for e in self.events)
+        return self.log.count(EventKind.GERMINATE)
 
     def summary(self) -> dict[str, Any]:
         counts = self.host.param_count()
@@ -668,9 +538,9 @@ class Trainer:
             "best_val_acc": self.best_val,
             **{f"{k}_params": v for k, v in counts.items()},
             "germinations": self.germinations,
-            "fossilizations": self._count(EventKind.FOSSILIZE),
-            "culls": self._count(EventKind.CULL),
-            "rollbacks": self._count(EventKind.ROLLBACK),
+            "fossilizations": self.log.count(EventKind.FOSSILIZE),
+            "culls": self.log.count(EventKind.CULL),
+            "rollbacks": self.log.count(EventKind.ROLLBACK),
             "architecture": self.host.architecture(),
             "field_reports": [asdict(r) for r in self.field_reports],
         }
