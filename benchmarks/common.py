@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import torch
 
 from esper_ray.contracts import EsperError
+from esper_ray.util import atomic_write_text, error_line
 
 if TYPE_CHECKING:  # the page renders without the training library: these load where they are used
     from esper_ray.config import RunConfig
@@ -144,16 +144,7 @@ def write_json(path: str | Path, data: Any) -> None:
     """``data`` as indented JSON at ``path``, written to a temporary file first (a crash leaves the old file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_finite(data), indent=2, default=str) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(_finite(data), indent=2, default=str) + "\n")
 
 
 def _finite(value: Any) -> Any:
@@ -174,7 +165,7 @@ def read_result(path: str | Path) -> Result:
         raw = json.loads(path.read_text())
         result = Result(**raw)
     except (OSError, ValueError, TypeError) as exc:
-        raise EsperError(f"{path}: not a benchmark result file ({str(exc).splitlines()[0]})") from exc
+        raise EsperError(f"{path}: not a benchmark result file ({error_line(exc)})") from exc
     try:
         check_figures(Path(result.script).stem, result.figures)
     except EsperError as exc:

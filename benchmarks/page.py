@@ -788,11 +788,14 @@ def _env_rows(f: dict[str, Any]) -> list[list[str]]:
 
 def _batched_rows(f: dict[str, Any]) -> list[list[str]]:
     b = f["batched"]
-    wait, seeded = b.get("wait only", {}), b.get("conv1d seed", {})
+    wait, seeded = b.get("wait only", {}), b.get("seeds growing", {})
     if "32" not in wait:
         return [["batched env: no N = 32 row in the result", "n/a", "≥ 3", "n/a"]]
     ratio = wait["32"]["ratio"]
     others = ", ".join(f"{n}: {v['ratio']:.2f}" for n, v in wait.items() if n != "32")
+    single = wait["32"].get("single_steps_per_s")
+    if single:
+        others += f"; single env {single:.1f} steps/s, batched {wait['32']['batched_steps_per_s']:.1f} per core"
     grown = "/".join(seeded)
     grown_ratios = "/".join(f"{v['ratio']:.2f}" for v in seeded.values())
     detail = f"N = {others}" + (

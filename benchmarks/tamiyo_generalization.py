@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from esper_ray.config import load_config
     from esper_ray.simic.config import SimicConfig
     from esper_ray.simic.evaluate import evaluate_controllers, format_table, run_evaluation, summary_table
+    from esper_ray.tamiyo.controllers import policy_label
     from esper_ray.tamiyo.policy import load_policy
     from esper_ray.tasks import cache_dir
 
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += cached_rows(work, name, key, play([name], {}))
     labels = []
     for path in args.policy or []:
-        policy, label = load_policy(path), f"policy:{path.name if path.name != 'policy' else path.parent.name}"
+        policy, label = load_policy(path), f"policy:{policy_label(path)}"
         labels.append(label)
         weights = (path / "policy.safetensors").read_bytes().hex()
         played = seeds[: args.policy_seeds or len(seeds)]
