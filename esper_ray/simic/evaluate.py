@@ -397,7 +397,25 @@ def search_best_fixed(
     if path is not None and path.exists():
         return BestFixedTable.read(path), True
     env = envs.MorphogenesisEnv({**env_config, "split": "train"})
-    budget = env.config.run.controller.max_germinations
+    groups, probes = _contexts(env)
+    known = {e.name for trainer in probes.values() for e in trainer.candidates}
+    for name in settings.blueprints or []:
+        if name not in known:
+            raise EsperError(
+                f"best_fixed.blueprints: unknown blueprint {name!r} (candidates: {', '.join(sorted(known))})"
+            )
+    entries = {
+        context: _best_for_context(env, probes[context], context, tasks[: settings.max_tasks], settings, progress)
+        for context, tasks in groups.items()
+    }
+    table = BestFixedTable(entries=entries, meta={"cache_key": key, "grid": settings.model_dump(mode="json")})
+    if path is not None:
+        table.write(path)
+    return table, False
+
+
+def _contexts(env) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """The env's training tasks grouped by static host context, and one trainer of each context."""
     groups: dict[str, list[int]] = {}
     probes: dict[str, Any] = {}
     for t in range(len(env.config.tasks)):
@@ -405,68 +423,61 @@ def search_best_fixed(
         context = trainer.host_context().key
         groups.setdefault(context, []).append(t)
         probes.setdefault(context, trainer)
-    known = {e.name for trainer in probes.values() for e in trainer.candidates}
-    for name in settings.blueprints or []:
-        if name not in known:
-            raise EsperError(
-                f"best_fixed.blueprints: unknown blueprint {name!r} (candidates: {', '.join(sorted(known))})"
-            )
-    entries: dict[str, dict[str, Any]] = {}
-    for context, tasks in groups.items():
-        tasks = tasks[: settings.max_tasks]
-        trainer = probes[context]
-        positions = sorted(s.index for s in trainer.host.slots.values())
-        positions = [p for p in positions if settings.slots is None or p in settings.slots]
-        names = [e.name for e in trainer.candidates if settings.blueprints is None or e.name in settings.blueprints]
-        singles = [
-            (ScheduledAction(decision=d, slot=p, blueprint=b),)
-            for p in positions
-            for b in names
-            if _fits(trainer, p, b)
-            for d in settings.decisions
+    return groups, probes
+
+
+def _best_for_context(
+    env, trainer, context: str, tasks: list[int], settings, progress: Callable[[str], None] | None
+) -> dict[str, Any]:
+    """Score the grid of ``search_best_fixed`` on one context's ``tasks``: its table entry."""
+    budget = env.config.run.controller.max_germinations
+    positions = sorted(s.index for s in trainer.host.slots.values())
+    positions = [p for p in positions if settings.slots is None or p in settings.slots]
+    names = [e.name for e in trainer.candidates if settings.blueprints is None or e.name in settings.blueprints]
+    singles = [
+        (ScheduledAction(decision=d, slot=p, blueprint=b),)
+        for p in positions
+        for b in names
+        if _fits(trainer, p, b)
+        for d in settings.decisions
+    ]
+    if not singles:
+        raise EsperError(f"best-fixed: no (slot, blueprint) of the grid fits the {context} host")
+    grid: list[tuple] = []
+    scores: list[float] = []
+
+    def score(schedule: tuple) -> float:
+        accs = [
+            play_episode(env, ScheduleController(list(schedule), fossilize=True), t, seed)["final_val_acc"]
+            for t in tasks
+            for seed in range(settings.seeds)
         ]
-        if not singles:
-            raise EsperError(f"best-fixed: no (slot, blueprint) of the grid fits the {context} host")
-        grid: list[tuple] = []
-        scores: list[float] = []
+        grid.append(schedule)
+        scores.append(float(np.mean(accs)))
+        if progress:
+            shown = ", ".join(f"{s.blueprint}@{s.slot}/d{s.decision}" for s in schedule) or "no growth"
+            progress(f"best-fixed {context} [{len(grid)}] {shown}: val {scores[-1]:.4f}")
+        return scores[-1]
 
-        def score(schedule: tuple, tasks: list[int] = tasks, context: str = context, grid=grid, scores=scores) -> float:
-            accs = [
-                play_episode(env, ScheduleController(list(schedule), fossilize=True), t, seed)["final_val_acc"]
-                for t in tasks
-                for seed in range(settings.seeds)
-            ]
-            grid.append(schedule)
-            scores.append(float(np.mean(accs)))
-            if progress:
-                shown = ", ".join(f"{s.blueprint}@{s.slot}/d{s.decision}" for s in schedule) or "no growth"
-                progress(f"best-fixed {context} [{len(grid)}] {shown}: val {scores[-1]:.4f}")
-            return scores[-1]
-
-        single_scores = {i: score(schedule) for i, schedule in enumerate([(), *singles])}
-        if settings.pair_top >= 2 and (budget is None or budget >= 2):
-            ranked = sorted(range(1, len(single_scores)), key=lambda i: -single_scores[i])[: settings.pair_top]
-            top = [grid[i][0] for i in ranked]
-            for i, a in enumerate(top):
-                for b in top[i + 1 :]:
-                    if a.slot != b.slot:
-                        score(tuple(sorted((a, b), key=lambda s: s.decision)))
-        best_i = int(np.argmax(scores))  # the first of equals, in grid order
-        best = grid[best_i]
-        entries[context] = {
-            "schedule": [s.model_dump(mode="json") for s in best],
-            "val_acc": scores[best_i],
-            "episodes": len(tasks) * settings.seeds,
-            "tasks": [env.config.tasks[t].model_dump(mode="json") for t in tasks],
-            "grid": [
-                {"schedule": [s.model_dump(mode="json") for s in k], "val_acc": v}
-                for k, v in zip(grid, scores, strict=True)
-            ],
-        }
-    table = BestFixedTable(entries=entries, meta={"cache_key": key, "grid": settings.model_dump(mode="json")})
-    if path is not None:
-        table.write(path)
-    return table, False
+    single_scores = {i: score(schedule) for i, schedule in enumerate([(), *singles])}
+    if settings.pair_top >= 2 and (budget is None or budget >= 2):
+        ranked = sorted(range(1, len(single_scores)), key=lambda i: -single_scores[i])[: settings.pair_top]
+        top = [grid[i][0] for i in ranked]
+        for i, a in enumerate(top):
+            for b in top[i + 1 :]:
+                if a.slot != b.slot:
+                    score(tuple(sorted((a, b), key=lambda s: s.decision)))
+    best_i = int(np.argmax(scores))  # the first of equals, in grid order
+    return {
+        "schedule": [s.model_dump(mode="json") for s in grid[best_i]],
+        "val_acc": scores[best_i],
+        "episodes": len(tasks) * settings.seeds,
+        "tasks": [env.config.tasks[t].model_dump(mode="json") for t in tasks],
+        "grid": [
+            {"schedule": [s.model_dump(mode="json") for s in k], "val_acc": v}
+            for k, v in zip(grid, scores, strict=True)
+        ],
+    }
 
 
 def episodes_ran(env_config: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
