@@ -17,12 +17,13 @@ store (the library itself is on disk). ``--json`` also writes the figures to a f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from common import write_result
 
 
 def _rss_mb(pid: int) -> float:
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="Tezzeret tries torch.compile (default: eager)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    started = time.perf_counter()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -87,10 +89,8 @@ def main() -> None:
         f"{stats['templates_in_store']} templates in the object store (at most {stats['templates_in_memory_max']})"
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         figures = {
-            "measured": time.strftime("%Y-%m-%d", time.gmtime()),
-            "machine": f"{os.cpu_count()} CPUs, local Ray, each actor 0.1 CPU",
+            "actor_cpus": 0.1,
             "seconds_of_proposals": args.seconds,
             "compile": args.compile,
             "rss_mb": {
@@ -101,7 +101,7 @@ def main() -> None:
                 k: stats[k] for k in ("entries", "ready", "rejected", "templates_in_store", "templates_in_memory_max")
             },
         }
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        write_result(args.json, __file__, figures, started)
         print(f"written: {args.json}")
 
 

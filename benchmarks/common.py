@@ -296,6 +296,14 @@ class TamiyoGeneralizationFigures(TypedDict):
     policies: list[dict[str, Any]]
 
 
+class ActorMemoryFigures(TypedDict):
+    """actor_memory.py: each service actor's resident memory (MB) at start, after proposals, after serving all."""
+
+    seconds_of_proposals: float
+    rss_mb: dict[str, dict[str, float]]  # actor -> {"start", "after", "all_served"}
+    urza: dict[str, int]  # entries, ready, rejected, templates_in_store, templates_in_memory_max
+
+
 class TaskFamiliesFigures(TypedDict):
     """task_families.py: per family and growth, the mean accuracy and gain."""
 
@@ -315,6 +323,7 @@ SCHEMAS: dict[str, type] = {
     "adapt_transformer": AdaptTransformerFigures,
     "tamiyo_generalization": TamiyoGeneralizationFigures,
     "task_families": TaskFamiliesFigures,
+    "actor_memory": ActorMemoryFigures,
 }
 
 

@@ -567,7 +567,8 @@ def others(page: Page) -> dict[str, str]:
     else:  # a quick run: env_throughput.py --quick measured the batched rows too
         add("env_throughput", "batched env", "≥ 3", _batched_rows)
     add("lineage_verify", "lineage verify", "< 1 s", _lineage_rows)
-    names = ("overhead", "nonblocking", "env_throughput", "env_batched", "lineage_verify")
+    add("actor_memory", "service actors' resident memory", "bounded", _actor_memory_rows)
+    names = ("overhead", "nonblocking", "env_throughput", "env_batched", "lineage_verify", "actor_memory")
     machines = sorted({machine_label(page.r[n].machine) for n in names if n in page.r})
     days = sorted(set(dates))
     head = f"{'Date' if len(days) == 1 else 'Dates'} {', '.join(days)}; machine {'; '.join(machines)}."
@@ -820,6 +821,20 @@ def _lineage_rows(f: dict[str, Any]) -> list[list[str]]:
             f"{f['verify_best_s']:.3f} s",
             "< 1 s per 10,000",
             met(f["verify_per_10k_s"] < 1.0),
+        ]
+    ]
+
+
+def _actor_memory_rows(f: dict[str, Any]) -> list[list[str]]:
+    rss, urza = f["rss_mb"], f["urza"]
+    actors = ", ".join(f"{n} {v['start']:.0f} / {v['after']:.0f} / {v['all_served']:.0f}" for n, v in rss.items())
+    return [
+        [
+            f"service actors' resident memory (VmRSS, MB) at start / after {f['seconds_of_proposals']:g} s of Karn "
+            f"proposals / after Urza served all {urza['ready']} ready templates: {actors}",
+            f"Urza holds {urza['templates_in_store']} templates in the object store",
+            f"≤ {urza['templates_in_memory_max']} (the bound)",
+            met(urza["templates_in_store"] <= urza["templates_in_memory_max"]),
         ]
     ]
 

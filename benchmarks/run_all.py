@@ -70,6 +70,8 @@ BENCHES = [
     # The batched env's rows on their own (env_throughput.py --quick measures them too, briefly).
     Bench("env_batched", "env_throughput.py", args=["--batched-only"], quick=None, timeout=900),
     Bench("lineage_verify", "lineage_verify.py", timeout=300),
+    # Starts a local Ray with the four service actors and lets Karn propose for a minute: not in quick mode.
+    Bench("actor_memory", "actor_memory.py", args=["--seconds", "60"], quick=None, timeout=900),
     Bench("distill_transformer", "distill_transformer.py", timeout=2400, out_dir=True),
     Bench("adapt_transformer", "adapt_transformer.py"),
     Bench(
