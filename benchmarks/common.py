@@ -304,6 +304,14 @@ class ActorMemoryFigures(TypedDict):
     urza: dict[str, int]  # entries, ready, rejected, templates_in_store, templates_in_memory_max
 
 
+class PpoWallTimeFigures(TypedDict):
+    """ppo_wall_time.py: PPO seconds per iteration of a recipe, per N episodes per env runner."""
+
+    config: str
+    train_batch_size: int
+    by_n: dict[str, dict[str, Any]]  # N -> iteration_seconds, mean_after_first_s, ratio_to_first_n, grouping
+
+
 class TaskFamiliesFigures(TypedDict):
     """task_families.py: per family and growth, the mean accuracy and gain."""
 
@@ -324,6 +332,7 @@ SCHEMAS: dict[str, type] = {
     "tamiyo_generalization": TamiyoGeneralizationFigures,
     "task_families": TaskFamiliesFigures,
     "actor_memory": ActorMemoryFigures,
+    "ppo_wall_time": PpoWallTimeFigures,
 }
 
 

@@ -18,14 +18,13 @@ evaluation a whole training run reaches (the recipe's evaluation takes about an 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,14 +91,7 @@ def main() -> None:
             + (f"; host stacks at the end {row['grouping']}" if row["grouping"] else "")
         )
     if args.json:
-        out = {
-            "script": "benchmarks/ppo_wall_time.py",
-            "command": " ".join(sys.argv),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "seconds": time.perf_counter() - started,
-            "figures": figures,
-        }
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_result(args.json, __file__, figures, started)
     ray.shutdown()
 
 
