@@ -166,3 +166,42 @@ def test_every_declared_script_exists_and_takes_json() -> None:
         text = (REPO / "benchmarks" / bench.script).read_text()
         assert "write_result(" in text, bench.script
         assert '"--json"' in text or not bench.rerun, f"run_all passes --json to {bench.script}"
+
+
+def _fake_script(folder: Path, name: str, body: str) -> None:
+    (folder / f"{name}.py").write_text(
+        "import json, sys\nargs = sys.argv[1:]\npath = args[args.index('--json') + 1]\n" + body
+    )
+
+
+def test_a_full_run_keeps_new_results_and_a_failed_script_keeps_the_committed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_all with two stand-in scripts: one writes a result (it replaces the committed file), one fails
+    (its committed file stays as it was, and the page says it failed instead of showing old figures)."""
+    scripts, results = tmp_path / "scripts", tmp_path / "results"
+    scripts.mkdir()
+    results.mkdir()
+    good = read_result(RESULTS / "lineage_verify.json")
+    figures = {**good.figures, "verify_best_s": 0.25, "verify_per_10k_s": 0.25}
+    envelope = {"script": "benchmarks/lineage_verify.py", "command": "x", "date": "2099-01-01", "machine": {},
+                "seconds": 1.0, "figures": figures}  # fmt: skip
+    _fake_script(scripts, "lineage_verify", f"open(path, 'w').write(json.dumps({envelope!r}))\n")
+    _fake_script(scripts, "overhead", "print('boom'); sys.exit(3)\n")
+    committed_overhead = (RESULTS / "overhead.json").read_text()
+    (results / "overhead.json").write_text(committed_overhead)
+    monkeypatch.setattr(run_all, "BENCH", scripts)
+    monkeypatch.setattr(run_all, "RESULTS", results)
+    monkeypatch.setattr(
+        run_all,
+        "BENCHES",
+        [run_all.Bench("lineage_verify", "lineage_verify.py", timeout=60), run_all.Bench("overhead", "overhead.py")],
+    )
+    out = tmp_path / "page.md"
+    assert run_all.main(["--out", str(out), "--logs", str(tmp_path / "logs")]) == 1
+    assert read_result(results / "lineage_verify.json").figures["verify_best_s"] == 0.25
+    assert (results / "overhead.json").read_text() == committed_overhead
+    page = out.read_text()
+    assert "| 0.250 s | < 1 s per 10,000 | **yes** |" in page and "2099-01-01" in page
+    assert "failed (exit status 3, no result file; see log)" in page
+    assert "boom" in (tmp_path / "logs" / "overhead.log").read_text()
