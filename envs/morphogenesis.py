@@ -60,16 +60,11 @@ _WAIT = ControllerAction.wait()
 
 SIGNAL_EVERY = 8
 """The env's default ``training.signal_every``. The probe telemetry (the kernel gradient signals
-and activation statistics: ~5.3 ms for three slots of a training host on one CPU thread, a
-quarter of a 19-20 ms MNIST-1D epoch; ~1.9 ms on a frozen host, whose fits are kept) is
-refreshed at once after every lifecycle transition or rollback, and otherwise every 8 epochs.
-Measured 2026-11-26 with benchmarks/env_throughput.py (one CPU thread, plain and env timed in
-alternating blocks of 5 epochs, a noisy shared box): env/plain-loop throughput 0.92-1.00 at 8
-(median of six runs 0.928), 0.71-0.76 fresh at every step, 0.94-0.99 with no refresh at all (the
-env's own machinery). Evaluated on the held-out tasks, the policies trained at 4 (before the
-refresh on transitions) score the same at 8, to the fourth digit: the MNIST-1D policy of the
-second session 0.7312 vs heuristic 0.5267 (+0.2045 ± 0.0135), the bottleneck policy fidelity
-100% (+0.0145 ± 0.0029)."""
+and activation statistics, a sizeable share of a small host's epoch; cheaper on a frozen host,
+whose fits are kept) is refreshed at once after every lifecycle transition or rollback, and
+otherwise every 8 epochs. What that buys in env throughput (``benchmarks/env_throughput.py``), and
+why policies trained at another interval play the same at 8, is in BENCHMARKS.md ("Other
+measurements" and "Measurements behind the code")."""
 
 
 class MaskedDiscrete(gym.spaces.Discrete):

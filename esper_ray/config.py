@@ -42,7 +42,7 @@ class TrainingConfig(StrictModel):
     signal_every: int = Field(
         1,
         ge=1,
-        description="probe telemetry (activation statistics, gradient signals: ~5 ms for 3 slots) is measured "
+        description="probe telemetry (activation statistics, gradient signals; its cost: BENCHMARKS.md) is measured "
         "every N epochs, and at once whenever a seed changed stage or the governor rolled back since; reused "
         "in between; 1: fresh at every decision point",
     )

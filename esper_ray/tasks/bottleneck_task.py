@@ -15,7 +15,8 @@ except for one missing piece at one slot, so
 
 * a seed at the ground-truth slot (``residual_mlp``) only has to learn the missing map ``r(h)``
   from its own input, and recovers much of the lost accuracy (mostly the map's affine part: in
-  a trial with that part projected out of the map, no seed gained more than ~8 points);
+  a trial with that part projected out of the map, no seed gained much; BENCHMARKS.md,
+  "Measurements behind the code");
 * a seed *after* the slot cannot: the layer that reads the slot is lossy (its ReLUs are off on
   half of the inputs, see ``_KINK_Z``), so what the map needed is gone from the damaged host's
   later activations;

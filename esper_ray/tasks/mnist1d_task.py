@@ -61,8 +61,8 @@ def cache_path(seed: int, params: Mnist1dParams = _DEFAULT) -> Path:
 
     The name carries a digest of the installed mnist1d version, this module's format version
     and any non-default generator settings, so an upgrade or another setting gets a new file
-    instead of silently reusing an old one. It avoids importing mnist1d (~0.8 s, it pulls in
-    matplotlib) so that a cache hit stays fast.
+    instead of silently reusing an old one. It avoids importing mnist1d (slow: it pulls in
+    matplotlib; BENCHMARKS.md, "Measurements behind the code") so that a cache hit stays fast.
     """
     key: dict[str, object] = {"mnist1d": importlib.metadata.version("mnist1d"), "format": _FORMAT_VERSION}
     changed = params.model_dump(exclude_defaults=True)
@@ -116,9 +116,8 @@ def raw_arrays(seed: int, params: Mnist1dParams = _DEFAULT) -> dict[str, np.ndar
     """The generator's output for ``seed``: x (4000, 40), y, x_test (1000, 40), y_test with the
     default ``params`` (80 / 20 % of ``num_samples`` signals of ``final_seq_length`` steps).
 
-    Read from the disk cache when present (milliseconds), else generated (~1 s for 5000
-    signals) and saved. The arrays are shared by every caller in the process, so they are
-    made read-only.
+    Read from the disk cache when present, else generated (the slower path) and saved. The arrays
+    are shared by every caller in the process, so they are made read-only.
     """
     path = cache_path(seed, params)
     arrays = _read(path)

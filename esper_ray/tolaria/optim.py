@@ -81,7 +81,7 @@ class RollbackPoint:
     so its module tree holds the same tensors) and the optimizer holds the same parameters and
     state tensors, checked by identity. Anything else (a seed joined or left, a rollback or a
     cull replaced the optimizer's state, a parameter's first step created its moments) takes
-    fresh clones. For the MLP host on one CPU thread: ~20 us instead of ~70 us a take.
+    fresh clones: a few times cheaper a take (BENCHMARKS.md, "Measurements behind the code").
     """
 
     def __init__(self, host, opt: torch.optim.Optimizer):

@@ -56,7 +56,7 @@ def grad_norms(groups: list[list[nn.Parameter]]) -> list[float]:
     """L2 norm of the gradients each group of parameters holds (0.0 for none).
 
     One fused norm over every gradient and one read back, instead of a norm, a stack and a
-    read per group: ~35 vs ~50 us for the MLP's three slot consumers, at the end of every epoch.
+    read per group, at the end of every epoch (the saving: BENCHMARKS.md, "Measurements behind the code").
     """
     grads, sizes = [], []
     for params in groups:
@@ -73,14 +73,11 @@ def grad_norms(groups: list[list[nn.Parameter]]) -> list[float]:
 
 
 SIGNAL_ROWS = 256
-"""Rows (examples x positions) the kernel signals use. Measured on 78 bottleneck tasks (seeds 0-19
-and 100-105 x 3 slots, damaged frozen host): 256 evenly spaced rows of the 512-example probe
-give the same choices as all 512 (argmax 76/78, deficit rule 78/78) at a quarter of the cost
-(~1.2 ms instead of ~6 ms per kernel fit, one CPU thread); a 128-landmark Nystrom or 128-256
-random Fourier features were no faster at equal fidelity. Fewer rows cost fidelity
-(``bottleneck_study.py --signal-only``, seeds 0-29 / 100-105, measured 2026-11-26): argmax 85/90
-and 18/18 at 256 rows, 77/90 and 17/18 at 192, 78/90 and 13/18 at 128 (the deficit rule holds
-at 192, 90/90, and slips at 128, 88/90)."""
+"""Rows (examples x positions) the kernel signals use: 256 evenly spaced rows of the 512-example
+probe give the same slot choices as all 512 on the bottleneck tasks at a fraction of the cost per
+kernel fit; a Nystrom or random-Fourier approximation was no faster at equal fidelity, and fewer
+rows cost fidelity (``bottleneck_study.py --signal-only``). The trials and timings are in
+BENCHMARKS.md, "Measurements behind the code"."""
 
 
 def gradient_predictability(
@@ -279,9 +276,9 @@ class KernelFit:
 
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every element of a float32 (or narrower) tensor is finite, from one float64 sum:
-    NaN and inf propagate into it, and no float32 values can overflow it. On one CPU thread,
-    7x cheaper than ``torch.isfinite(t).all()`` (which builds three temporaries): 6.6 vs 47 us
-    for 256 x 64, seven times per probe refresh."""
+    NaN and inf propagate into it, and no float32 values can overflow it. Several times cheaper
+    than ``torch.isfinite(t).all()`` (which builds three temporaries; BENCHMARKS.md, "Measurements
+    behind the code"), and called seven times per probe refresh."""
     return math.isfinite(float(t.sum(dtype=torch.float64)))
 
 
