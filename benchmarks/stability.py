@@ -76,8 +76,8 @@ weights, data order and the task shifts all follow ``s``):
    * ``ewc``: ``finetune`` plus elastic weight consolidation (``continual.FisherPenalty``):
      ``lambda / 2 * sum F_i (theta_i - theta*_i)^2`` over the host's weights, ``F`` the diagonal
      empirical Fisher of the original task measured right after pretraining on 1,000 of its
-     training examples (only ``F`` and ``theta*`` are kept), ``--ewc-lambda`` 100 (in trial
-     runs 1,000 kept the original task but learnt almost nothing new, 10 forgot 23%).
+     training examples (only ``F`` and ``theta*`` are kept), ``--ewc-lambda`` 100 (chosen in trial
+     runs between a lambda that learnt nothing new and one that forgot; BENCHMARKS.md, section 2).
 
 4. The accuracy matrix (``continual.AccuracyMatrix``): after every task, the test accuracy on
    every task seen so far (the original one included), and each new task's test accuracy just
