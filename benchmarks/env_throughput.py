@@ -13,7 +13,7 @@ What it measures (one torch thread):
     after every lifecycle transition; a wait-only episode has none), the legal-action mask, the
     observation vector, the governor's rollback point;
   * env, fresh telemetry: the same with ``signal_every: 1`` (the probe signals measured at
-    every step: ~5 ms each time);
+    every step);
   * env, probe kept: ``signal_every`` past the episode (measured once, at reset): what the env's
     own machinery costs (for information);
   * env+seed: the default env with a conv1d seed germinated at the input at the first step
@@ -22,12 +22,11 @@ What it measures (one torch thread):
 
 How: lockstep in blocks. Each episode runs a plain run and an env episode side by side in
 alternating blocks of ``BLOCK`` = 5 epochs (which side goes first alternates), so both see the
-same machine within ~0.1 s and each still runs five epochs in a row, as it would alone. Why not
-other designs (measured on this shared box, 2026-11-26): whole-episode rounds, the design before,
-swung 0.6-1.1 from round to round (drift of a second hits one side of a round); alternating single
-epochs is steady but flatters the env by ~3%: the plain loop, no longer alone with its caches, ran
-~2.5% slower (12 episodes each: ratio 0.915 with single epochs, 0.886 with blocks of 5, 0.886 with
-whole episodes; per-episode spread 0.022, 0.027, 0.083). The ratio env/plain (target >= 0.9) is
+same machine within a fraction of a second and each still runs five epochs in a row, as it would
+alone. Why not other designs: whole-episode rounds, the design before, swing from round to round
+(drift of a second hits one side of a round); alternating single epochs is steady but flatters the
+env (the plain loop, no longer alone with its caches, runs slower); the comparison is in
+BENCHMARKS.md ("Other measurements"). The ratio env/plain (target >= 0.9) is
 total plain time over total env time across the episodes; the range is that of the episodes.
 ``--quick`` (1 episode of 15 epochs) and ``--json PATH`` (the figures) are for benchmarks/run_all.py.
 
@@ -42,15 +41,8 @@ own compute). The ratio is batched steps/s over single steps/s
 ``--device cuda`` runs the batched env on a GPU (the single env stays on one CPU core: the
 baseline of the GPU target, >= 100x at the best N; benchmarks/gpu_check.sh runs it that way).
 
-Expect (2 CPU cores, one torch thread, 5 episodes of 30 epochs, 2026-11-26, shared box, six
-runs): plain ~19-23 ms/epoch; env ratio 0.917-0.999, median 0.928 (probe kept 0.94-0.99, fresh
-telemetry 0.71-0.76); with a conv1d seed ~4.5-5x slower than plain (the seed's compute, not the env).
-Where the rest goes (timed inside the env, blocks of 5): the probe, ~0.6 ms a step (~5.3 ms a
-refresh, 3 refreshes in 30 epochs); the observation, mask and legal actions ~0.3 ms; the history
-row and rollback point ~0.1 ms; Trainer.train_epoch itself (governor, gradient norms, validation
-loss) within ~0.1 ms of the plain epoch. Before the cuts of 2026-11-26 (flat host forward,
-in-place rollback point, cached mode switches and candidate table, cheaper probe arithmetic) this
-measure gave 0.886.
+The measured ratios, and where an env step's time goes beyond the plain epoch, are in BENCHMARKS.md
+("Other measurements").
 """
 
 from __future__ import annotations
