@@ -30,11 +30,10 @@ slot ``s`` at block boundary ``i`` of a student with ``n_s`` blocks:
 So ``gap`` is the share of the teacher's (centred) logits that no linear read-out of what
 the student passes on at that slot can predict: 0 means the student already carries all
 of the teacher's decision there, 1 means none of it (slightly above 1 if the read-out
-overfits). On MNIST-1D (MLP student 40-64-64-10, CNN teacher) the gaps start near
-input 0.45, hidden0 0.40, hidden1 0.34 and fall with training at the hidden slots; a conv
-seed at the input lowers every slot's gap (input to ~0.35, hidden1 to ~0.12). The input
-slot's gap is constant until a seed there changes what leaves it. Cost: one student
-forward pass on the probe and one small ridge solve per slot (a few ms).
+overfits). On MNIST-1D (MLP student, CNN teacher) the gaps fall with training at the hidden
+slots, and a conv seed at the input lowers every slot's gap (the readings: BENCHMARKS.md,
+"Measurements behind the code"). The input slot's gap is constant until a seed there changes
+what leaves it. Cost: one student forward pass on the probe and one small ridge solve per slot.
 
 Sequence models (the transformer host on a text task: logits ``(B, T, classes)``, labels
 ``(B, T)``) are distilled per position: the KL is averaged over every (example, position), the

@@ -28,7 +28,7 @@ def effective_rank(rows: torch.Tensor) -> float:
         return math.nan
     rows = rows.double()
     centered = rows - rows.mean(0, keepdim=True)
-    # Singular values from the (width x width) Gram matrix: 3x cheaper than an SVD of the rows.
+    # Singular values from the (width x width) Gram matrix: cheaper than an SVD of the rows.
     # (In float64: a float32 Gram puts ~1e-7 * the largest eigenvalue of noise on every null
     # direction, which lifts the rank of a collapsed layer by a few tenths of a percent.)
     s = torch.linalg.eigvalsh(centered.T @ centered).clamp_min(0.0).sqrt()
@@ -105,14 +105,12 @@ def gradient_predictability(
        ``a = C g``, ``C = (K + ridge I)^-1``): every example is scored by a fit that never saw it;
     4. score ``sum_i <g_i, ĝ_-i> / sum_i |g_i|^2``, clipped to [0, 1].
 
-    Measured on the bottleneck tasks with a damaged frozen host (``esper_ray.tasks.bottleneck_task``,
-    seeds 0-9 x 3 ground-truth slots, probe of 960 examples), share of tasks whose argmax is the
-    ground-truth slot: this 30/30 (107/108 over seeds 0-29 and 100-105; the miss is an input-slot
-    task); the previous version (held-out R^2 of raw gradients on 32 random ReLU features) 14/30,
-    reading exactly 0 on 70 of 90 slots, because label-driven per-example gradients dominate
-    raw R^2; a cross-fitted linear-feature share 24/30; the heuristic's old consumer grad norm
-    + activation collapse 5/15. The systematic part is small (values ~0.05-0.3), so compare slots
-    with each other rather than against a fixed threshold. Cost: one Cholesky of an ``n x n``
+    On the bottleneck tasks with a damaged frozen host (``esper_ray.tasks.bottleneck_task``) its
+    argmax finds the ground-truth slot far more often than the earlier signals (held-out R^2 of
+    raw gradients on random ReLU features, which label-driven per-example gradients swamp; a
+    cross-fitted linear-feature share; the old consumer grad norm + activation collapse): the
+    counts are in BENCHMARKS.md, "Measurements behind the code". The systematic part is small,
+    so compare slots with each other rather than against a fixed threshold. Cost: one Cholesky of an ``n x n``
     float32 matrix (see ``SIGNAL_ROWS``).
     """
     return KernelFit(_spread_rows(acts.detach(), max_rows), ridge, bandwidth).loo_share(_spread_rows(grads, max_rows))
