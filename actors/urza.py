@@ -571,7 +571,7 @@ class Urza:
             else:
                 self._counts["rejected"] += 1
             self._catalogue_size.set(len(self._lib.ready()))
-            return entry.status
+            return str(entry.status)  # plain text: callers count and log it
 
     # ---- serving ---------------------------------------------------------------------------------
     def version(self) -> int:
