@@ -134,8 +134,9 @@ class HeuristicController:
 
         The first slot with a positive downstream deficit, else ``bottleneck_scores``' argmax.
         On the bottleneck tasks (damaged frozen host, ``benchmarks/bottleneck_study.py
-        --signal-only``) the deficit rule alone picks the ground-truth slot on 78/78 tasks and
-        the argmax of ``grad_predictability`` on 76/78 (its misses are input-slot tasks, where
+        --signal-only``; the counts are in BENCHMARKS.md) the deficit rule alone picks the
+        ground-truth slot on every task and the argmax of ``grad_predictability`` on nearly every
+        one (its misses are input-slot tasks, where
         the next layer has already dropped what the loss needs, so the gradient further down
         is best explained from the input). On a host training from scratch (MNIST-1D) the
         deficit is mostly negative and the rule falls through to the scores.

@@ -23,21 +23,19 @@ except for one missing piece at one slot, so
 * a seed *before* the slot has to push the correction through frozen lossy ReLU layers (it can
   move only the units that are on, and must invert them), which a small seed does much worse.
 
-Measured by ``benchmarks/bottleneck_study.py`` (input_dim 40, hidden [64, 64], 6000 samples,
-frozen host, ``residual_mlp`` germinated after epoch 1, 30 epochs, 5 seeds per slot): the
-damaged host scores ~10-18 %; the seed at the ground-truth slot 39-71 %, ahead of the best
-other slot on 15/15 tasks by 7.7-19.8 points; it ends within 1 point of the same seed present
-from the start on 14/15. Before anything germinates, ``grad_predictability`` (the share of the
-loss gradient at a slot that a smooth function of the slot's input predicts out of sample,
-``esper_ray.tolaria.telemetry.gradient_predictability``) is highest at the ground-truth slot on
-15/15 tasks there, 89/90 over seeds 0-29 and 17/18 over 100-105 (both misses, and the smallest
-margins, are input-slot tasks); ``gradient_information_deficit`` (is a slot's gradient better
-predicted from the previous slot's input than from its own?) finds the slot on 108/108.
+``benchmarks/bottleneck_study.py`` measures it (BENCHMARKS.md, section 1, and "What the configs
+give"): with a frozen host the seed at the ground-truth slot beats every other slot and nearly
+reaches the same seed present from the start; before anything germinates,
+``grad_predictability`` (the share of the loss gradient at a slot that a smooth function of the
+slot's input predicts out of sample, ``esper_ray.tolaria.telemetry.gradient_predictability``)
+is highest at the ground-truth slot on almost every task (the misses are input-slot tasks), and
+``gradient_information_deficit`` (is a slot's gradient better predicted from the previous slot's
+input than from its own?) finds it on every task measured.
 With a *trainable* host the damaged host repairs itself from everywhere and the slots blur:
 freeze it. Trained from scratch (this family's earlier use, then with a near-linear teacher:
 kinks 1.5 sd below the mean) the map was true by construction but not observable: a seed at
-the true slot did no better than elsewhere (hidden0 task: none 0.649, input 0.678, hidden0
-0.624, hidden1 0.606). ``training.host_init: random`` still trains from scratch.
+the true slot did no better than elsewhere (BENCHMARKS.md, "Measurements behind the code").
+``training.host_init: random`` still trains from scratch.
 
 Everything is calibrated on a fixed sample of inputs so that it holds for any widths:
 

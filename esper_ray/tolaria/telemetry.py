@@ -133,9 +133,9 @@ def gradient_information_deficit(
     slot. Negative: the slot's own input explains its gradient better (a smooth function of
     it is simpler than one of the layer before). On the bottleneck tasks (damaged frozen host)
     the rule "germinate at the first slot whose *next* slot has a positive deficit, else at the
-    last slot" picked the ground-truth slot on 108/108 tasks (seeds 0-29 and 100-105, 3 slots
-    each), with every deficit at least 0.005 away from 0; argmax ``gradient_predictability``
-    alone: 107/108, misses on the input slot. Needs both slots' rows to be the same examples
+    last slot" picked the ground-truth slot on every task measured, clear of 0, and did better
+    than argmax ``gradient_predictability`` alone, which misses on the input slot (the counts:
+    BENCHMARKS.md, "Measurements behind the code"). Needs both slots' rows to be the same examples
     (vector slots); returns 0.0 otherwise.
     """
     g = _spread_rows(grads, max_rows)
