@@ -170,3 +170,30 @@ def test_optional_collaborators_are_recognised_by_protocol() -> None:
 
     for proto in (AccuracySink, GerminationSink, FieldReportSink):  # what the pipeline client offers a run
         assert issubclass(UrzaCatalogue, proto)
+
+
+# ---- import hygiene ----------------------------------------------------------------------------------
+def _fresh_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_importing_the_pipeline_changes_no_environment() -> None:
+    """Ray's usage statistics are turned off where the project starts Ray, not on import."""
+    code = "import os, actors, actors.client, esper_ray.cli; print(os.environ.get('RAY_USAGE_STATS_ENABLED'))"
+    assert _fresh_python(code) == "None"
+
+
+def test_offline_training_does_not_import_online_training() -> None:
+    """simic.offline and simic.ppo share their module config through simic.config (no import circle)."""
+    code = (
+        "import sys\nfrom esper_ray.simic import offline\nfrom esper_ray.simic.config import SimicConfig\n"
+        "offline._model_config(SimicConfig())  # what a MARWIL run builds its module from\n"
+        "print('esper_ray.simic.ppo' in sys.modules)"
+    )
+    assert _fresh_python(code) == "False"
