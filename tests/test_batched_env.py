@@ -63,7 +63,7 @@ def _policy(kinds: dict[str, range], episode: int, step: int, mask: np.ndarray) 
         if cull:
             return cull[0]
     germ = [a for a in kinds["germinate"] if a in legal]
-    if step in (0, 4) and germ:  # episodes 0 and 2 grow the same seed: one vmapped group
+    if step in (0, 4) and germ:  # episodes 0 and 2 grow the same seed (one group per slot and blueprint)
         return germ[(7 * (episode % 2) + step) % len(germ)]
     return 0
 
@@ -110,7 +110,7 @@ def test_batched_env_matches_single_envs(torch_seed):
                 assert infos["test_acc"][i] == pytest.approx(info["test_acc"], abs=1e-9)  # the final accuracy
                 done[i] = True
     assert resets == n
-    assert venv.stacks.grouped_calls > 0  # seeds of one blueprint in several episodes ran as one vmapped call
+    assert venv.stacks.grouped_calls == 0  # on the CPU each seed runs its own forward (vmapped groups: GPU only)
     assert venv.stacks.probed >= n  # the probes (forward and backward on the probe batch) ran batched too
     # The script exercised every lifecycle edge the env has (else this test would prove little).
     # (a cull after blending restores the host's weights and Adam state from the blend snapshot)
@@ -386,3 +386,31 @@ def test_a_stack_grows_and_runs_leave_it_bit_for_bit(torch_seed):
     assert stacks.stacks == {}
     with pytest.raises(EsperError, match="episode 2 has no run"):
         stacks.train_epochs([2])
+
+
+@pytest.mark.parametrize("blueprint", ["conv1d", "se1d", "norm"])
+def test_one_blueprint_in_every_episode_matches_single_envs(torch_seed, blueprint):
+    # The same seed kind blending in several episodes at once (on the CPU each seed runs its own
+    # forward: a vmapped group of conv1d, se1d or norm seeds differed from it in the last bits of the
+    # seeds' gradients).
+    from esper_ray.contracts import ControllerAction
+
+    n, cfg = 3, _config(epochs=6)
+    venv = BatchedMorphogenesisEnv(n, cfg)
+    singles = [MorphogenesisEnv(cfg) for _ in range(n)]
+    obs, _ = venv.reset(seed=2)
+    single_obs = [env.reset(seed=2 + i)[0] for i, env in enumerate(singles)]
+    grow = ControllerAction.germinate("hidden0", blueprint)
+    stages = set()
+    for step in range(5):
+        actions = np.zeros(n, dtype=int)
+        for i, env in enumerate(singles):
+            np.testing.assert_array_equal(obs["observations"][i], single_obs[i]["observations"])
+            if step == 0:
+                actions[i] = env.space.encode(grow, [e.name for e in env.trainer.candidates])
+        obs, rewards, *_ = venv.step(actions)
+        for i, env in enumerate(singles):
+            single_obs[i], reward, *_ = env.step(int(actions[i]))
+            assert rewards[i] == reward
+            stages.add(env.trainer.host.slots["hidden0"].stage.name)
+    assert "BLENDING" in stages  # the seeds blended in every episode together

@@ -14,9 +14,10 @@ per batch one batched forward (``torch.baddbmm`` per layer over the rows, with g
 computed in ``F.linear``'s order), one backward, one Adam step over the stacked weights, with the
 same arithmetic per row as ``torch.optim.Adam``'s single-tensor path: on the CPU each row's numbers
 are bit for bit those of its trainer training alone. Seeds are grouped by blueprint and stage
-across rows at each slot; a group of blending, holding or fossilized seeds runs as one ``torch.func.vmap`` over their
-stacked weights (a lone seed, and seeds in isolated TRAINING, run through their slot's own
-forward, whose custom autograd keeps a seed's NaN off the host), and their Adam step is one
+across rows at each slot; on a GPU a group of blending, holding or fossilized seeds runs as one
+``torch.func.vmap`` over their stacked weights (on the CPU, where each row must be bit for bit
+its run alone, every seed runs its slot's own forward, as do a lone seed and seeds in isolated
+TRAINING, whose custom autograd keeps a seed's NaN off the host), and their Adam step is one
 fused ``torch._foreach`` update over every seed tensor of every row. Per row: its own batch order
 (its trainer's generator), governor (a bad loss rolls back and culls in that row only, which
 then sits out the rest of the epoch, exactly as ``train_epoch`` breaks), alpha ramp, gradient
@@ -509,9 +510,11 @@ class HostStack:
         groups, index_t = step
         outs = []
         for mode, idx, slots in groups:
-            if len(idx) == 1 or mode == _ISOLATED:
+            if len(idx) == 1 or mode == _ISOLATED or h.device.type == "cpu":
                 # The slot's own forward: isolation's custom autograd (value h, gradient to the
-                # seed) stays kasmina's alone; the seed's compute is the same either way.
+                # seed) stays kasmina's alone. On the CPU always: a vmapped group of some seed kinds
+                # (conv1d, se1d, norm) sums their gradients in another order than each seed alone,
+                # and the CPU promises each episode's numbers bit for bit.
                 outs.append(torch.stack([slot(h[i]) for i, slot in zip(idx, slots, strict=True)]))
             else:
                 outs.append(self._group_forward(mode, slots, h[idx]))
