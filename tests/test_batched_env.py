@@ -414,3 +414,34 @@ def test_one_blueprint_in_every_episode_matches_single_envs(torch_seed, blueprin
             assert rewards[i] == reward
             stages.add(env.trainer.host.slots["hidden0"].stage.name)
     assert "BLENDING" in stages  # the seeds blended in every episode together
+
+
+@pytest.mark.slow
+def test_random_legal_actions_on_the_default_tasks_match_single_envs(torch_seed):
+    # The simic recipe's env (MNIST-1D and frozen bottleneck hosts of one skeleton) with random legal
+    # actions: 12 episodes in one stack through germinations, blends, culls and autoresets, exactly.
+    cfg = {
+        "run": {"host": {"kind": "mlp", "hidden": [64, 64]}, "training": {"epochs": 8}, "lineage": {"enabled": False}},
+        "reward": {"param_cost": 0.02, "action_cost": 0.01},
+    }
+    n = 12
+    venv = BatchedMorphogenesisEnv(n, cfg)
+    singles = [MorphogenesisEnv(cfg) for _ in range(n)]
+    obs, _ = venv.reset(seed=0)
+    single_obs = [env.reset(seed=i)[0] for i, env in enumerate(singles)]
+    rng = np.random.default_rng(0)
+    done = [False] * n
+    for _ in range(12):
+        for i in range(n):
+            np.testing.assert_array_equal(obs["observations"][i], single_obs[i]["observations"])
+        legal = [np.flatnonzero(obs["action_mask"][i]) for i in range(n)]
+        actions = np.array([rng.choice(a) if rng.random() < 0.4 else 0 for a in legal])
+        obs, rewards, *_ = venv.step(actions)
+        for i, env in enumerate(singles):
+            if done[i]:
+                single_obs[i], _ = env.reset()
+                done[i] = False
+                continue
+            single_obs[i], reward, done[i], *_ = env.step(int(actions[i]))
+            assert rewards[i] == reward
+    assert venv.host_grouping()["stack_rows"] == [n]
