@@ -12,8 +12,8 @@ its forward pass.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -86,6 +86,19 @@ def slot_names(n_blocks: int) -> list[str]:
     return ["input"] + [f"hidden{i}" for i in range(n_blocks)]
 
 
+class SlotDict(nn.ModuleDict):
+    """A ``ModuleDict`` of seed slots that says so to the type checker."""
+
+    def __getitem__(self, key: str) -> SeedSlot:
+        return cast(SeedSlot, super().__getitem__(key))
+
+    def values(self) -> Iterable[SeedSlot]:  # type: ignore[override]
+        return cast("Iterable[SeedSlot]", super().values())
+
+    def items(self) -> Iterable[tuple[str, SeedSlot]]:  # type: ignore[override]
+        return cast("Iterable[tuple[str, SeedSlot]]", super().items())
+
+
 class MorphoHost(nn.Module):
     """A host network: blocks, a head, and seed slots at chosen block boundaries."""
 
@@ -108,7 +121,7 @@ class MorphoHost(nn.Module):
             if name not in positions:
                 raise EsperError(f"unknown slot {name!r} (this host has: {', '.join(positions)})")
         shapes = self._boundary_shapes()
-        self.slots = nn.ModuleDict()
+        self.slots = SlotDict()
         for index, name in enumerate(positions):
             if name in wanted:
                 slot = SeedSlot(name, index, shapes[index], self.lifecycle)
@@ -152,8 +165,9 @@ class MorphoHost(nn.Module):
         for i in range(len(self.blocks) + 1):
             if i > 0:
                 path.extend(_layers(self.blocks[i - 1]))
-            if self._active[i] is not None:
-                path.append(self._active[i])
+            active = self._active[i]
+            if active is not None:
+                path.append(active)
         path.extend(_layers(self.head))
         self._path = path
         self.version += 1
@@ -167,8 +181,9 @@ class MorphoHost(nn.Module):
                 x = self.blocks[i - 1](x)
             if names[i] in self.slots:
                 acts[names[i]] = x
-            if self._active[i] is not None:
-                x = self._active[i](x)
+            active = self._active[i]
+            if active is not None:
+                x = active(x)
         return self.head(x), acts
 
     def _boundary_shapes(self) -> list[tuple[int, ...]]:
