@@ -14,6 +14,7 @@ The scripts import this module as ``common`` (Python puts a script's own folder 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -453,6 +454,16 @@ def grown_label(trainer: Trainer) -> str:
     return ",".join(f"{k}:{BlueprintSpec.from_json(v).name}" for k, v in grown(trainer).items())
 
 
+DISTILL_ROWS = (
+    "teacher",
+    "student alone (CE)",
+    "student distilled",
+    "distilled + heuristic",
+    "distilled + tamiyo",
+    "big static (grown size)",
+)
+"""The rows of a distillation table, in order (``student_arms`` makes all but the teacher's)."""
+
 RowMaker = Callable[[str, "Trainer", float], dict[str, Any]]
 
 
@@ -490,6 +501,29 @@ def student_arms(
         big.graft_fossilized(slot, BlueprintSpec.from_json(spec_json))
     rows.append(row("big static (grown size)", play(big, StaticController()), t))
     return rows, distilled
+
+
+def distill_arguments(doc: str, config: str, out: str, quick: str, json: str) -> argparse.ArgumentParser:
+    """The command line both distillation benchmarks share (``--config``, ``--seeds``, ``--policy``,
+    ``--out``, overrides, ``--quick``, ``--json``); each adds its own."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--config", default=config)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--policy", help="an exported Tamiyo policy folder (else the row says 'not given')")
+    p.add_argument("--out", default=out, help="folder for the CSV files")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. training.epochs=30")
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--json", help=json)
+    return p
+
+
+def load_policy_arg(path: str | None) -> Any:
+    """The exported Tamiyo policy at ``path`` (None when not given)."""
+    if not path:
+        return None
+    from esper_ray.tamiyo.policy import load_policy
+
+    return load_policy(path)
 
 
 def missing_row(name: str, policy_given: bool) -> dict[str, Any]:

@@ -40,7 +40,6 @@ BENCHMARKS.md (section 3, second figure), with an earlier run's readings for com
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -49,8 +48,11 @@ from typing import Any
 
 import torch
 from common import (
+    DISTILL_ROWS,
     Column,
+    distill_arguments,
     grown_label,
+    load_policy_arg,
     missing_row,
     play,
     pm,
@@ -68,16 +70,7 @@ from esper_ray.tasks import load_task
 from esper_ray.tolaria.distill import DistillConfig, load_distill_config, make_distillation
 from esper_ray.tolaria.trainer import Trainer
 
-ROWS = (
-    "teacher",
-    "student alone (CE)",
-    "student distilled",
-    "distilled + heuristic",
-    "distilled + tamiyo",
-    "big static (grown size)",
-    "fine-tune: full",
-    "fine-tune: seeds only",
-)
+ROWS = (*DISTILL_ROWS, "fine-tune: full", "fine-tune: seeds only")
 
 
 def _row(name: str, seed: int, trainer: Trainer | None, started: float, **extra: Any) -> dict[str, Any]:
@@ -180,15 +173,14 @@ def format_table(table: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/distill.yaml")
-    p.add_argument("--seeds", type=int, default=3)
+    p = distill_arguments(
+        __doc__,
+        "configs/distill.yaml",
+        "runs/bench-distill",
+        quick="1 seed, 30 student epochs, E=20, a 20-epoch teacher",
+        json="also write the table and the ratios to this JSON file",
+    )
     p.add_argument("--ft-epochs", type=int, default=30, help="E: epochs of each fine-tuning arm")
-    p.add_argument("--policy", help="an exported Tamiyo policy folder (else the row says 'not given')")
-    p.add_argument("--out", default="runs/bench-distill", help="folder for the CSV files")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. training.epochs=30")
-    p.add_argument("--quick", action="store_true", help="1 seed, 30 student epochs, E=20, a 20-epoch teacher")
-    p.add_argument("--json", help="also write the table and the ratios to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.ft_epochs = 1, 20
@@ -196,11 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     base, dcfg = load_distill_config(args.config, args.overrides)
-    policy = None
-    if args.policy:
-        from esper_ray.tamiyo.policy import load_policy
-
-        policy = load_policy(args.policy)
+    policy = load_policy_arg(args.policy)
     data = load_task(base.task)
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []

@@ -31,7 +31,6 @@ and ``--json PATH`` are for CI and benchmarks/run_all.py. Measured figures are i
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -39,7 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Column, grown_label, missing_row, pm, student_arms, text_table, write_csv, write_result
+from common import (
+    DISTILL_ROWS,
+    Column,
+    distill_arguments,
+    grown_label,
+    load_policy_arg,
+    missing_row,
+    pm,
+    student_arms,
+    text_table,
+    write_csv,
+    write_result,
+)
 
 from esper_ray.config import RunConfig
 from esper_ray.simic.evaluate import mean_ci
@@ -47,14 +58,7 @@ from esper_ray.tasks import load_task
 from esper_ray.tolaria.distill import get_teacher, load_distill_config, make_distillation
 from esper_ray.tolaria.trainer import Trainer
 
-ROWS = (
-    "teacher",
-    "student alone (CE)",
-    "student distilled",
-    "distilled + heuristic",
-    "distilled + tamiyo",
-    "big static (grown size)",
-)
+ROWS = DISTILL_ROWS
 QUICK = [
     "task.n_train=96",
     "task.params.context=32",
@@ -148,14 +152,13 @@ def format_table(table: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/distill_transformer.yaml")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--policy", help="an exported Tamiyo policy folder (else the row says 'not given')")
-    p.add_argument("--out", default="runs/bench-distill-transformer", help="folder for the CSV files")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. training.epochs=8")
-    p.add_argument("--quick", action="store_true", help="1 seed, a tiny teacher and student, a few epochs")
-    p.add_argument("--json", help="also write the table to this JSON file")
+    p = distill_arguments(
+        __doc__,
+        "configs/distill_transformer.yaml",
+        "runs/bench-distill-transformer",
+        quick="1 seed, a tiny teacher and student, a few epochs",
+        json="also write the table to this JSON file",
+    )
     p.add_argument(
         "--teacher-windows",
         default="all",
@@ -169,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     base, dcfg = load_distill_config(args.config, args.overrides)
-    policy = None
-    if args.policy:
-        from esper_ray.tamiyo.policy import load_policy
-
-        policy = load_policy(args.policy)
+    policy = load_policy_arg(args.policy)
     data = load_task(base.task)
     out = Path(args.out)
     if args.teacher_windows != "0":
