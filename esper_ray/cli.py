@@ -155,6 +155,17 @@ def _simic(args: argparse.Namespace) -> int:
     if args.resume is not None and not (args.resume / "rllib_checkpoint.json").exists():
         raise EsperError(f"no RLlib checkpoint at {args.resume} (rllib_checkpoint.json missing)")
     ensure_ray(args.address)
+    if cfg.fit_to_cluster:
+        from esper_ray.cluster import fit_cpus, free_cpus
+
+        per = fit_cpus(
+            cfg.num_cpus_per_env_runner,
+            cfg.num_env_runners,
+            free_cpus(),
+            "simic's env runners",
+            hint="lower num_env_runners or free CPUs",
+        )
+        cfg = cfg.model_copy(update={"num_cpus_per_env_runner": per})
     out = persistent_path(args.out or Path(cfg.out_dir) / cfg.name)
     checkpoint = train_simic(cfg, out, resume=args.resume, warm_start=args.warm_start, progress=not args.no_progress)
     print(f"checkpoint: {checkpoint}\nexported policy: {Path(out) / 'policy'}")

@@ -6,6 +6,7 @@ Used by the CLI, Simic and the actors' launcher, so every command joins Ray the 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -90,6 +91,36 @@ def require_free(need: Mapping[str, float], what: str, hint: str = "") -> None:
         f"free of {_fmt({k: total.get(k, 0.0) for k in short})} ({_fmt(held)} held by running actors and jobs, "
         f"e.g. the esper-ray service actors)" + (f"; {hint}" if hint else "")
     )
+
+
+# The least CPU fitting gives one process (an env runner, a trial's driver): below it a
+# reservation means nothing, and fitting fails in one line instead.
+MIN_CPU_PER_PROCESS = 0.1
+
+
+def free_cpus() -> float:
+    """CPUs the Ray cluster has free now (after whatever holds some, e.g. the service actors)."""
+    import ray
+
+    return float(ray.available_resources().get("CPU", 0.0))
+
+
+def fit_cpus(per_process: float, processes: int, free: float, what: str, hint: str = "") -> float:
+    """The CPUs each of ``processes`` may ask for so that together they fit ``free``.
+
+    ``per_process`` when they fit as asked; else scaled down (to 1e-4, Ray's resource precision,
+    rounding down). EsperError (one line, with the numbers) when that is under MIN_CPU_PER_PROCESS.
+    Ray does not cap a process at its request: a scaled process runs on less of a reservation.
+    """
+    if processes <= 0 or per_process * processes <= free + 1e-9:
+        return per_process
+    scaled = math.floor(free / processes * 1e4) / 1e4
+    if scaled < MIN_CPU_PER_PROCESS:
+        raise EsperError(
+            f"{what} ({processes} x {per_process:g} CPU) cannot fit the {free:g} CPU free even scaled down "
+            f"(fit_to_cluster): each needs at least {MIN_CPU_PER_PROCESS:g} CPU" + (f"; {hint}" if hint else "")
+        )
+    return scaled
 
 
 def rllib_trial_resources(algo_config: Any) -> dict[str, float]:

@@ -172,3 +172,46 @@ def test_sweep_with_fit_to_cluster_runs_a_trial_that_would_not_fit(pipeline, tmp
         a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == pipeline.cfg.namespace
     }
     assert {"urza", "karn", "tezzeret", "urabrask"} <= names
+
+
+def test_fit_cpus_scales_env_runners_or_fails_in_one_line() -> None:
+    from esper_ray.cluster import fit_cpus
+
+    assert fit_cpus(0.5, 2, free=2.0, what="x") == 0.5  # fits as asked
+    assert fit_cpus(0.75, 2, free=1.0, what="x") == 0.5
+    assert fit_cpus(1.0, 3, free=1.0, what="x") == 0.3333  # rounded down to Ray's precision
+    assert fit_cpus(1.0, 0, free=0.0, what="x") == 1.0  # no processes: nothing to fit
+    with pytest.raises(EsperError) as info:
+        fit_cpus(0.5, 20, free=1.0, what="simic's env runners")
+    assert str(info.value).startswith("simic's env runners (20 x 0.5 CPU) cannot fit the 1 CPU free")
+    assert "each needs at least 0.1 CPU" in str(info.value)
+
+
+def test_simic_with_fit_to_cluster_scales_its_env_runners_to_what_is_free(
+    pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI hands train_simic env runners scaled to the 1 free CPU (training itself replaced here:
+    a real scaled trial runs in the sweep test above), and they pass its free-resource check."""
+    import esper_ray.simic.ppo as ppo
+    from esper_ray.cli import main
+    from esper_ray.cluster import require_free
+
+    _wait_for_free_cpus(1.0)
+    seen = []
+
+    def fake_train_simic(cfg, out, **kwargs):
+        require_free({"CPU": cfg.num_env_runners * cfg.num_cpus_per_env_runner}, "simic's env runners")
+        seen.append(cfg)
+        return Path(out) / "checkpoint"
+
+    monkeypatch.setattr(ppo, "train_simic", fake_train_simic)
+    out = tmp_path / "simic"
+    args = ["simic", "--no-progress", "--out", str(out), "num_env_runners=2", "num_cpus_per_env_runner=0.75"]
+    assert main([*args, "fit_to_cluster=true"]) == 0
+    assert seen[0].num_cpus_per_env_runner == 0.5 and seen[0].num_env_runners == 2
+    capsys.readouterr()
+    # Even the least (0.1 CPU each) does not fit: one line, exit 2, no training.
+    assert main([*args[:-2], "num_env_runners=20", "num_cpus_per_env_runner=0.5", "fit_to_cluster=true"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "cannot fit the 1 CPU free" in err[0], err
+    assert len(seen) == 1

@@ -65,6 +65,11 @@ class SimicConfig(StrictModel):
     seed: int = 0
     out_dir: str = "runs"
     offline: OfflineSettings = OfflineSettings()
+    fit_to_cluster: bool = Field(
+        False,
+        description="when the env runners ask for more CPUs than are free (e.g. beside the service actors), "
+        "scale num_cpus_per_env_runner down to what is free instead of failing (at least 0.1 CPU each)",
+    )
 
 
 class SweepConfig(StrictModel):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esper_ray.cluster import require_free, rllib_trial_resources
+from esper_ray.cluster import MIN_CPU_PER_PROCESS, require_free, rllib_trial_resources
 from esper_ray.contracts import EsperError
 from esper_ray.simic.config import PPOSettings, SweepConfig
 
@@ -65,11 +65,6 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
             raise EsperError(f"sweep search key {dotted!r}: use ppo.<{'|'.join(sorted(_PPO_KEYS))}> or env.<key>")
     space["env_config"] = env_config
     return space
-
-
-# The least CPU fitting gives one process (a trial's driver or an env runner): below it a
-# reservation means nothing, and the sweep fails in one line instead.
-MIN_CPU_PER_PROCESS = 0.1
 
 
 @dataclass(frozen=True)
