@@ -586,25 +586,42 @@ def _poison(module: torch.nn.Module, value: float) -> None:
             p.fill_(value)
 
 
+def test_a_training_seed_gone_non_finite_is_culled_at_epoch_end_without_touching_the_host(data: TaskData) -> None:
+    tr = Trainer(make_cfg("lifecycle.min_training_epochs=5", "training.epochs=10"), data)
+    epoch(tr)
+    epoch(tr, ControllerAction.germinate("hidden0", "residual_mlp"))
+    slot = tr.host.slots["hidden0"]
+    assert slot.stage is SeedStage.TRAINING and not slot.seed_diverged
+    _poison(slot.seed, float("nan"))
+    assert slot.seed_diverged
+    # Isolated, a seed gone NaN cannot touch the host: the loss stays finite, no rollback ...
+    row = epoch(tr)
+    assert row["rolled_back"] == 0.0 and math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
+    assert all(torch.isfinite(p).all() for p in tr.host.host_state_dict().values())
+    # ... and it is culled at the epoch's end, not left to linger until it would blend.
+    assert slot.seed is None and slot.stage is SeedStage.CULLED
+    cull = next(e for e in tr.events if e["kind"] == "cull")
+    assert cull["slot"] == "hidden0" and cull["reason"].startswith("diverged")
+    assert optim.group_names(tr.opt) == ["host"]
+    assert tr.field_reports[-1].outcome == "culled" and tr.summary()["rollbacks"] == 0
+
+
 def test_governor_rolls_back_nan_and_culls_the_seed(data: TaskData) -> None:
     tr = Trainer(make_cfg("lifecycle.min_training_epochs=5", "training.epochs=10"), data)
     epoch(tr)
     epoch(tr, ControllerAction.germinate("hidden0", "residual_mlp"))
     slot = tr.host.slots["hidden0"]
     assert slot.stage is SeedStage.TRAINING
-    # Isolated, a seed gone NaN cannot touch the host: the loss stays finite, no rollback.
-    _poison(slot.seed, float("nan"))
-    row = epoch(tr)
-    assert row["rolled_back"] == 0.0 and math.isfinite(row["train_loss"])
-    # Blending, it reaches the host's output: the governor rolls back and culls it.
+    # Blending, a NaN seed reaches the host's output: the governor rolls back and culls it.
     slot.transition(SeedStage.BLENDING)
+    _poison(slot.seed, float("nan"))
     good_weights = tr.host.host_state_dict()
     good_opt = host_opt_state(tr)
     step = tr.step
 
     row = epoch(tr)
     assert row["rolled_back"] == 1.0
-    kinds = [e["kind"] for e in tr.events if e["epoch"] >= 2]
+    kinds = [e["kind"] for e in tr.events if e["epoch"] >= 1]
     assert "rollback" in kinds and "cull" in kinds
     rollback = next(e for e in tr.events if e["kind"] == "rollback")
     assert "non-finite" in rollback["reason"]
@@ -622,7 +639,7 @@ def test_governor_rolls_back_nan_and_culls_the_seed(data: TaskData) -> None:
         row = epoch(tr)
         assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0
         assert math.isfinite(row["val_loss"]) and row["rolled_back"] == 0.0
-    assert tr.step == step + 64
+    assert tr.step == step + 2 * 32
     assert tensors_differ(good_weights, tr.host.host_state_dict())  # later training happened
     assert tr.summary()["rollbacks"] == 1
 

@@ -153,6 +153,11 @@ class SeedSlot(nn.Module):
         return 0 if self.seed is None else sum(p.numel() for p in self.seed.parameters())
 
     @property
+    def seed_diverged(self) -> bool:
+        """The seed's weights hold a NaN or inf (it cannot recover: Adam keeps them non-finite)."""
+        return self.seed is not None and any(not bool(torch.isfinite(p).all()) for p in self.seed.parameters())
+
+    @property
     def is_open(self) -> bool:
         """A seed can germinate here now."""
         return self.stage is SeedStage.DORMANT
@@ -218,7 +223,13 @@ class SeedSlot(nn.Module):
 
         Automatic: GERMINATED -> TRAINING, TRAINING -> BLENDING, BLENDING -> HOLDING,
         CULLED -> EMBARGOED, EMBARGOED -> DORMANT. Fossilizing is never automatic.
+
+        A TRAINING seed whose weights went non-finite is culled here: isolation keeps it from the
+        host's output, so no loss would ever show it, and it could never blend in.
         """
+        if self.stage is SeedStage.TRAINING and self.seed_diverged:
+            self.cull("diverged: non-finite seed weights")
+            return SeedStage.CULLED
         nxt = _AUTOMATIC.get(self.stage)
         if nxt is None or self.gate(nxt):
             return None

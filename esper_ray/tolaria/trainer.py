@@ -262,7 +262,7 @@ class Trainer:
     def _culprit(self) -> SeedSlot | None:
         live = [s for s in self.host.slots.values() if s.stage.is_live]
         for slot in live:  # a seed whose weights went bad is guilty for sure
-            if slot.seed is not None and any(not torch.isfinite(p).all() for p in slot.seed.parameters()):
+            if slot.seed_diverged:
                 return slot
         # Otherwise the youngest live seed: the most recent change is the likeliest cause.
         return max(live, key=lambda s: self.log.born_at_step(s.name), default=None)
