@@ -66,7 +66,6 @@ from esper_ray.config import RunConfig
 from esper_ray.contracts import ControllerAction, SeedStage
 from esper_ray.simic.evaluate import mean_ci
 from esper_ray.tasks import TaskConfig, TaskData, load_task
-from esper_ray.tolaria import optim
 from esper_ray.tolaria.trainer import Trainer
 
 TARGET = 10.0  # "10-100x fewer trainable parameters"
@@ -160,8 +159,7 @@ def prepare(arm: Arm, cfg: RunConfig, data: TaskData, weights: dict[str, torch.T
             params = list(host.head.parameters())
         else:
             params = [p for n, p in host.named_parameters() if n.endswith("bias") and not n.startswith("slots.")]
-        lr = trainer.opt.param_groups[0]["lr"]
-        trainer.opt = torch.optim.Adam([{"params": params, "lr": lr, "name": optim.HOST_GROUP}])
+        trainer.train_only(params)  # the governor's rollback point follows the new optimizer
     for slot, spec in arm.seeds:
         trainer.apply(ControllerAction.germinate(slot, spec.name))
     trainer.remember_good()  # the governor's rollback point is the pretrained host (+ newborn seeds)

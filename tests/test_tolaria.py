@@ -644,6 +644,34 @@ def test_governor_rolls_back_nan_and_culls_the_seed(data: TaskData) -> None:
     assert tr.summary()["rollbacks"] == 1
 
 
+def test_train_only_restricts_the_host_and_the_rollback_point_follows(data: TaskData) -> None:
+    tr = Trainer(make_cfg("training.epochs=10"), data)
+    head = list(tr.host.head.parameters())
+    frozen = {n: p.detach().clone() for n, p in tr.host.named_parameters() if not n.startswith("head")}
+    tr.train_only(head)
+    epoch(tr)
+    for n, p in tr.host.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"{n} trained although only the head should"
+    good_head = [p.detach().clone() for p in head]
+    good_opt = host_opt_state(tr)
+    assert len(good_opt) == len(head) and all(s for s in good_opt)  # the new optimizer's moments
+    tr.train_epoch()  # moves the head and its moments past the rollback point (taken at the epoch end)
+    assert not all(torch.equal(a, b) for a, b in zip(good_head, head, strict=True))
+    tr.governor_rollback("test")  # back to that point: the new optimizer's state, not the old one's
+    assert all(torch.equal(a, b) for a, b in zip(good_head, head, strict=True))
+    assert_opt_states_equal(good_opt, host_opt_state(tr), "host Adam after rollback")
+    # A seed with its own group, or parameters that are not the host's: one line.
+    tr.apply(ControllerAction.germinate("hidden0", "residual_mlp"))
+    with pytest.raises(EsperError, match="seeds already train"):
+        tr.train_only(head)
+    other = Trainer(make_cfg(), data)
+    with pytest.raises(EsperError, match="this host's own parameters"):
+        other.train_only(head)
+    with pytest.raises(EsperError, match="non-empty"):
+        other.train_only([])
+
+
 def test_governor_explosion_in_holding_culls_and_rolls_back_blend(data: TaskData) -> None:
     tr = Trainer(make_cfg("governor.warmup_steps=40", "training.epochs=10"), data)
     epoch(tr)

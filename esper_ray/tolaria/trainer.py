@@ -387,6 +387,22 @@ class Trainer:
         self.remember_good()
         return n
 
+    def train_only(self, params: list[torch.nn.Parameter]) -> None:
+        """From now on train only ``params`` of the host (e.g. its head, or its biases, for a
+        parameter-efficient fine-tune): the host's param group holds just them, with fresh Adam
+        moments at the same learning rate, and the governor's rollback point follows the new
+        optimizer. Before any seed joins: EsperError while a seed has its own param group."""
+        seeded = [name for name in optim.group_names(self.opt) if name != optim.HOST_GROUP]
+        if seeded:
+            raise EsperError(f"train_only: seeds already train ({', '.join(seeded)}); restrict the host first")
+        own = {id(p) for p in self.host.host_parameters()}
+        if not params or any(id(p) not in own for p in params):
+            raise EsperError("train_only: give a non-empty list of this host's own parameters")
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt = torch.optim.Adam([{"params": list(params), "lr": lr, "name": optim.HOST_GROUP}])
+        self._good = optim.RollbackPoint(self.host, self.opt)
+        self.remember_good()
+
     def set_seed_lr(self, slot: str, lr: float) -> None:
         """Set the learning rate of the seed in ``slot`` (its own param group; 0 stops it training
         while it still computes, e.g. a fossilized seed on a frozen host). EsperError if none."""
