@@ -562,13 +562,17 @@ def others(page: Page) -> dict[str, str]:
     add("overhead", "dormant-slot overhead", "≤ 1.02", _overhead_rows)
     add("nonblocking", "non-blocking", "< 1%", _nonblocking_rows)
     add("env_throughput", "env throughput", "≥ 0.9", _env_rows)
-    if "env_batched" in page.r or "batched" not in page.r.get("env_throughput", _NO_RESULT).figures:
-        add("env_batched", "batched env", "≥ 3", _batched_rows)
-    else:  # a quick run: env_throughput.py --quick measured the batched rows too
-        add("env_throughput", "batched env", "≥ 3", _batched_rows)
+    batched = "env_batched"
+    if batched not in page.r and "batched" in page.r.get("env_throughput", _NO_RESULT).figures:
+        batched = "env_throughput"  # a quick run: env_throughput.py --quick measured the batched rows too
+    load = page.r[batched].machine.get("load_average") if batched in page.r else None
+    add(batched, "batched env", "≥ 3", lambda f: _batched_rows(f, load))
+    for name in ("ppo_wall_time_tamiyo", "ppo_wall_time_controller"):
+        add(name, "PPO wall time, batched env", "none", _ppo_rows)
     add("lineage_verify", "lineage verify", "< 1 s", _lineage_rows)
     add("actor_memory", "service actors' resident memory", "bounded", _actor_memory_rows)
     names = ("overhead", "nonblocking", "env_throughput", "env_batched", "lineage_verify", "actor_memory")
+    names += ("ppo_wall_time_tamiyo", "ppo_wall_time_controller")
     machines = sorted({machine_label(page.r[n].machine) for n in names if n in page.r})
     days = sorted(set(dates))
     head = f"{'Date' if len(days) == 1 else 'Dates'} {', '.join(days)}; machine {'; '.join(machines)}."
@@ -787,7 +791,7 @@ def _env_rows(f: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-def _batched_rows(f: dict[str, Any]) -> list[list[str]]:
+def _batched_rows(f: dict[str, Any], load: float | None = None) -> list[list[str]]:
     b = f["batched"]
     wait, seeded = b.get("wait only", {}), b.get("seeds growing", {})
     if "32" not in wait:
@@ -805,10 +809,27 @@ def _batched_rows(f: dict[str, Any]) -> list[list[str]]:
     return [
         [
             "batched env (`envs/batched.py`), env steps/s per core, batched / single env, MLP host, wait only, "
-            f"N = 32 ({detail}; device {b.get('device', 'cpu')})",
+            f"N = 32 ({detail}; device {b.get('device', 'cpu')}"
+            + (f"; load average {load:g} at the start)" if load is not None else ")"),
             f"{ratio:.2f}",
             f"≥ {b.get('target_ratio_n32_wait_only', 3.0):g}",
             met(ratio >= b.get("target_ratio_n32_wait_only", 3.0)),
+        ]
+    ]
+
+
+def _ppo_rows(f: dict[str, Any]) -> list[list[str]]:
+    by_n = f["by_n"]
+    ns = list(by_n)
+    first, last = by_n[ns[0]], by_n[ns[-1]]
+    seconds = " / ".join(f"{by_n[n]['mean_after_first_s']:.1f}" for n in ns)
+    return [
+        [
+            f"PPO seconds per iteration on `{f['config']}` (train batch {f['train_batch_size']}, env runners 0, "
+            f"iterations after the first), N = {' / '.join(ns)} episodes per env runner: {seconds} s",
+            f"{last['mean_after_first_s'] / first['mean_after_first_s']:.2f}",
+            "none (< 1: the batched env saves time)",
+            "n/a",
         ]
     ]
 

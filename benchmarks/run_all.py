@@ -74,6 +74,19 @@ BENCHES = [
     Bench("actor_memory", "actor_memory.py", args=["--seconds", "60"], quick=None, timeout=900),
     Bench("distill_transformer", "distill_transformer.py", timeout=2400, out_dir=True),
     Bench("adapt_transformer", "adapt_transformer.py"),
+    # PPO wall time with N = 1 and 16 episodes per env runner (heavy: full runs only).
+    Bench(
+        "ppo_wall_time_tamiyo",
+        "ppo_wall_time.py",
+        args=["--config", "configs/tamiyo.yaml", "--n", "1,16", "--iterations", "3"],
+        quick=None,
+    ),
+    Bench(
+        "ppo_wall_time_controller",
+        "ppo_wall_time.py",
+        args=["--config", "configs/controller_ppo.yaml", "--n", "1,16", "--iterations", "3"],
+        quick=None,
+    ),
     Bench(
         "tamiyo_generalization",
         "tamiyo_generalization.py",
