@@ -9,9 +9,11 @@ Starts the pipeline on an empty library in a temporary folder, waits for the sta
 blueprints, reads each actor process's VmRSS from /proc, lets Karn propose for ``--seconds``
 (a trainer polling Urza meanwhile, so the pipeline does not idle), and reads them again; prints
 one row per actor (MB at start, MB after, growth) and Urza's library counts (entries kept, templates
-held in the object store, at most ``actors.urza_templates_in_memory``). What to expect: each actor
-holds torch (a few hundred MB); Urza's growth is bounded by the templates it keeps in the object
-store (the library itself is on disk). ``--json`` also writes the figures to a file.
+held in the object store, at most ``actors.urza_templates_in_memory``), and at the end each actor's
+VmRSS split into private memory and object-store pages it touched. What to expect: each actor holds
+torch (a few hundred MB); the templates Urza keeps in the object store are bounded, but its entries
+(in memory) and the catalogue replies it writes grow with the library, so a longer ``--seconds``
+(more ready blueprints) shows more growth. ``--json`` also writes the figures to a file.
 """
 
 from __future__ import annotations
@@ -26,11 +28,21 @@ from pathlib import Path
 from common import write_result
 
 
-def _rss_mb(pid: int) -> float:
+def _status_mb(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmRSS")
+
+
+def _split_mb(pid: int) -> dict[str, float]:
+    """VmRSS split: private (RssAnon: the process's own heap) and shared memory it touched (RssShmem:
+    pages of Ray's object store it wrote, e.g. large call results, counted in VmRSS but not its own)."""
+    return {"private": round(_status_mb(pid, "RssAnon"), 1), "object_store": round(_status_mb(pid, "RssShmem"), 1)}
 
 
 def main() -> None:
@@ -75,6 +87,7 @@ def main() -> None:
             for row in ready:
                 ray.get(p.urza.template_ref.remote(row["key"]))
             served = {n: _rss_mb(pid) for n, pid in pids.items()}
+            split = {n: _split_mb(pid) for n, pid in pids.items()}
             stats = ray.get(p.urza.stats.remote())
         finally:
             stop_pipeline(p, kill=True)
@@ -88,6 +101,10 @@ def main() -> None:
         f"urza library: {stats['entries']} entries ({stats['ready']} ready, {stats.get('rejected', 0)} rejected), "
         f"{stats['templates_in_store']} templates in the object store (at most {stats['templates_in_memory_max']})"
     )
+    print(
+        "at the end, VmRSS split (MB): "
+        + ", ".join(f"{n} {v['private']} private + {v['object_store']} object-store pages" for n, v in split.items())
+    )
     if args.json:
         figures = {
             "actor_cpus": 0.1,
@@ -97,6 +114,7 @@ def main() -> None:
                 n: {"start": round(start[n], 1), "after": round(after[n], 1), "all_served": round(served[n], 1)}
                 for n in pids
             },
+            "rss_split_end_mb": split,  # actor -> {"private", "object_store"} when all were served
             "urza": {
                 k: stats[k] for k in ("entries", "ready", "rejected", "templates_in_store", "templates_in_memory_max")
             },
