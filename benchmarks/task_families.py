@@ -39,6 +39,7 @@ import csv
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import write_result
@@ -110,7 +111,7 @@ def train_once(
     return float(trainer.last["test_acc"])
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "task_families.yaml"))
     parser.add_argument(
@@ -123,19 +124,83 @@ def main() -> None:
     parser.add_argument("--families", nargs="*", help="only these families")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "task_families.csv"))
     parser.add_argument("--json", help="also write the rows as a result file (benchmarks/common.py)")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    torch.set_num_threads(1)
+    return parser.parse_args()
 
+
+def _tasks_by_family(args: argparse.Namespace) -> dict[str, list[TaskConfig]]:
+    """The first ``args.tasks`` tasks of each family (train before held-out)."""
     drawn = [t for key in args.split.split(",") for t in sample_tasks(load_distribution(args.config, key=key))]
     by_family: dict[str, list[TaskConfig]] = {}
-    for task in drawn:  # the first tasks of each family (train before held-out)
+    for task in drawn:
         if args.families and task.family not in args.families:
             continue
         by_family.setdefault(task.family, [])
         if len(by_family[task.family]) < args.tasks:
             by_family[task.family].append(task)
+    return by_family
 
+
+def _family_rows(family: str, acc: dict[str, list[float | None]]) -> list[dict[str, Any]]:
+    """One row per growth: its gain over no growth across the family's tasks; prints the best."""
+    rows = []
+    base = acc["none"]
+    best, best_gain = "none", 0.0
+    for growth in GROWTHS:
+        pairs = [(a, b) for a, b in zip(acc[growth], base, strict=True) if a is not None and b is not None]
+        if not pairs:
+            continue
+        gains = [a - b for a, b in pairs]
+        mean = statistics.fmean(gains)
+        if growth != "none" and mean > best_gain:
+            best, best_gain = growth, mean
+        rows.append(
+            {
+                "family": family,
+                "growth": growth,
+                "tasks": len(pairs),
+                "mean_acc": round(statistics.fmean(a for a, _ in pairs), 4),
+                "mean_gain": round(mean, 4),
+                "sd_gain": round(statistics.stdev(gains) if len(gains) > 1 else 0.0, 4),
+                "tasks_gaining": sum(g > 0 for g in gains),
+            }
+        )
+    print(f"{family}: best growth {best} ({best_gain:+.3f})", flush=True)
+    return rows
+
+
+def _print_table(rows: list[dict[str, Any]], fams: list[str]) -> None:
+    print(f"{'growth':<22}" + "".join(f"{f:>16}" for f in fams))
+    for growth in GROWTHS:
+        cells = []
+        for f in fams:
+            row = next((r for r in rows if r["family"] == f and r["growth"] == growth), None)
+            if row is None:
+                cells.append(f"{'-':>16}")
+            elif growth == "none":
+                cells.append(f"{'acc ' + format(row['mean_acc'], '.3f'):>16}")
+            else:
+                cells.append(f"{format(row['mean_gain'], '+.3f') + ' ±' + format(row['sd_gain'], '.3f'):>16}")
+        print(f"{growth:<22}" + "".join(cells))
+
+
+def _write_csv(out: Path, rows: list[dict[str, Any]], run: set[str]) -> list[dict[str, Any]]:
+    """Write ``rows``, keeping the rows of families not in ``run`` (e.g. after --families)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        with out.open(newline="") as f:
+            kept = [r for r in csv.DictReader(f) if r["family"] not in run]
+        rows = kept + rows
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def main() -> None:
+    args = _arguments()
+    torch.set_num_threads(1)
+    by_family = _tasks_by_family(args)
     rows = []
     started, cpu_started = time.perf_counter(), time.process_time()
     runs = 0
@@ -156,57 +221,14 @@ def main() -> None:
                 + "  ".join(f"{g} {acc[g][-1] - acc['none'][-1]:+.3f}" for g in GROWTHS[1:] if acc[g][-1] is not None),
                 flush=True,
             )
-        base = acc["none"]
-        best, best_gain = "none", 0.0
-        for growth in GROWTHS:
-            pairs = [(a, b) for a, b in zip(acc[growth], base, strict=True) if a is not None]
-            if not pairs:
-                continue
-            gains = [a - b for a, b in pairs]
-            wins = sum(g > 0 for g in gains)
-            mean = statistics.fmean(gains)
-            sd = statistics.stdev(gains) if len(gains) > 1 else 0.0
-            if growth != "none" and mean > best_gain:
-                best, best_gain = growth, mean
-            rows.append(
-                {
-                    "family": family,
-                    "growth": growth,
-                    "tasks": len(pairs),
-                    "mean_acc": round(statistics.fmean(a for a, _ in pairs), 4),
-                    "mean_gain": round(mean, 4),
-                    "sd_gain": round(sd, 4),
-                    "tasks_gaining": wins,
-                }
-            )
-        print(f"{family}: best growth {best} ({best_gain:+.3f})", flush=True)
+        rows += _family_rows(family, acc)
 
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     per_run = f"{elapsed / max(runs, 1):.2f} s wall, {cpu / max(runs, 1):.2f} s CPU per run, data loading included"
     print(f"\n{runs} runs in {elapsed:.0f} s ({per_run})\n")
-    fams = list(by_family)
-    print(f"{'growth':<22}" + "".join(f"{f:>16}" for f in fams))
-    for growth in GROWTHS:
-        cells = []
-        for f in fams:
-            row = next((r for r in rows if r["family"] == f and r["growth"] == growth), None)
-            if row is None:
-                cells.append(f"{'-':>16}")
-            elif growth == "none":
-                cells.append(f"{'acc ' + format(row['mean_acc'], '.3f'):>16}")
-            else:
-                cells.append(f"{format(row['mean_gain'], '+.3f') + ' ±' + format(row['sd_gain'], '.3f'):>16}")
-        print(f"{growth:<22}" + "".join(cells))
+    _print_table(rows, list(by_family))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():  # keep the rows of families not run this time (e.g. after --families)
-        with out.open(newline="") as f:
-            kept = [r for r in csv.DictReader(f) if r["family"] not in by_family]
-        rows = kept + rows
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = _write_csv(out, rows, set(by_family))
     print(f"\nwrote {out}")
     if args.json:
         write_result(args.json, __file__, {"rows": rows}, started)
