@@ -319,6 +319,46 @@ def catalogue(gated: bool) -> LocalCatalogue:
     return LocalCatalogue([gated_blueprint(s) for s in specs] if gated else specs)
 
 
+def pretrain(seed: int, steps: int, epochs: int, original: TaskData) -> Trainer:
+    """The host every arm starts from: ``epochs`` epochs on the original task, no seeds."""
+    base = Trainer(run_config(seed, False, steps, epochs), original, run_id="stability-pretrain")
+    while not base.done:
+        base.train_epoch()
+        base.end_epoch(ControllerAction.wait())
+    return base
+
+
+def arm_trainer(
+    name: str,
+    seed: int,
+    steps: int,
+    weights: dict[str, torch.Tensor],
+    original: TaskData,
+    sample: BoundedSample,
+    args: argparse.Namespace,
+) -> Trainer:
+    """A trainer from the pretrained ``weights`` with arm ``name``'s catalogue and loss."""
+    arm = ARMS[name]
+    trainer = Trainer(
+        run_config(seed, arm.freeze, steps), original, run_id=f"stability-{name}", catalogue=catalogue(arm.gated)
+    )
+    trainer.host.load_host_state_dict(weights)
+    trainer.remember_good()  # the governor's rollback point is the pretrained host
+    if arm.gated:
+        trainer.loss_fn = GateRehearsal(
+            trainer, sample, batch=REPLAY_BATCH, gate_weight=args.gate_weight, replay=arm.replay, seed=seed
+        )
+    elif arm.replay:
+        trainer.loss_fn = Rehearsal(trainer.host, sample, batch=REPLAY_BATCH, seed=seed)
+    elif arm.ewc:  # measured now, on the training split the host was just trained on; no example is kept
+        n = min(EWC_EXAMPLES, len(original.x_train))
+        params = trainer.opt.param_groups[0]["params"]
+        trainer.loss_fn = FisherPenalty(
+            trainer.host, params, original.x_train[:n], original.y_train[:n], args.ewc_lambda
+        )
+    return trainer
+
+
 def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]) -> list[dict[str, Any]]:
     original = load_task(TaskConfig(family="mnist1d", seed=seed))
     tasks: list[TaskData] = []
@@ -332,10 +372,7 @@ def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]
 
     steps = -(-len(original.x_train) // 100)  # alpha reaches 1 after one epoch of blending
     t0 = time.perf_counter()
-    base = Trainer(run_config(seed, False, steps, args.pretrain), original, run_id="stability-pretrain")
-    while not base.done:
-        base.train_epoch()
-        base.end_epoch(ControllerAction.wait())
+    base = pretrain(seed, steps, args.pretrain, original)
     weights = base.host.host_state_dict()
     a0 = base.evaluate(original.x_test, original.y_test)[1]
     v0 = base.evaluate(original.x_val, original.y_val)[1]
@@ -347,24 +384,8 @@ def one_seed(seed: int, scenario: str, args: argparse.Namespace, arms: list[str]
     for name in sorted(arms, key=lambda a: a != REFERENCE_ARM):  # the reference first: finetune copies its length
         arm = ARMS[name]
         started = time.perf_counter()
-        trainer = Trainer(
-            run_config(seed, arm.freeze, steps), original, run_id=f"stability-{name}", catalogue=catalogue(arm.gated)
-        )
-        trainer.host.load_host_state_dict(weights)
-        trainer.remember_good()  # the governor's rollback point is the pretrained host
+        trainer = arm_trainer(name, seed, steps, weights, original, sample, args)
         assert trainer.evaluate(original.x_test, original.y_test)[1] == a0
-        if arm.gated:
-            trainer.loss_fn = GateRehearsal(
-                trainer, sample, batch=REPLAY_BATCH, gate_weight=args.gate_weight, replay=arm.replay, seed=seed
-            )
-        elif arm.replay:
-            trainer.loss_fn = Rehearsal(trainer.host, sample, batch=REPLAY_BATCH, seed=seed)
-        elif arm.ewc:  # measured now, on the training split the host was just trained on; no example is kept
-            n = min(EWC_EXAMPLES, len(original.x_train))
-            params = trainer.opt.param_groups[0]["params"]
-            trainer.loss_fn = FisherPenalty(
-                trainer.host, params, original.x_train[:n], original.y_train[:n], args.ewc_lambda
-            )
         router = TaskRouter() if arm.routed else None
         guard = (original, v0) if arm.guarded else None
         matrix = AccuracyMatrix()
