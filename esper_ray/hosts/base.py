@@ -6,8 +6,8 @@ block ``i`` (slot ``hidden{i}``). Dormant slots are not even called, so a host w
 all slots dormant computes exactly, and as fast as, the same host without slots: ``forward``
 runs a flat list of modules (the layers of plain ``nn.Sequential`` blocks, the active slots,
 the head), rebuilt whenever a slot's stage changes, like an ``nn.Sequential`` of the whole net.
-(Each nested module call costs ~3 us: for the 40-64-64-10 MLP on batches of 100, a tenth of
-its forward pass.)
+(Each nested module call has a fixed cost that is a noticeable share of a small MLP's forward
+pass: BENCHMARKS.md, "Measurements behind the code".)
 """
 
 from __future__ import annotations
@@ -144,14 +144,14 @@ class MorphoHost(nn.Module):
 
     def train(self, mode: bool = True) -> MorphoHost:
         """``nn.Module.train``, over a list of the submodules kept until the next transition or
-        refresh instead of a recursive walk: ~8 vs ~27 us for the MLP, and the trainer switches
+        refresh instead of a recursive walk (cheaper: BENCHMARKS.md), and the trainer switches
         twice an epoch. A submodule with a ``train`` of its own gets it called."""
         if self._modes[0] != self.version:
             subs = list(self.modules())[1:]
             custom = [m for m in subs if type(m).train is not nn.Module.train]
             self._modes = (self.version, [m for m in subs if type(m).train is nn.Module.train], custom)
         self.training = mode
-        for module in self._modes[1]:  # what nn.Module.__setattr__ ends in for a bool, 2x cheaper
+        for module in self._modes[1]:  # what nn.Module.__setattr__ ends in for a bool, without its checks
             object.__setattr__(module, "training", mode)
         for module in self._modes[2]:
             module.train(mode)
