@@ -174,7 +174,7 @@ def batched_rows(
     ns: list[int], steps: int, device: str, seeded_ns: list[int] | None = None, seeded_steps: int = 10
 ) -> dict[str, dict[int, tuple[float, float]]]:
     """Per variant (wait only; seeds growing, at ``seeded_ns`` over ``seeded_steps``: a conv1d seed
-    costs ~10x the host's compute, so fewer) and N: (single, batched) env steps per second."""
+    costs many times the host's compute, so fewer) and N: (single, batched) env steps per second."""
     rows: dict[str, dict[int, tuple[float, float]]] = {}
     variants = [("wait only", False, ns, steps)] + (
         [("seeds growing", True, seeded_ns, seeded_steps)] if seeded_ns else []
