@@ -33,6 +33,7 @@ from ray.util.metrics import Counter, Gauge
 from actors import Peer
 from esper_ray.config import ActorsConfig
 from esper_ray.karn import KarnBreeder
+from esper_ray.util import error_line
 
 
 def _handle(target: Any) -> Any:
@@ -260,6 +261,4 @@ class Karn:
             self._counts["errors"] += 1
         # A remote exception arrives wrapped; its own message is what says what went wrong.
         cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
-        text = str(cause).strip()
-        first = text.splitlines()[0] if text else ""
-        self._last_error = f"{where}: {type(cause).__name__}: {first}"[:500]
+        self._last_error = f"{where}: {type(cause).__name__}: {error_line(str(cause))}"[:500]

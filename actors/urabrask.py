@@ -36,6 +36,7 @@ import torch
 
 from esper_ray.blueprints import BlueprintSpec, SeedModule, build_seed, flops_per_example
 from esper_ray.contracts import BenchmarkReport
+from esper_ray.util import error_line
 
 log = logging.getLogger("esper_ray.actors.urabrask")
 
@@ -257,7 +258,7 @@ class Urabrask:
         except Exception as err:  # a bad blueprint must not take the crucible down
             log.warning("benchmark of %s crashed: %s", spec.short_hash, err)
             self._counts["crashed"] += 1
-            report = failed_report(spec, str(self.device), str(err).splitlines()[0] if str(err) else repr(err))
+            report = failed_report(spec, str(self.device), error_line(err))
         self._latency.observe(report.latency_p50_ms)
         if report.passed:
             self._counts["passed"] += 1

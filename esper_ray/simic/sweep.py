@@ -23,6 +23,7 @@ from typing import Any
 from esper_ray.cluster import MIN_CPU_PER_PROCESS, require_free, rllib_trial_resources
 from esper_ray.contracts import EsperError
 from esper_ray.simic.config import PPOSettings, SweepConfig
+from esper_ray.util import error_line
 
 # SimicConfig.ppo field -> RLlib AlgorithmConfig key.
 _PPO_KEYS = {
@@ -204,7 +205,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
                 "env_config": str(r.config.get("env_config", {}).get("reward", "")) if r.config else "",
                 cfg.metric: (r.metrics or {}).get("env_runners", {}).get(cfg.metric),
                 "iterations": (r.metrics or {}).get("training_iteration"),
-                "error": str(r.error).splitlines()[0] if r.error else "",
+                "error": error_line(r.error) if r.error else "",
             }
         )
     out = storage / cfg.name

@@ -31,6 +31,7 @@ from esper_ray.contracts import EsperError
 from esper_ray.tasks import TaskData
 from esper_ray.tolaria import optim
 from esper_ray.tolaria.trainer import Trainer
+from esper_ray.util import error_line
 
 FORMAT = "esper-ray-checkpoint/1"
 _REQUIRED = (
@@ -166,7 +167,7 @@ def _read(
         opt = load_file(path / "optimizer.safetensors")
         extra = load_file(path / "trainer.safetensors")
     except (OSError, ValueError, SafetensorError) as err:
-        raise EsperError(f"checkpoint at {path} is unreadable: {str(err).splitlines()[0]}") from None
+        raise EsperError(f"checkpoint at {path} is unreadable: {error_line(err)}") from None
     if not isinstance(state, dict):
         raise EsperError(
             f"checkpoint at {path} is unreadable: state.json holds a {type(state).__name__}, not an object"
@@ -204,8 +205,7 @@ def load_checkpoint(
     try:
         _restore(trainer, state, model, opt_tensors, extra)
     except (EsperError, KeyError, RuntimeError, TypeError, ValueError, AttributeError, IndexError) as err:
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise EsperError(f"checkpoint at {path} does not match its config: {text}") from None
+        raise EsperError(f"checkpoint at {path} does not match its config: {error_line(err)}") from None
     return trainer, state["controller"]
 
 
