@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import stat
 import warnings
 from collections.abc import Mapping, Sequence
@@ -68,6 +69,7 @@ GENESIS = "0" * 64
 
 LEDGER_FILE = "lineage.parquet"
 SIGNATURE_FILE = "lineage.sig.json"
+UNSIGNED_FILE = "lineage.unsigned.parquet"  # a killed run's rows that were never signed (set aside on resume)
 CHECKPOINT_DIR = "checkpoint"
 KEY_ENV = "ESPER_RAY_LINEAGE_KEY"
 SIGNATURE_DOMAIN = "esper-ray-lineage:v1"
@@ -585,8 +587,11 @@ class Ledger:
     def _resume(self) -> list[LineageEvent]:
         try:
             chain = _load_chain(self.run_dir)
-            signature = _read_signature(self.run_dir)
             _check_chain(chain)
+            chain = self._without_unsigned_tail(chain)
+            if not chain.rows and not (self.run_dir / SIGNATURE_FILE).exists():
+                return []  # nothing was ever signed: the run starts its ledger again
+            signature = _read_signature(self.run_dir)
             _check_signature(chain, signature, self._key.public_key(), self.key_path)
         except EsperError as err:
             raise EsperError(f"cannot resume the lineage ledger in {self.run_dir}: {err}") from None
@@ -598,6 +603,26 @@ class Ledger:
                 f"host {self.host_id!r}"
             )
         return chain.events()
+
+    def _without_unsigned_tail(self, chain: _Chain) -> _Chain:
+        """The chain without rows written after its last signature: a run killed between writing
+        the ledger and signing it (``flush`` writes the rows first). Only a tail that links onto
+        the signed rows is set aside, into ``lineage.unsigned.parquet``, never signed: this key
+        seals only what it wrote itself. The signed rows are then checked as usual."""
+        try:
+            count = _read_signature(self.run_dir)["count"] if (self.run_dir / SIGNATURE_FILE).exists() else 0
+        except _Tampered:
+            return chain  # an unreadable signature is _check_signature's to report
+        if len(chain.rows) <= count:
+            return chain
+        shutil.copyfile(self.run_dir / LEDGER_FILE, self.run_dir / UNSIGNED_FILE)
+        warnings.warn(
+            f"lineage ledger in {self.run_dir}: events {count}..{len(chain.rows) - 1} were written but never "
+            f"signed (the run stopped in between); set aside in {UNSIGNED_FILE}, the ledger resumes at event {count}",
+            stacklevel=4,
+        )
+        self._dirty = count > 0  # the next flush writes the signed rows without them
+        return _Chain(chain.rows[:count], chain.hashes[:count])
 
     @property
     def events(self) -> list[LineageEvent]:

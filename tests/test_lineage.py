@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import save_file
 
+from esper_ray import lineage
 from esper_ray.contracts import EsperError, LineageEvent
 from esper_ray.lineage import (
     GENESIS,
@@ -398,6 +399,76 @@ def test_resume_refuses_a_bad_ledger(run: Path, key_path: Path, tmp_path: Path) 
     _rewrite(run, lambda rows: rows[:2] + rows[3:])
     with pytest.raises(EsperError, match="cannot resume.*event 2"):
         Ledger(run, RUN_ID, HOST_ID, key_path)
+
+
+def _kill_before_signing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next flush writes the rows, then dies before the signature (as a SIGKILL between the two)."""
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt("killed before signing")
+
+    monkeypatch.setattr(lineage, "atomic_write_text", killed)
+
+
+def test_resume_sets_aside_rows_written_but_never_signed(
+    run: Path, key_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signed_head = load_events(run)[-1].event_hash
+    ledger = Ledger(run, RUN_ID, HOST_ID, key_path)
+    ledger.append("resume", epoch=7, step=700)
+    ledger.append("rollback", epoch=8, step=800)
+    with monkeypatch.context() as m:
+        _kill_before_signing(m)
+        with pytest.raises(KeyboardInterrupt):
+            ledger.flush()
+    assert len(load_events(run)) == N_EVENTS + 2  # on disk, but not covered by the signature
+    assert not verify_run(run, key_path).ok
+    with pytest.warns(UserWarning, match=f"events {N_EVENTS}..{N_EVENTS + 1} were written but never signed"):
+        resumed = Ledger(run, RUN_ID, HOST_ID, key_path)
+    assert (len(resumed), resumed.head) == (N_EVENTS, signed_head)
+    kept = pq.read_table(run / "lineage.unsigned.parquet").to_pylist()  # nothing written is lost
+    assert [r["kind"] for r in kept[N_EVENTS:]] == ["resume", "rollback"]
+    resumed.append("resume", epoch=7, step=700)
+    resumed.flush()
+    report = verify_run(run, key_path)
+    assert report.ok and report.events == N_EVENTS + 1, report.message
+
+
+def test_unsigned_rows_are_set_aside_only_when_they_follow_the_signed_ones(
+    run: Path, key_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A forged tail (signature kept, rows appended by someone without the key) is set aside, never signed.
+    signed = (run / "lineage.sig.json").read_bytes()
+    forger = Ledger(run, RUN_ID, HOST_ID, key_path)
+    forger.append("rollback", epoch=8, step=800)
+    forger.flush()
+    (run / "lineage.sig.json").write_bytes(signed)
+    with pytest.warns(UserWarning, match="never signed"):
+        assert len(Ledger(run, RUN_ID, HOST_ID, key_path)) == N_EVENTS
+    # A signature whose count was lowered to hide rows does not verify: refused, not trimmed.
+    sig = json.loads(signed)
+    (run / "lineage.sig.json").write_text(json.dumps({**sig, "count": sig["count"] - 2}))
+    with pytest.warns(UserWarning), pytest.raises(EsperError, match="cannot resume.*signature"):
+        Ledger(run, RUN_ID, HOST_ID, key_path)
+    # Rows deleted from the signed part are still refused (on disk: the signed rows + the forged one).
+    (run / "lineage.sig.json").write_bytes(signed)
+    _rewrite(run, lambda rows: rows[: N_EVENTS - 1])
+    with pytest.raises(EsperError, match="cannot resume.*missing"):
+        Ledger(run, RUN_ID, HOST_ID, key_path)
+    # A ledger whose first flush never got its signature starts again (its rows set aside).
+    fresh = tmp_path / "fresh"
+    first = Ledger(fresh, RUN_ID, HOST_ID, key_path)
+    first.append("init")
+    with monkeypatch.context() as m:
+        _kill_before_signing(m)
+        with pytest.raises(KeyboardInterrupt):
+            first.flush()
+    with pytest.warns(UserWarning, match="events 0..0"):
+        again = Ledger(fresh, RUN_ID, HOST_ID, key_path)
+    assert len(again) == 0 and (fresh / "lineage.unsigned.parquet").is_file()
+    again.append("init")
+    again.flush()
+    assert verify_run(fresh, key_path, check_checkpoint=False).ok
 
 
 def test_append_rejects_bad_events(tmp_path: Path, key_path: Path) -> None:
