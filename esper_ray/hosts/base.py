@@ -13,10 +13,10 @@ pass: BENCHMARKS.md, "Measurements behind the code".)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from esper_ray.blueprints.builder import build_seed
@@ -25,6 +25,15 @@ from esper_ray.blueprints.spec import BlueprintSpec
 from esper_ray.contracts import EsperError, IllegalTransition, SeedStage
 from esper_ray.kasmina.lifecycle import LifecycleConfig
 from esper_ray.kasmina.slot import Listener, SeedSlot, Transition
+
+
+def _odd(kernel: int) -> int:
+    if kernel % 2 == 0:
+        raise ValueError(f"kernel must be odd, got {kernel}")
+    return kernel
+
+
+OddKernel = Annotated[int, Field(ge=1), AfterValidator(_odd)]  # a convolution kernel size ('same' padding)
 
 
 class HostConfig(BaseModel):
@@ -38,7 +47,7 @@ class HostConfig(BaseModel):
         description="mlp: hidden widths; cnn: channels of each conv block; transformer: d_model of each "
         "block (all equal: one residual stream)",
     )
-    kernel: int = Field(5, ge=1, description="cnn kernel size (odd)")
+    kernel: OddKernel = Field(5, description="cnn kernel size (odd)")
     pool: bool = Field(True, description="cnn: halve the spatial size after each block")
     slots: list[str] | Literal["all"] = Field("all", description='slot names ("input", "hidden0", ...) or "all"')
     # transformer only (ignored by the others)
@@ -63,13 +72,6 @@ class HostConfig(BaseModel):
             if self.hidden[0] % self.heads:
                 raise ValueError(f"heads={self.heads} must divide d_model={self.hidden[0]}")
         return self
-
-    @field_validator("kernel")
-    @classmethod
-    def _odd(cls, kernel: int) -> int:
-        if kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd, got {kernel}")
-        return kernel
 
 
 def _layers(module: nn.Module) -> list[nn.Module]:

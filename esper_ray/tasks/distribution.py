@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from esper_ray.contracts import EsperError
 from esper_ray.hosts import HostConfig
+from esper_ray.hosts.base import OddKernel
 from esper_ray.tasks.base import TaskConfig, TaskFamily
 from esper_ray.tasks.params import FAMILY_PARAMS, IMAGE_FAMILIES, NoParams
 
@@ -102,7 +103,7 @@ class HostChoice(_Strict):
     depth: tuple[int, int] = (2, 2)
     widths: list[int] = Field(default_factory=lambda: [64], min_length=1)
     uniform_width: bool = Field(False, description="one width drawn for all layers (else one per layer)")
-    kernel: int = Field(5, ge=1, description="cnn kernel size (odd)")
+    kernel: OddKernel = Field(5, description="cnn kernel size (odd)")
 
     @field_validator("depth")
     @classmethod
@@ -117,13 +118,6 @@ class HostChoice(_Strict):
         if any(w < 1 for w in widths):
             raise ValueError(f"widths must be positive, got {widths}")
         return widths
-
-    @field_validator("kernel")
-    @classmethod
-    def _odd(cls, kernel: int) -> int:
-        if kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd, got {kernel}")
-        return kernel
 
     def sample(self, rng: np.random.Generator) -> HostConfig:
         """One host config."""
