@@ -5,7 +5,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/param_efficiency.py [--seeds 3] [--scenarios shift,permuted] [--json PATH]
     .venv/bin/python benchmarks/param_efficiency.py --quick     # 1 seed, "shift", fewer epochs: < 1 minute
 
-The design's target (section 2.5.4): "for the same accuracy gain, 10-100x fewer trainable
+The design's target: "for the same accuracy gain, 10-100x fewer trainable
 parameters with seeds than with full fine-tuning". Protocol, per seed ``s``:
 
 1. Original task: MNIST-1D generated with seed ``s`` (3,200 train / 800 val / 1,000 test). The

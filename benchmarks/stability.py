@@ -5,7 +5,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/stability.py [--seeds 3] [--scenarios shift,permuted] [--json PATH]
     .venv/bin/python benchmarks/stability.py --quick        # 1 seed, "shift" only: about a minute
 
-The design's target (section 2.5.4): "performance degradation on original tasks of less than
+The design's target: "performance degradation on original tasks of less than
 5% after numerous (20+) successful germination events". Protocol, per seed ``s`` (host
 weights, data order and the task shifts all follow ``s``):
 
