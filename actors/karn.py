@@ -216,7 +216,7 @@ class Karn:
 
     def _idle(self) -> bool:
         """No trainer asked Urza for blueprints for ``idle_after_s``: propose nothing (one small call)."""
-        idle_after = getattr(self.cfg, "idle_after_s", 0.0)
+        idle_after = self.cfg.idle_after_s
         if not idle_after:
             return False
         try:

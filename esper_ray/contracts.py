@@ -380,6 +380,14 @@ class GerminationSink(Protocol):
 
 
 @runtime_checkable
+class SlotGapSource(Protocol):
+    """A loss that measures, per slot, what the host still fails to absorb (distillation's teacher gap);
+    the trainer adds it to each observation."""
+
+    def slot_gaps(self, trainer: Any) -> dict[str, float]: ...
+
+
+@runtime_checkable
 class FieldReportSink(Protocol):
     """Takes a run's field reports when it ends (Urza and Karn, in the pipeline)."""
 

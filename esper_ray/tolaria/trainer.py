@@ -48,6 +48,7 @@ from esper_ray.contracts import (
     Observation,
     SeedEvent,
     SeedStage,
+    SlotGapSource,
     TrialResult,
 )
 from esper_ray.hosts import MorphoHost, build_host
@@ -326,7 +327,6 @@ class Trainer:
 
     def observe(self) -> Observation:
         """Global and per-slot telemetry at this decision point (``observation.Observer``)."""
-        gaps = getattr(self.loss_fn, "slot_gaps", None)
         return self.observer.observe(
             self.host,
             epoch=self.epoch,
@@ -337,7 +337,7 @@ class Trainer:
             events=len(self.events),
             host_grad=self._host_grad,
             book=self.book,
-            distill=gaps(self) if gaps is not None else {},
+            distill=self.loss_fn.slot_gaps(self) if isinstance(self.loss_fn, SlotGapSource) else {},
         )
 
     @property
