@@ -38,7 +38,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,9 @@ class Entry:
     def content_hash(self) -> str:
         return "" if self.key.startswith(RAW_PREFIX) else self.key
 
-    def summary(self) -> dict[str, Any]:
-        """The entry as plain data (the report as a dict), for callers across Ray."""
-        row = asdict(self)
-        row["report"] = asdict(self.report) if self.report is not None else None
-        return row
+    def copy(self) -> Entry:
+        """A copy to hand out (across Ray, or to a caller that must not change the library's)."""
+        return replace(self)
 
 
 _ENTRY_COLUMNS = [f for f in fields(Entry) if f.name != "report"]
@@ -612,16 +610,16 @@ class Urza:
         refs = self._refs(key)
         return refs[0] if refs is not None else None
 
-    def entry(self, key: str) -> dict[str, Any] | None:
-        """One entry as plain data (status, reason, compile info, report), or None."""
+    def entry(self, key: str) -> Entry | None:
+        """One entry (status, reason, compile info, report), or None."""
         with self._lock:
             entry = self._lib.entries.get(key)
-            return entry.summary() if entry is not None else None
+            return entry.copy() if entry is not None else None
 
-    def entries(self, status: str | None = None) -> list[dict[str, Any]]:
-        """Every entry (or those with ``status``) as plain data."""
+    def entries(self, status: str | None = None) -> list[Entry]:
+        """Every entry (or those with ``status``)."""
         with self._lock:
-            return [e.summary() for e in self._lib.entries.values() if status in (None, e.status)]
+            return [e.copy() for e in self._lib.entries.values() if status in (None, e.status)]
 
     def top_specs(self, k: int) -> list[str]:
         """Spec JSONs of the best ``k`` ready blueprints by field results (Karn breeds from these)."""

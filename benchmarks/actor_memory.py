@@ -85,7 +85,7 @@ def main() -> None:
             # A trainer may ask for any template: ask for every ready one (the bound must hold).
             ready = ray.get(p.urza.entries.remote("ready"))
             for row in ready:
-                ray.get(p.urza.template_ref.remote(row["key"]))
+                ray.get(p.urza.template_ref.remote(row.key))
             served = {n: _rss_mb(pid) for n, pid in pids.items()}
             split = {n: _split_mb(pid) for n, pid in pids.items()}
             stats = ray.get(p.urza.stats.remote())

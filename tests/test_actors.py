@@ -15,7 +15,6 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import asdict
 
 import pytest
 import safetensors.torch
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 
 from actors.tezzeret import MAX_SPEC_CHARS, REFERENCE_SLOT_SHAPES, check_spec, parse_spec, validate_spec
 from actors.urabrask import measure, risk_band
-from actors.urza import PENDING, READY, REJECTED, UrzaLibrary
+from actors.urza import PENDING, READY, REJECTED, Entry, UrzaLibrary
 from esper_ray.blueprints import STANDARD_BLUEPRINTS, BlueprintSpec, build_seed
 from esper_ray.config import ActorResources, ActorsConfig
 from esper_ray.contracts import BenchmarkReport, CatalogueRow, CompileInfo, CompileMode, EsperError, FieldReport
@@ -358,7 +357,7 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.1):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def entry_of(pipeline, key: str) -> dict | None:
+def entry_of(pipeline, key: str) -> Entry | None:
     import ray
 
     return ray.get(pipeline.urza.entry.remote(key), timeout=30)
@@ -385,8 +384,8 @@ def test_standard_blueprints_come_through_the_pipeline(pipeline) -> None:
         assert e.content_hash == STANDARD_BLUEPRINTS[e.name].content_hash
         assert e.report.passed and e.report.blueprint_hash == e.content_hash and e.report.risk != "high"
         row = entry_of(pipeline, e.content_hash)
-        assert row["status"] == READY and row["compile_mode"] == "eager"
-        assert row["compile_error"] == "compile disabled by config"
+        assert row.status == READY and row.compile_mode == "eager"
+        assert row.compile_error == "compile disabled by config"
     # The weight template is served from the object store: the seed's birth weights.
     spec = STANDARD_BLUEPRINTS["conv1d"]
     ref = ray.get(pipeline.urza.template_ref.remote(spec.content_hash))
@@ -500,11 +499,11 @@ def test_hostile_specs_are_rejected_and_the_actors_live(pipeline) -> None:
     for (label, _, _), key in zip(HOSTILE, keys, strict=True):
         row = entry_of(pipeline, key)
         assert row is not None, label
-        assert row["status"] == REJECTED and row["reason"], (label, row)
-    assert entry_of(pipeline, keys[-1])["stage"] == "benchmark"
-    assert "NaN" in entry_of(pipeline, keys[-1])["reason"]
+        assert row.status == REJECTED and row.reason, (label, row)
+    assert entry_of(pipeline, keys[-1]).stage == "benchmark"
+    assert "NaN" in entry_of(pipeline, keys[-1]).reason
     # The honest "norm" blueprint is untouched by the submission that lied about its hash.
-    assert entry_of(pipeline, STANDARD_BLUEPRINTS["norm"].content_hash)["status"] == READY
+    assert entry_of(pipeline, STANDARD_BLUEPRINTS["norm"].content_hash).status == READY
     for handle in pipeline.handles().values():  # everyone still answers
         assert ray.get(handle.stats.remote(), timeout=10)
     assert sorted(e.name for e in pipeline.client.sync()) == sorted(STANDARD_BLUEPRINTS)
@@ -528,7 +527,7 @@ def test_poll_never_waits_for_a_slow_compile(pipeline) -> None:
                 polls += 1
             # Read after the polls (the test may wait; a poll may not): still not ready now
             # means it was not ready while they ran either.
-            if entry_of(pipeline, key)["status"] != READY:
+            if entry_of(pipeline, key).status != READY:
                 seen_while_pending.append((client.version, len(entries)))
             elif any(e.content_hash == key for e in entries):
                 break
@@ -694,8 +693,8 @@ def test_killing_tezzeret_mid_compile_loses_nothing(fault_pipeline) -> None:
     key = ray.get(p.tezzeret.submit.remote(spec_json("survivor", width=5)))
     wait_for(lambda: ray.get(p.tezzeret.stats.remote())["current"] == key, 30, "the compile to start")
     ray.kill(p.tezzeret, no_restart=False)  # Ray restarts it (max_restarts); its queue was in memory
-    row = wait_for(lambda: (r := entry_of(p, key)) and r["status"] == READY and r, 60, "the blueprint")
-    assert row["report"]["passed"]
+    row = wait_for(lambda: (r := entry_of(p, key)) and r.status == READY and r, 60, "the blueprint")
+    assert row.report.passed
     stats = ray.get(p.tezzeret.stats.remote())
     # Done once: by the restarted Tezzeret, or by the first one when the kill landed just after its
     # report (a race on a loaded machine); either way nothing is left queued or done twice.
@@ -719,7 +718,7 @@ def test_killing_urza_mid_run_keeps_the_catalogue(fault_pipeline) -> None:
     assert {e.content_hash for e in entries} == known | {second}
     assert p.client.version != version
     assert ray.get(p.urza.stats.remote())["registered"] == 0  # a restarted Urza...
-    assert entry_of(p, first)["status"] == READY  # ...that reloaded the library from disk
+    assert entry_of(p, first).status == READY  # ...that reloaded the library from disk
 
 
 @ray_mark
@@ -733,7 +732,7 @@ def test_compile_mode_is_recorded(tmp_path) -> None:
     try:
         key = ray.get(p.tezzeret.submit.remote(spec_json("compiled", width=4)))
         row = wait_for(
-            lambda: (r := entry_of(p, key)) and r["status"] in (READY, REJECTED) and r,
+            lambda: (r := entry_of(p, key)) and r.status in (READY, REJECTED) and r,
             300,
             "the compile",
             every=0.5,
@@ -742,10 +741,10 @@ def test_compile_mode_is_recorded(tmp_path) -> None:
         artifacts = ray.get(compiled_ref) if compiled_ref is not None else b""
     finally:
         stop_pipeline(p, kill=True)
-    assert row["status"] == READY, row["reason"]
-    assert row["compile_mode"] == "compiled" or (row["compile_mode"] == "eager" and row["compile_error"])
-    if row["compile_mode"] == "compiled":  # the compile's cache artifacts are in the object store
-        assert artifacts and hashlib.sha256(artifacts).hexdigest() == row["compiled_sha256"]
+    assert row.status == READY, row.reason
+    assert row.compile_mode == "compiled" or (row.compile_mode == "eager" and row.compile_error)
+    if row.compile_mode == "compiled":  # the compile's cache artifacts are in the object store
+        assert artifacts and hashlib.sha256(artifacts).hexdigest() == row.compiled_sha256
         assert (tmp_path / "templates" / f"{key}.compiled").read_bytes() == artifacts  # and persisted
-    assert row["compile_seconds"] > 0
-    assert asdict(BenchmarkReport(**row["report"]))["passed"]
+    assert row.compile_seconds > 0
+    assert row.report is not None and row.report.passed

@@ -43,7 +43,7 @@ def _ready_since(p, since: float) -> int:
     went through every actor alive then, the replaced one included."""
     import ray
 
-    return sum(e["submitted_at"] > since for e in ray.get(p.urza.entries.remote("ready"), timeout=30))
+    return sum(e.submitted_at > since for e in ray.get(p.urza.entries.remote("ready"), timeout=30))
 
 
 def _ready_on_disk(storage: Path) -> set[str]:
@@ -155,7 +155,7 @@ def test_each_actor_killed_during_a_training_run(ray_session, tmp_path: Path, mo
             timings[victim] = time.monotonic() - killed_at
             assert timings[victim] < 60, timings
             assert stored <= _ready_on_disk(storage), f"ready blueprints lost on disk after killing {victim}"
-            live = {e["key"] for e in ray.get(p.urza.entries.remote("ready"), timeout=30)}
+            live = {e.key for e in ray.get(p.urza.entries.remote("ready"), timeout=30)}
             assert stored <= live, f"ready blueprints lost in Urza after killing {victim}"
             assert "error" not in outcome, outcome
             # The run went on through the kill: it trained and asked the catalogue meanwhile.

@@ -13,7 +13,6 @@ measured, not estimated; actors report a cuda device) then expect the CPU's answ
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -531,18 +530,19 @@ def test_tezzeret_and_urabrask_share_the_gpu_and_compile_and_benchmark_on_it(gpu
         row, started = None, time.monotonic()
         while time.monotonic() - started < 180:
             row = ray.get(pipeline.urza.entry.remote(key), timeout=30)
-            if row is not None and row["status"] in (READY, REJECTED):
+            if row is not None and row.status in (READY, REJECTED):
                 break
             time.sleep(0.25)
         waited = time.monotonic() - started
-        print(f"[ray] {spec.name} came back after {waited:.1f} s: {json.dumps(row, default=str)[:1500]}")
-        assert row is not None and row["status"] == READY, row
-        assert row["compile_mode"] == "compiled", f"Tezzeret fell back to eager: {row.get('compile_error')}"
-        report = row["report"]
-        assert report["device"] == expected
-        assert 0.0 < report["latency_p50_ms"] <= report["latency_p95_ms"]
-        assert report["peak_memory_bytes"] > 0
-        assert ("estimated" in report["reason"]) is not ON_GPU
+        print(f"[ray] {spec.name} came back after {waited:.1f} s: {str(row)[:1500]}")
+        assert row is not None and row.status == READY, row
+        assert row.compile_mode == "compiled", f"Tezzeret fell back to eager: {row.compile_error}"
+        report = row.report
+        assert report is not None
+        assert report.device == expected
+        assert 0.0 < report.latency_p50_ms <= report.latency_p95_ms
+        assert report.peak_memory_bytes > 0
+        assert ("estimated" in report.reason) is not ON_GPU
         assert BlueprintSpec.from_json(row["spec_json"]).content_hash == key
     finally:
         stop_pipeline(pipeline, kill=True)
