@@ -223,9 +223,26 @@ KEYS = [
     "lifecycle.alpha.steps",
     "blueprints.max_seed_params",
 ]
-MALFORMED_YAML = st.sampled_from(
-    ["[1,", "{a: 1", "*alias", "&a [*b]", "!!python/object:os.system x", "!!python/name:os.system", "'open", '"open']
-).flatmap(lambda head: st.text(max_size=8).map(lambda tail: head + tail))
+
+
+def _yaml_fails(text: str) -> bool:
+    """Whether ``text`` is not a YAML value (a random tail can close the quote or bracket it opened)."""
+    import yaml
+
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError:
+        return True
+    return False
+
+
+_YAML_HEADS = ["[1,", "{a: 1", "*alias", "&a [*b]", "!!python/object:os.system x", "!!python/name:os.system"]
+_YAML_HEADS += ["'open", '"open']
+MALFORMED_YAML = (
+    st.sampled_from(_YAML_HEADS)
+    .flatmap(lambda head: st.text(max_size=8).map(lambda tail: head + tail))
+    .filter(_yaml_fails)
+)
 NON_FINITE = st.sampled_from([".inf", "-.inf", ".nan", ".NaN", "inf", "-inf", "nan", "Infinity", "1e999", "-1e999"])
 BIG_INT = st.one_of(st.integers(min_value=2**63), st.integers(max_value=-(2**63) - 1)).map(str)
 BAD_SEED = st.one_of(st.integers(min_value=2**32), st.integers(max_value=-1)).map(str)
