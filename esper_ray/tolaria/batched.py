@@ -812,25 +812,9 @@ class _Epoch:
                 self.trainers[j].governor_rollback(self.tripped[j])
 
     def close(self, j: int, val: tuple[float, float], test_acc: float, seconds: float) -> None:
-        """``Trainer.train_epoch``'s end for row ``j``: best/plateau, counters, ``last``, lifecycle steps."""
-        t = self.trainers[j]
-        val_loss, val_acc = val
-        if val_acc > t.best_val + 1e-9:
-            t.best_val, t.plateau = val_acc, 0
-        else:
-            t.plateau += 1
-        t.epoch += 1
-        t.last = {
-            "train_loss": self.total[j] / self.seen[j] if self.seen[j] else float("nan"),
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "test_acc": test_acc,
-        }
-        for slot in t.host.slots.values():
-            slot.on_epoch_end()
-            slot.advance()
-        t.last["rolled_back"] = float(bool(self.tripped[j]))
-        t.last["epoch_seconds"] = seconds
+        """``Trainer.train_epoch``'s end for row ``j`` (``Trainer.finish_epoch``)."""
+        train_loss = self.total[j] / self.seen[j] if self.seen[j] else float("nan")
+        self.trainers[j].finish_epoch(train_loss, val, test_acc, bool(self.tripped[j]), seconds)
 
 
 class HostStacks:

@@ -177,22 +177,29 @@ class Trainer:
             scored = self.cfg.training.eval_test or last_epoch
             test_acc = self._evaluate(self.data.x_test, self.data.y_test)[1] if scored else math.nan
             self._measure_contributions(val_acc)
+        train_loss = total / n_seen if n_seen else float("nan")
+        seconds = time.perf_counter() - started
+        return self.finish_epoch(train_loss, (val_loss, val_acc), test_acc, bool(rolled_back), seconds)
+
+    def finish_epoch(
+        self, train_loss: float, val: tuple[float, float], test_acc: float, rolled_back: bool, seconds: float
+    ) -> dict[str, float]:
+        """An epoch's end once it is trained and evaluated: best and plateau, the epoch counter,
+        ``last``, and the automatic lifecycle steps. ``train_epoch`` ends with it, and so does a
+        caller that trained the epoch itself (``tolaria.batched``, which gives each run its share of
+        the batched epoch's ``seconds``)."""
+        val_loss, val_acc = val
         if val_acc > self.best_val + 1e-9:
             self.best_val, self.plateau = val_acc, 0
         else:
             self.plateau += 1
         self.epoch += 1
-        self.last = {
-            "train_loss": total / n_seen if n_seen else float("nan"),
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "test_acc": test_acc,
-        }
+        self.last = {"train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc, "test_acc": test_acc}
         for slot in self.host.slots.values():
             slot.on_epoch_end()
             slot.advance()
-        self.last["rolled_back"] = float(bool(rolled_back))
-        self.last["epoch_seconds"] = time.perf_counter() - started
+        self.last["rolled_back"] = float(rolled_back)
+        self.last["epoch_seconds"] = seconds
         return self.last
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
