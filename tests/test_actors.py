@@ -14,12 +14,12 @@ import copy
 import hashlib
 import json
 import time
-import uuid
 
 import pytest
 import safetensors.torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pipeline_support import small_pipeline_config, wait_for
 
 from actors.tezzeret import MAX_SPEC_CHARS, REFERENCE_SLOT_SHAPES, check_spec, parse_spec, validate_spec
 from actors.urabrask import measure, risk_band
@@ -330,31 +330,7 @@ def test_probe_fails_fast_on_a_dead_address() -> None:
 
 # ---- Ray ------------------------------------------------------------------------------------------------
 ray_mark = pytest.mark.usefixtures("ray_session")
-SMALL = ActorResources(num_cpus=0.1)  # several pipelines fit on the test session's 2 CPUs
-
-
-def make_cfg(storage, **kw) -> ActorsConfig:
-    base = dict(
-        namespace=f"test-{uuid.uuid4().hex[:8]}",
-        storage=str(storage),
-        compile=False,
-        urza=SMALL,
-        karn=SMALL,
-        tezzeret=SMALL,
-        urabrask=SMALL,
-    )
-    return ActorsConfig(**{**base, **kw})
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.1):
-    """Poll ``predicate`` until it returns something truthy (test helper, not a timed assert)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+make_cfg = small_pipeline_config
 
 
 def entry_of(pipeline, key: str) -> Entry | None:

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-
-from esper_ray.config import ActorResources, ActorsConfig
+from pipeline_support import small_pipeline_config
 
 pytestmark = pytest.mark.ray
 
-SMALL = ActorResources(num_cpus=0.1)
 EPOCHS = 300
 # While the chaos lasts each epoch takes at least this much longer (a slower trainer), so that the
 # run outlasts the four kills however fast this box trains; afterwards it runs at full speed.
@@ -103,14 +100,9 @@ def test_each_actor_killed_during_a_training_run(ray_session, tmp_path: Path, mo
 
     monkeypatch.setenv("ESPER_RAY_LINEAGE_KEY", str(tmp_path / "key.pem"))
     storage = tmp_path / "urza"
-    cfg = ActorsConfig(
-        namespace=f"test-chaos-{uuid.uuid4().hex[:8]}",
-        storage=str(storage),
-        compile=False,
-        urza=SMALL,
-        karn=SMALL,
-        tezzeret=SMALL,
-        urabrask=SMALL,
+    cfg = small_pipeline_config(
+        storage,
+        "test-chaos",
         karn_interval_s=0.25,
         idle_after_s=0.0,  # never idle: blueprints must keep coming
     )

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-
-from esper_ray.config import ActorResources, ActorsConfig
+from pipeline_support import small_pipeline_config
 
 pytestmark = pytest.mark.ray
-
-SMALL = ActorResources(num_cpus=0.1)
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -37,17 +33,7 @@ def _cpu_seconds(pid: int) -> float:
 def pipeline(ray_session, tmp_path_factory: pytest.TempPathFactory):
     from actors.launch import start_pipeline, stop_pipeline, wait_until_ready
 
-    cfg = ActorsConfig(
-        namespace=f"test-idle-{uuid.uuid4().hex[:8]}",
-        storage=str(tmp_path_factory.mktemp("urza")),
-        compile=False,
-        urza=SMALL,
-        karn=SMALL,
-        tezzeret=SMALL,
-        urabrask=SMALL,
-        karn_interval_s=0.25,
-        idle_after_s=2.0,
-    )
+    cfg = small_pipeline_config(tmp_path_factory.mktemp("urza"), "test-idle", karn_interval_s=0.25, idle_after_s=2.0)
     p = start_pipeline(cfg)
     wait_until_ready(p, 3, timeout=120)
     yield p
