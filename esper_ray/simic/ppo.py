@@ -25,26 +25,39 @@ from esper_ray.simic.config import SimicConfig, module_config_of
 from esper_ray.util import error_line
 
 
+def episode_window(config: Any) -> int:
+    """How many recent episodes each env runner averages an episode metric over: RLlib's own window for
+    the episode return (``metrics_num_episodes_for_smoothing`` shared among the env runners)."""
+    return max(1, math.ceil(config.metrics_num_episodes_for_smoothing / (config.num_env_runners or 1)))
+
+
 def _callbacks_class():
     from ray.rllib.callbacks.callbacks import RLlibCallback
 
     class EsperCallbacks(RLlibCallback):
-        """Logs what the host run did in each episode."""
+        """Logs what the host run did in each episode, averaged over the same recent episodes as RLlib's
+        ``episode_return_mean`` (a metric logged without a window is an EMA with coefficient 0.01: it
+        would report mostly the first episodes of the run, whatever came later)."""
 
-        def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
+        def on_episode_end(self, *, episode, env_runner=None, metrics_logger=None, **kwargs) -> None:
             info: EnvInfo = episode.get_infos(-1)
             if metrics_logger is None or not info:
                 return
-            metrics_logger.log_value("esper_final_val_acc", info["val_acc"])
+            window = episode_window(env_runner.config) if env_runner is not None else 100
+
+            def log(key: str, value: float) -> None:
+                metrics_logger.log_value(key, value, window=window)
+
+            log("esper_final_val_acc", info["val_acc"])
             if info["test_acc"] is not None:  # None unless the host run finished
-                metrics_logger.log_value("esper_final_test_acc", info["test_acc"])
-            metrics_logger.log_value("esper_acc_gain", info["val_acc"] - info["start_val_acc"])
-            metrics_logger.log_value("esper_seed_params", info["seed_params"])
-            metrics_logger.log_value("esper_germinations", len(info["germinated_slots"]))
+                log("esper_final_test_acc", info["test_acc"])
+            log("esper_acc_gain", info["val_acc"] - info["start_val_acc"])
+            log("esper_seed_params", info["seed_params"])
+            log("esper_germinations", len(info["germinated_slots"]))
             truth = info.get("ground_truth_slot")
             if truth and info["germinated_slots"]:
                 hits = sum(s == truth for s in info["germinated_slots"])
-                metrics_logger.log_value("esper_fidelity", hits / len(info["germinated_slots"]))
+                log("esper_fidelity", hits / len(info["germinated_slots"]))
 
     return EsperCallbacks
 
