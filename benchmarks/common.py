@@ -306,11 +306,24 @@ class ActorMemoryFigures(TypedDict):
 
 
 class PpoWallTimeFigures(TypedDict):
-    """ppo_wall_time.py: PPO seconds per iteration of a recipe, per N episodes per env runner."""
+    """ppo_wall_time.py: PPO seconds per iteration of a recipe, per layout (env runners x episodes each)."""
 
     config: str
     train_batch_size: int
-    by_n: dict[str, dict[str, Any]]  # N -> iteration_seconds, mean_after_first_s, ratio_to_first_n, grouping
+    # "RxN" -> env_runners, episodes_per_runner, iteration_seconds, mean_after_first_s, ratio_to_first, grouping
+    by_layout: dict[str, dict[str, Any]]
+
+
+class PpoSameResultFigures(TypedDict):
+    """ppo_same_result.py: a recipe trained in several layouts; wall time and held-out accuracy of each."""
+
+    config: str
+    iterations: int
+    warm_start: str | None
+    eval_seeds: list[int]
+    heldout_tasks: int
+    # "RxN" -> train_seconds, time_ratio_to_first, test_acc(_ci95), minus_first(_ci95), episodes, same_result
+    by_layout: dict[str, dict[str, Any]]
 
 
 class TaskFamiliesFigures(TypedDict):
@@ -334,6 +347,7 @@ SCHEMAS: dict[str, type] = {
     "task_families": TaskFamiliesFigures,
     "actor_memory": ActorMemoryFigures,
     "ppo_wall_time": PpoWallTimeFigures,
+    "ppo_same_result": PpoSameResultFigures,
 }
 
 

@@ -569,10 +569,11 @@ def others(page: Page) -> dict[str, str]:
     add(batched, "batched env", "≥ 3", lambda f: _batched_rows(f, load))
     for name in ("ppo_wall_time_tamiyo", "ppo_wall_time_controller"):
         add(name, "PPO wall time, batched env", "none", _ppo_rows)
+    add("ppo_same_result", "PPO wall time to the same result", "≤ 0.5", _same_result_rows)
     add("lineage_verify", "lineage verify", "< 1 s", _lineage_rows)
     add("actor_memory", "service actors' resident memory", "bounded", _actor_memory_rows)
     names = ("overhead", "nonblocking", "env_throughput", "env_batched", "lineage_verify", "actor_memory")
-    names += ("ppo_wall_time_tamiyo", "ppo_wall_time_controller")
+    names += ("ppo_wall_time_tamiyo", "ppo_wall_time_controller", "ppo_same_result")
     machines = sorted({machine_label(page.r[n].machine) for n in names if n in page.r})
     days = sorted(set(dates))
     head = f"{'Date' if len(days) == 1 else 'Dates'} {', '.join(days)}; machine {'; '.join(machines)}."
@@ -819,19 +820,43 @@ def _batched_rows(f: dict[str, Any], load: float | None = None) -> list[list[str
 
 
 def _ppo_rows(f: dict[str, Any]) -> list[list[str]]:
-    by_n = f["by_n"]
-    ns = list(by_n)
-    first, last = by_n[ns[0]], by_n[ns[-1]]
-    seconds = " / ".join(f"{by_n[n]['mean_after_first_s']:.1f}" for n in ns)
+    by = f["by_layout"]
+    labels = list(by)
+    first, last = by[labels[0]], by[labels[-1]]
+    seconds = " / ".join(f"{by[k]['mean_after_first_s']:.1f}" for k in labels)
     return [
         [
-            f"PPO seconds per iteration on `{f['config']}` (train batch {f['train_batch_size']}, env runners 0, "
-            f"iterations after the first), N = {' / '.join(ns)} episodes per env runner: {seconds} s",
+            f"PPO seconds per iteration on `{f['config']}` (train batch {f['train_batch_size']}, iterations after "
+            f"the first), env runners x episodes each {' / '.join(labels)}: {seconds} s; {labels[-1]} / {labels[0]}",
             f"{last['mean_after_first_s'] / first['mean_after_first_s']:.2f}",
-            "none (< 1: the batched env saves time)",
+            "none (< 1 saves time)",
             "n/a",
         ]
     ]
+
+
+def _same_result_rows(f: dict[str, Any]) -> list[list[str]]:
+    by = f["by_layout"]
+    labels = list(by)
+    first = labels[0]
+    rows = []
+    for label in labels[1:]:
+        r = by[label]
+        same = r["same_result"]
+        rows.append(
+            [
+                f"PPO wall time to the same result: `{f['config']}`, {f['iterations']} iterations"
+                + (" from the cloning checkpoint" if f.get("warm_start") else "")
+                + f", {label} against {first} (env runners x episodes each): trained in {r['train_seconds']:.0f} s "
+                f"against {by[first]['train_seconds']:.0f} s; held-out test accuracy {label} minus {first} "
+                f"{r['minus_first']:+.4f} ± {r['minus_first_ci95']:.4f} ({r['episodes']} paired episodes, "
+                f"{f['heldout_tasks']} tasks)",
+                f"{r['time_ratio_to_first']:.2f}" + ("" if same else " (accuracy differs)"),
+                "≤ 0.5 at the same accuracy (95% CI holds 0)",
+                met(r["time_ratio_to_first"] <= 0.5 and same),
+            ]
+        )
+    return rows
 
 
 def _lineage_rows(f: dict[str, Any]) -> list[list[str]]:
