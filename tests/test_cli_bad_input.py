@@ -80,6 +80,16 @@ def test_bad_override_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert not (tmp_path / "escape").exists()
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "many"])
+def test_simic_episodes_per_runner_below_one_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    out = tmp_path / "simic"
+    line = _fails_in_one_line(capsys, ["simic", "--no-progress", "--out", str(out), f"num_envs_per_env_runner={value}"])
+    assert "num_envs_per_env_runner" in line, line
+    assert not out.exists()
+
+
 def test_config_that_is_binary_latin1_or_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(bytes(range(256)) * 4)
