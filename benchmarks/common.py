@@ -98,17 +98,18 @@ class Result:
 
 
 def shown_command(script: str, argv: Sequence[str]) -> str:
-    """``.venv/bin/python benchmarks/x.py ARGS``, leaving out where the output went (``--json``, ``--out``)."""
+    """``.venv/bin/python benchmarks/x.py ARGS``, leaving out where the output went (``--json``, ``--out``,
+    ``--work``)."""
     args: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg in ("--json", "--out"):
+        if arg in ("--json", "--out", "--work"):
             skip = True
             continue
-        if arg.startswith(("--json=", "--out=")):
+        if arg.startswith(("--json=", "--out=", "--work=")):
             continue
         args.append(arg)
     return " ".join([PY, script, *args])
@@ -318,6 +319,7 @@ class PpoSameResultFigures(TypedDict):
     """ppo_same_result.py: a recipe trained in several layouts; wall time and held-out accuracy of each."""
 
     config: str
+    seed: int
     iterations: int
     warm_start: str | None
     eval_seeds: list[int]

@@ -569,11 +569,12 @@ def others(page: Page) -> dict[str, str]:
     add(batched, "batched env", "≥ 3", lambda f: _batched_rows(f, load))
     for name in ("ppo_wall_time_tamiyo", "ppo_wall_time_controller"):
         add(name, "PPO wall time, batched env", "none", _ppo_rows)
-    add("ppo_same_result", "PPO wall time to the same result", "≤ 0.5", _same_result_rows)
+    for name in ("ppo_same_result", "ppo_same_result_seed1"):
+        add(name, "PPO wall time to the same result", "≤ 0.5", _same_result_rows)
     add("lineage_verify", "lineage verify", "< 1 s", _lineage_rows)
     add("actor_memory", "service actors' resident memory", "bounded", _actor_memory_rows)
     names = ("overhead", "nonblocking", "env_throughput", "env_batched", "lineage_verify", "actor_memory")
-    names += ("ppo_wall_time_tamiyo", "ppo_wall_time_controller", "ppo_same_result")
+    names += ("ppo_wall_time_tamiyo", "ppo_wall_time_controller", "ppo_same_result", "ppo_same_result_seed1")
     machines = sorted({machine_label(page.r[n].machine) for n in names if n in page.r})
     days = sorted(set(dates))
     head = f"{'Date' if len(days) == 1 else 'Dates'} {', '.join(days)}; machine {'; '.join(machines)}."
@@ -835,6 +836,18 @@ def _ppo_rows(f: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def _growth(by: dict[str, dict[str, Any]], first: str, label: str) -> str:
+    """What the two policies grew on the held-out episodes, and each minus no growth (when measured)."""
+    a, b = by[first], by[label]
+    if b.get("germinations") is None or "minus_static" not in b:
+        return ""
+    return (
+        f"; germinations per episode {a['germinations']:.2f} ({first}) and {b['germinations']:.2f} ({label}); "
+        f"minus no growth {a['minus_static']:+.4f} ± {a['minus_static_ci95']:.4f} and "
+        f"{b['minus_static']:+.4f} ± {b['minus_static_ci95']:.4f}"
+    )
+
+
 def _same_result_rows(f: dict[str, Any]) -> list[list[str]]:
     by = f["by_layout"]
     labels = list(by)
@@ -845,13 +858,16 @@ def _same_result_rows(f: dict[str, Any]) -> list[list[str]]:
         same = r["same_result"]
         rows.append(
             [
-                f"PPO wall time to the same result: `{f['config']}`, {f['iterations']} iterations"
+                f"PPO wall time to the same result: `{f['config']}` (seed {f.get('seed', 0)}), {f['iterations']} "
+                "iterations"
                 + (" from the cloning checkpoint" if f.get("warm_start") else "")
                 + f", {label} against {first} (env runners x episodes each): trained in {r['train_seconds']:.0f} s "
                 f"against {by[first]['train_seconds']:.0f} s; held-out test accuracy {label} minus {first} "
                 f"{r['minus_first']:+.4f} ± {r['minus_first_ci95']:.4f} ({r['episodes']} paired episodes, "
-                f"{f['heldout_tasks']} tasks)",
-                f"{r['time_ratio_to_first']:.2f}" + ("" if same else " (accuracy differs)"),
+                f"{f['heldout_tasks']} tasks)" + _growth(by, first, label),
+                f"{r['time_ratio_to_first']:.2f}"
+                + ("" if same else " (accuracy differs)")
+                + (" (its policy grows nothing on the held-out tasks)" if r.get("germinations") == 0 else ""),
                 "≤ 0.5 at the same accuracy (95% CI holds 0)",
                 met(r["time_ratio_to_first"] <= 0.5 and same),
             ]

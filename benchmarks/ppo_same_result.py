@@ -16,8 +16,10 @@ env). For each layout it runs ``esper_ray.simic.ppo.train_simic`` as ``esper-ray
 same config, overrides, seed, warm start, checkpoints and policy export) and times it end to end.
 Then every exported policy plays the same held-out episodes of the recipe (its
 ``heldout_distribution``, with the evaluation catalogue of ``tamiyo_generalization.py``) and the
-script prints each policy's mean final test accuracy and, paired on the episodes, each layout minus
-the first one with a 95% confidence interval. "The same result" means that interval holds 0.
+script prints each policy's mean final test accuracy and germinations per episode, and, paired on
+the episodes, each layout minus the first one and minus no growth (the static controller, played on
+the same episodes), with 95% confidence intervals. "The same result" means the interval of the
+difference to the first layout holds 0.
 
 Expect: the first layout (the recipe before the batched env) takes roughly twice as long as 2x8
 on 2 quiet cores; the evaluation adds about 2 minutes per policy and seed.
@@ -39,6 +41,8 @@ from common import write_result
 from ppo_wall_time import layout_overrides, parse_layouts
 from tamiyo_generalization import episode_key, heldout_env
 
+STATIC = "static"  # no growth: what every policy is also compared with
+
 
 def train(cfg: Any, out: Path, warm_start: Path | None) -> dict[str, Any]:
     """Train ``cfg`` (a SimicConfig) into ``out`` as ``esper-ray simic`` does; its wall time and curve.
@@ -51,49 +55,73 @@ def train(cfg: Any, out: Path, warm_start: Path | None) -> dict[str, Any]:
     done = out / "train.json"
     if done.exists() and (out / "policy" / "policy.safetensors").exists():
         print(f"   trained before: {done}", flush=True)
-        return json.loads(done.read_text())
-    start = time.perf_counter()
-    train_simic(cfg, out, warm_start=warm_start, progress=True)
-    seconds = time.perf_counter() - start
-    # The env runners' CPUs come back a moment after algo.stop(): the next layout's check would fail.
-    deadline = time.monotonic() + 60
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
-        time.sleep(0.5)
+        seconds = json.loads(done.read_text())["train_seconds"]
+    else:
+        start = time.perf_counter()
+        train_simic(cfg, out, warm_start=warm_start, progress=True)
+        seconds = time.perf_counter() - start
+        done.write_text(json.dumps({"train_seconds": seconds}))
+        # The env runners' CPUs come back a moment after algo.stop(): the next layout's check would fail.
+        deadline = time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+            time.sleep(0.5)
     curve = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines() if line]
-    row = {"train_seconds": seconds, "iterations": len(curve), "last": curve[-1] if curve else {}}
-    done.write_text(json.dumps(row))
-    return row
+    return {
+        "train_seconds": seconds,
+        "iterations": len(curve),
+        # what the policy did while it trained (RLlib's window of recent episodes, per iteration)
+        "germinations_curve": [round(row.get("esper_germinations", float("nan")), 3) for row in curve],
+        "return_curve": [round(row.get("episode_return_mean", float("nan")), 4) for row in curve],
+    }
 
 
 def evaluate(policies: dict[str, Path], env: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
-    """Every policy on the same held-out episodes: one row per (policy, task, seed)."""
-    from esper_ray.simic.evaluate import evaluate_controllers
+    """No growth (``static``) and every policy on the same held-out episodes: one row per
+    (controller, task, seed)."""
+    from envs import EnvConfig
+    from esper_ray.config import validate_model
+    from esper_ray.simic.evaluate import EpisodeRun, baseline_factories, evaluate_controllers
     from esper_ray.tamiyo.policy import load_policy
 
-    controllers = {label: load_policy(path).episode for label, path in policies.items()}
-    rows = evaluate_controllers(controllers, env, seeds, progress=print)
+    run = EpisodeRun()
+    settings = validate_model(EnvConfig, env, "env config").run.controller
+    controllers = baseline_factories([STATIC], settings, run)
+    controllers.update({label: load_policy(path).episode for label, path in policies.items()})
+    rows = evaluate_controllers(controllers, env, seeds, progress=print, run=run)
     return [{**r, "task": episode_key(r["task"])} for r in rows]
 
 
 def compare(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[str, Any]]:
-    """Per layout: mean final test accuracy ± 95% CI, and paired on the episodes, minus the first layout."""
+    """Per layout: mean final test accuracy ± 95% CI, germinations per episode, and paired on the
+    episodes, minus the first layout and minus no growth (when it played)."""
     from esper_ray.simic.evaluate import mean_ci
 
     acc = {(r["controller"], r["task"], r["seed"]): r["final_test_acc"] for r in rows}
+
+    def of(label: str) -> dict[tuple[str, int], float]:
+        return {(t, s): v for (c, t, s), v in acc.items() if c == label}
+
+    def minus(mine: dict[tuple[str, int], float], other: dict[tuple[str, int], float]) -> Any:
+        return mean_ci([mine[k] - other[k] for k in mine if k in other])
+
+    base, static = of(labels[0]), of(STATIC)
     out = {}
     for label in labels:
-        mine = {(t, s): v for (c, t, s), v in acc.items() if c == label}
-        base = {(t, s): v for (c, t, s), v in acc.items() if c == labels[0]}
-        stat = mean_ci(list(mine.values()))
-        diff = mean_ci([mine[k] - base[k] for k in mine if k in base])
+        mine = of(label)
+        stat, diff = mean_ci(list(mine.values())), minus(mine, base)
+        grown = [r["germinations"] for r in rows if r["controller"] == label and "germinations" in r]
         out[label] = {
             "test_acc": stat.mean,
             "test_acc_ci95": stat.half_width,
+            "germinations": sum(grown) / len(grown) if grown else None,
             "minus_first": diff.mean,
             "minus_first_ci95": diff.half_width,
             "episodes": diff.n,
             "same_result": abs(diff.mean) <= diff.half_width,
         }
+        if static:
+            vs = minus(mine, static)
+            out[label] |= {"minus_static": vs.mean, "minus_static_ci95": vs.half_width}
     return out
 
 
@@ -141,6 +169,7 @@ def main() -> None:
             figures["by_layout"][label] = train(cfg, work / label, args.warm_start)
             policies[label] = work / label / "policy"
             env = heldout_env(cfg.env)
+            figures["seed"] = cfg.seed
         seeds = list(range(args.eval_seeds))
         eval_start = time.perf_counter()
         rows = evaluate(policies, env, seeds)
@@ -152,6 +181,8 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     labels = list(figures["by_layout"])
     base = figures["by_layout"][labels[0]]["train_seconds"]
+    static = [r["final_test_acc"] for r in rows if r["controller"] == STATIC]
+    figures["static_test_acc"] = sum(static) / len(static)
     for label, row in compare(rows, labels).items():
         figures["by_layout"][label].update(row, time_ratio_to_first=figures["by_layout"][label]["train_seconds"] / base)
     print(f"{args.config}, {args.iterations} PPO iterations, {figures['heldout_tasks']} held-out tasks x {seeds}:")
@@ -159,7 +190,9 @@ def main() -> None:
         print(
             f"  {label:>5}: trained in {row['train_seconds']:.0f} s ({row['time_ratio_to_first']:.2f} of "
             f"{labels[0]}); held-out test accuracy {row['test_acc']:.4f} ± {row['test_acc_ci95']:.4f}; minus "
-            f"{labels[0]} {row['minus_first']:+.4f} ± {row['minus_first_ci95']:.4f} (n={row['episodes']})"
+            f"{labels[0]} {row['minus_first']:+.4f} ± {row['minus_first_ci95']:.4f} (n={row['episodes']}); "
+            f"minus no growth {row.get('minus_static', float('nan')):+.4f} ± {row.get('minus_static_ci95', 0):.4f}; "
+            f"{row['germinations'] or 0:.2f} germinations per episode"
         )
     if args.json:
         write_result(args.json, __file__, figures, started)

@@ -90,16 +90,19 @@ BENCHES = [
     ),
     # The Tamiyo recipe's PPO stage in three layouts, each policy evaluated on the held-out episodes
     # (about 25 minutes; it starts from the recipe's cloning checkpoint, made by hand: not rerun here).
-    Bench(
-        "ppo_same_result",
-        "ppo_same_result.py",
-        args=[
-            *["--config", "configs/tamiyo.yaml", "--warm-start", "runs/tamiyo-bc/checkpoint"],
-            *["--layouts", "0x1,2x1,2x8", "--iterations", "20", "--eval-seeds", "2"],
-            *["ppo.lr=0.0001", "ppo.entropy_coeff=0.005"],
-        ],
-        quick=None,
-        rerun=False,
+    *(
+        Bench(
+            name,
+            "ppo_same_result.py",
+            args=[
+                *["--config", "configs/tamiyo.yaml", "--warm-start", "runs/tamiyo-bc/checkpoint"],
+                *["--layouts", "0x1,2x1,2x8", "--iterations", "20", "--eval-seeds", "2"],
+                *["ppo.lr=0.0001", "ppo.entropy_coeff=0.005", f"seed={seed}"],
+            ],
+            quick=None,
+            rerun=False,
+        )
+        for name, seed in (("ppo_same_result", 0), ("ppo_same_result_seed1", 1))
     ),
     Bench(
         "tamiyo_generalization",

@@ -50,6 +50,18 @@ def test_compare_pairs_the_layouts_on_the_same_episodes() -> None:
     assert out["2x8"]["test_acc"] == pytest.approx(sum(shifted) / 6)
 
 
+def test_compare_reports_growth_and_the_difference_to_no_growth() -> None:
+    static = _rows("static", [0.5, 0.5, 0.5, 0.5])
+    rows = static + _rows("0x1", [0.6, 0.6, 0.6, 0.6]) + _rows("2x8", [0.5, 0.5, 0.5, 0.5])
+    for r in rows:
+        r["germinations"] = {"static": 0, "0x1": 2, "2x8": 0}[r["controller"]]
+    out = compare(rows, ["0x1", "2x8"])
+    assert out["0x1"]["germinations"] == 2 and out["2x8"]["germinations"] == 0
+    assert out["0x1"]["minus_static"] == pytest.approx(0.1) and out["2x8"]["minus_static"] == pytest.approx(0)
+    assert out["2x8"]["minus_first"] == pytest.approx(-0.1) and not out["2x8"]["same_result"]
+    assert "minus_static" not in compare(rows[4:], ["0x1", "2x8"])["2x8"]  # no growth did not play
+
+
 def test_an_episode_only_one_layout_played_is_not_paired() -> None:
     rows = _rows("0x1", [0.5, 0.6, 0.7]) + _rows("2x8", [0.5, 0.6])
     assert compare(rows, ["0x1", "2x8"])["2x8"]["episodes"] == 2
@@ -76,6 +88,18 @@ def test_the_same_result_row_is_met_only_at_half_the_time_and_the_same_accuracy(
     (row,) = _same_result_rows(_same(ratio, same))
     assert row[1].startswith(f"{ratio:.2f}") and row[3] == f"**{verdict}**"
     assert "2x8 against 0x1" in row[0] and "+0.0010 ± 0.0100" in row[0]
+    assert "germinations" not in row[0]  # not measured in this result
+
+
+def test_the_same_result_row_says_what_each_policy_grew() -> None:
+    f = _same(0.41, True)
+    growth = {"0x1": (1.5, 0.004, 0.006), "2x8": (0.0, -0.001, 0.002)}
+    for label, (grown, vs, ci) in growth.items():
+        f["by_layout"][label] |= {"germinations": grown, "minus_static": vs, "minus_static_ci95": ci}
+    (row,) = _same_result_rows(f)
+    assert "germinations per episode 1.50 (0x1) and 0.00 (2x8)" in row[0]
+    assert "minus no growth +0.0040 ± 0.0060 and -0.0010 ± 0.0020" in row[0]
+    assert row[1] == "0.41 (its policy grows nothing on the held-out tasks)"  # met, and said what it learned
 
 
 def test_the_wall_time_row_is_the_last_layout_over_the_first() -> None:

@@ -103,6 +103,8 @@ def test_result_files_round_trip_with_their_metadata(tmp_path: Path) -> None:
 def test_shown_command_leaves_out_where_the_output_went() -> None:
     cmd = shown_command("benchmarks/distill.py", ["--quick", "--out=/tmp/x", "--json", "/tmp/y.json", "--seeds", "2"])
     assert cmd == ".venv/bin/python benchmarks/distill.py --quick --seeds 2"
+    cmd = shown_command("benchmarks/ppo_same_result.py", ["--work", "/tmp/runs", "--iterations", "2", "--work=/x"])
+    assert cmd == ".venv/bin/python benchmarks/ppo_same_result.py --iterations 2"
 
 
 @pytest.mark.parametrize(
