@@ -57,7 +57,7 @@ from esper_ray.contracts import (
     FieldReport,
     RejectionStage,
 )
-from esper_ray.util import atomic_write_bytes
+from esper_ray.util import atomic_write_bytes, read_parquet
 
 log = logging.getLogger("esper_ray.actors.urza")
 
@@ -191,7 +191,7 @@ def _parquet_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    return pq.read_table(path).to_pylist() if path.exists() else []
+    return read_parquet(path).to_pylist() if path.exists() else []
 
 
 # ---- the library (no Ray) ------------------------------------------------------------------------

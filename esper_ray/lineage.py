@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from esper_ray.contracts import EsperError, EventKind, LineageEvent, SeedStage
-from esper_ray.util import atomic_write, atomic_write_text
+from esper_ray.util import atomic_write, atomic_write_text, read_parquet
 
 __all__ = [
     "GENESIS",
@@ -328,7 +328,7 @@ def _read_table(path: Path) -> pa.Table:
     if not path.is_file():
         raise _Tampered(f"no lineage ledger at {path}")
     try:
-        table = pq.read_table(path)
+        table = read_parquet(path)
     except Exception as err:  # any parser failure on a damaged file is one answer
         raise _Tampered(f"{path} is unreadable (truncated or corrupt?): {err}") from None
     for name in _FIELDS:

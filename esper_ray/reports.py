@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esper_ray.contracts import EventKind
-from esper_ray.util import atomic_write
+from esper_ray.util import atomic_write, read_parquet
 
 
 def _flat(row: Any) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def write_table(rows: Sequence[Any], path: str | Path, columns: Sequence[str] | 
 
 
 def read_table(path: str | Path) -> list[dict[str, Any]]:
-    return pq.read_table(path).to_pylist()
+    return read_parquet(path).to_pylist()
 
 
 def plot_report(

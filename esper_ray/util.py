@@ -1,4 +1,5 @@
-"""Small helpers every part of esper-ray shares: atomic file writes and one-line error text.
+"""Small helpers every part of esper-ray shares: atomic file writes, consistent Parquet reads and
+one-line error text.
 
 Atomic writes: a reader (another process, a resumed run, Urza after a crash) sees the old file
 or the new one, never half of one. The data goes to a temporary file in the same folder, is
@@ -6,6 +7,9 @@ flushed and fsynced, and is then renamed over the target (``os.replace``, atomic
 Windows within one filesystem). A failed write removes its temporary file and leaves the old
 file as it was. Temporary names start with ``.`` and end with ``.tmp``: a run folder holding only
 such leftovers is recognised as a start that was cut short (``esper_ray.tolaria.run``).
+
+The other half of that promise is the reader's: ``read_parquet`` reads a Parquet file through one
+open file, so a file replaced while it is read gives the old table or the new one.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "atomic_write",
@@ -26,6 +33,7 @@ __all__ = [
     "atomic_write_text",
     "error_line",
     "one_line",
+    "read_parquet",
 ]
 
 
@@ -70,6 +78,23 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
 def atomic_write_json(path: str | Path, obj: Any, **dumps: Any) -> Path:
     """Write ``json.dumps(obj, **dumps)`` to ``path`` atomically; returns ``path``."""
     return atomic_write_text(path, json.dumps(obj, **dumps))
+
+
+def read_parquet(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """The Parquet table at ``path`` (only ``columns``, when given), from one version of the file.
+
+    ``pyarrow.parquet.read_table(path)`` opens the file more than once (its footer, then its
+    pages): when a writer renames a new version over it in between, as every atomic write here
+    does, it reads the footer of one version and the pages of the other and fails (a reader of
+    Urza's catalogue or of a live run's ledger, say). The bytes are read through one open file, so
+    a reader sees the old file or the new one. Errors are pyarrow's and ``OSError``, as before.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return pq.read_table(pa.BufferReader(data), columns=list(columns) if columns is not None else None)
 
 
 def one_line(text: str, limit: int | None = None) -> str:

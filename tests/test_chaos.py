@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 from pipeline_support import small_pipeline_config
+
+from esper_ray.util import read_parquet
 
 pytestmark = pytest.mark.ray
 
@@ -45,7 +46,7 @@ def _ready_since(p, since: float) -> int:
 
 def _ready_on_disk(storage: Path) -> set[str]:
     """Keys of the blueprints Urza's catalogue file records as ready."""
-    table = pq.read_table(storage / "catalogue.parquet", columns=["key", "status"]).to_pylist()
+    table = read_parquet(storage / "catalogue.parquet", columns=["key", "status"]).to_pylist()
     return {row["key"] for row in table if row["status"] == "ready"}
 
 

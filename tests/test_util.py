@@ -29,7 +29,15 @@ from esper_ray.tamiyo.controllers import (
     make_controller,
     policy_label,
 )
-from esper_ray.util import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, error_line, one_line
+from esper_ray.util import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    error_line,
+    one_line,
+    read_parquet,
+)
 
 
 # ---- atomic writes ----------------------------------------------------------------------------------
@@ -72,6 +80,46 @@ def test_concurrent_writers_never_leave_a_torn_file(tmp_path) -> None:
         t.join()
     assert path.read_bytes() in payloads  # one whole payload, whichever came last
     assert os.listdir(tmp_path) == ["shared.bin"]
+
+
+def test_a_parquet_file_replaced_while_it_is_read_gives_one_whole_version(tmp_path) -> None:
+    """pyarrow's read_table(path) opens the file twice (footer, then pages): racing an atomic writer it
+    read the footer of one version and the pages of the next ("Couldn't deserialize thrift"; it broke
+    the chaos test reading Urza's catalogue). read_parquet reads one version, whole."""
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "catalogue.parquet"
+
+    def version(n: int) -> pa.Table:
+        return pa.table({"n": [n] * n, "blob": [os.urandom(64) for _ in range(n)]})
+
+    atomic_write(path, lambda f: pq.write_table(version(50), f))
+    stop = threading.Event()
+
+    def writer() -> None:
+        n = 50
+        while not stop.is_set():
+            n = n % 2000 + 37
+            atomic_write(path, lambda f, n=n: pq.write_table(version(n), f))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    reads, end = 0, time.monotonic() + 1.5
+    try:
+        while time.monotonic() < end:
+            table = read_parquet(path, columns=["n"])
+            assert table.column_names == ["n"]
+            ns = table.column("n").to_pylist()
+            assert ns and len(ns) == ns[0] and set(ns) == {ns[0]}  # every row of one version, no other
+            reads += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert reads > 10
+    assert read_parquet(path).num_rows == pq.read_table(path).num_rows  # at rest: the same table
 
 
 def test_temporary_names_look_like_an_interrupted_write(tmp_path, monkeypatch) -> None:

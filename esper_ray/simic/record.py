@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from esper_ray.contracts import ControllerKind, EsperError
 from esper_ray.tamiyo.controllers import Controller, ControllerFactory, policy_factory
-from esper_ray.util import atomic_write, error_line
+from esper_ray.util import atomic_write, error_line, read_parquet
 
 FORMAT = "esper-ray-decisions/2"
 META_KEY = b"esper-ray"
@@ -228,7 +228,7 @@ def read_recording(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
     tables, metas = [], []
     for file in recording_files(path):
         try:
-            table = pq.read_table(file)
+            table = read_parquet(file)
         except (OSError, pa.ArrowException) as err:
             raise EsperError(f"recording {file} is unreadable: {error_line(err)}") from None
         raw = (table.schema.metadata or {}).get(META_KEY)
