@@ -105,6 +105,22 @@ def free_cpus() -> float:
     return float(ray.available_resources().get("CPU", 0.0))
 
 
+def wait_for_cpus(cpus: float, timeout_s: float = 30.0, poll_s: float = 0.2) -> bool:
+    """Wait (at most ``timeout_s``) until the cluster has ``cpus`` CPUs free; whether it has.
+
+    Ray hands a killed actor's resources back a moment after the kill returns: a run that just
+    stopped its actors (simic's env runners) waits here, so the next run's ``require_free`` sees them.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while free_cpus() < cpus - 1e-9:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 def fit_cpus(per_process: float, processes: int, free: float, what: str, hint: str = "") -> float:
     """The CPUs each of ``processes`` may ask for so that together they fit ``free``.
 

@@ -174,6 +174,19 @@ def test_sweep_with_fit_to_cluster_runs_a_trial_that_would_not_fit(pipeline, tmp
     assert {"urza", "karn", "tezzeret", "urabrask"} <= names
 
 
+def test_wait_for_cpus_waits_until_they_are_free_or_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    import esper_ray.cluster as cluster
+
+    free = iter([0.5, 0.5, 1.0, 2.0])
+    monkeypatch.setattr(cluster, "free_cpus", lambda: next(free))
+    assert cluster.wait_for_cpus(2.0, timeout_s=5, poll_s=0.01)
+    assert next(free, None) is None  # it polled until the CPUs were back, and no further
+    monkeypatch.setattr(cluster, "free_cpus", lambda: 0.0)
+    started = time.monotonic()
+    assert not cluster.wait_for_cpus(1.0, timeout_s=0.2, poll_s=0.01)
+    assert 0.2 <= time.monotonic() - started < 2
+
+
 def test_fit_cpus_scales_env_runners_or_fails_in_one_line() -> None:
     from esper_ray.cluster import fit_cpus
 

@@ -85,6 +85,18 @@ def test_resume_continues_the_iteration_count(trained: Path, tmp_path: Path) -> 
     assert [r["iteration"] for r in rows] == [3]
 
 
+def test_a_run_with_env_runners_returns_once_their_cpus_are_free_again(ray_session, tmp_path: Path) -> None:
+    """Ray frees a stopped actor's CPUs a moment after the kill: without waiting for them, a second run
+    asking for the same CPUs right away failed its check that they are free."""
+    from esper_ray.cluster import free_cpus
+    from esper_ray.simic.ppo import train_simic
+
+    free = free_cpus()
+    cfg = TINY.model_copy(update={"iterations": 1, "num_env_runners": 1, "num_cpus_per_env_runner": free})
+    train_simic(cfg, tmp_path / "first", progress=False)
+    assert free_cpus() >= free - 1e-9
+
+
 def test_bad_checkpoints_and_policies_are_one_line(tmp_path: Path) -> None:
     from esper_ray.simic.ppo import train_simic
 

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from esper_ray.cluster import ensure_ray, require_free
+from esper_ray.cluster import ensure_ray, free_cpus, require_free, wait_for_cpus
 from esper_ray.contracts import EnvInfo, EsperError
 from esper_ray.simic.config import SimicConfig, module_config_of
 from esper_ray.util import error_line
@@ -157,6 +157,7 @@ def train_simic(
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    free_before = free_cpus()
     if resume is not None:
         try:
             algo = Algorithm.from_checkpoint(str(Path(resume).absolute()))
@@ -183,6 +184,8 @@ def train_simic(
         export_policy(algo, out / "policy", cfg)
     finally:
         algo.stop()
+        if cfg.num_env_runners:  # the runners' CPUs come back a moment later: the next run may need them
+            wait_for_cpus(free_before)
     return checkpoint
 
 
