@@ -335,7 +335,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path``; EsperError naming the file when it cannot be had."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EsperError(f"config file not found: {path}") from None
     except IsADirectoryError:
@@ -346,8 +346,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise EsperError(f"{path}: cannot be read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise EsperError(f"{path}: not valid YAML: {error_line(err)}") from None
+    if raw is None:  # an empty file (or only comments): every setting at its default
+        raw = {}
     if not isinstance(raw, dict):
-        raise EsperError(f"{path}: expected a mapping at the top level")
+        # 0, false, '' or [] too: only an empty file means "all defaults"
+        raise EsperError(f"{path}: expected a mapping at the top level, got {type(raw).__name__} {raw!r:.40}")
     return raw
 
 

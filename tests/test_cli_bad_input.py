@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,28 @@ def test_simic_episodes_per_runner_below_one_is_one_line(
     line = _fails_in_one_line(capsys, ["simic", "--no-progress", "--out", str(out), f"num_envs_per_env_runner={value}"])
     assert "num_envs_per_env_runner" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("text", [">\n", "0\n", "false\n", "''\n", "[]\n"])
+def test_a_config_whose_value_is_empty_but_not_a_mapping_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    """Found by the property test below: '>' (an empty folded string) trained with every default, as
+    0, false, '' and [] did; only an empty file means that."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    line = _fails_in_one_line(capsys, ["train", "--config", str(cfg), "--out", str(tmp_path / "r")])
+    assert "expected a mapping at the top level" in line, line
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_empty_config_file_means_every_default(tmp_path: Path) -> None:
+    from esper_ray.config import RunConfig, load_config
+
+    for text in ("", "# only a comment\n"):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(text)
+        assert load_config(cfg, [], model=RunConfig) == RunConfig()
 
 
 def test_config_that_is_binary_latin1_or_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -331,7 +354,7 @@ def _as_yaml_line(item: str) -> str:
 def test_property_malformed_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], data: bytes) -> None:
     cfg = tmp_path / "prop.yaml"
     cfg.write_bytes(data)
-    out = tmp_path / "prop-run"
+    out = tmp_path / f"prop-run-{uuid.uuid4().hex}"  # per example: a failing one's folder must not fail the next
     _fails_in_one_line(capsys, ["train", "--no-progress", "--config", str(cfg), "--out", str(out)])
     assert not out.exists()
     assert cfg.read_bytes() == data
