@@ -27,18 +27,15 @@ on 2 quiet cores; the evaluation adds about 2 minutes per policy and seed.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from common import write_result
-from ppo_wall_time import layout_overrides, parse_layouts
+from ppo_wall_time import layout_overrides, layout_parser, parse_layouts, start_ray
 from tamiyo_generalization import episode_key, heldout_env
 
 STATIC = "static"  # no growth: what every policy is also compared with
@@ -48,8 +45,6 @@ def train(cfg: Any, out: Path, warm_start: Path | None) -> dict[str, Any]:
     """Train ``cfg`` (a SimicConfig) into ``out`` as ``esper-ray simic`` does; its wall time and curve.
     A layout trained before into the same ``--work`` folder (its ``train.json`` and policy there) is
     read back, not trained again."""
-    import ray
-
     from esper_ray.simic.ppo import train_simic
 
     done = out / "train.json"
@@ -61,10 +56,6 @@ def train(cfg: Any, out: Path, warm_start: Path | None) -> dict[str, Any]:
         train_simic(cfg, out, warm_start=warm_start, progress=True)
         seconds = time.perf_counter() - start
         done.write_text(json.dumps({"train_seconds": seconds}))
-        # The env runners' CPUs come back a moment after algo.stop(): the next layout's check would fail.
-        deadline = time.monotonic() + 60
-        while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
-            time.sleep(0.5)
     curve = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines() if line]
     return {
         "train_seconds": seconds,
@@ -126,16 +117,10 @@ def compare(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/tamiyo.yaml", help="a SimicConfig YAML (the recipe)")
-    parser.add_argument("--layouts", default="0x1,2x8", help="RxN: env runners x episodes, comma-separated")
-    parser.add_argument("--cpus-per-runner", type=float, default=1.0, help="CPUs each remote env runner asks for")
-    parser.add_argument("--iterations", type=int, default=20, help="PPO iterations of every layout")
+    parser = layout_parser(__doc__, "0x1,2x8", 20)
     parser.add_argument("--warm-start", type=Path, help="an offline (behaviour cloning) checkpoint to start from")
     parser.add_argument("--eval-seeds", type=int, default=2, help="training seeds of each held-out task")
     parser.add_argument("--work", type=Path, help="where the runs go (default: a temporary folder, removed)")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the recipe (as esper-ray simic takes)")
     args = parser.parse_args()
     layouts = parse_layouts(args.layouts)
     if args.warm_start is not None and not args.warm_start.is_dir():
@@ -145,9 +130,7 @@ def main() -> None:
     from esper_ray.config import load_config
     from esper_ray.simic.config import SimicConfig
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    start_ray()
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="esper-ppo-same-result-"))
     figures: dict[str, Any] = {

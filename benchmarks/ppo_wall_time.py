@@ -93,24 +93,37 @@ def time_iterations(cfg: Any, iterations: int) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def layout_parser(doc: str, layouts: str, iterations: int) -> argparse.ArgumentParser:
+    """The arguments of both PPO wall-time scripts: the recipe and its overrides, the layouts, the
+    remote runners' CPUs, the iterations per layout and ``--json``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tamiyo.yaml", help="a SimicConfig YAML (the recipe)")
-    parser.add_argument("--layouts", default="0x1,0x16,2x1,2x8", help="RxN: env runners x episodes, comma-separated")
+    parser.add_argument("--layouts", default=layouts, help="RxN: env runners x episodes, comma-separated")
     parser.add_argument("--cpus-per-runner", type=float, default=1.0, help="CPUs each remote env runner asks for")
-    parser.add_argument("--iterations", type=int, default=4, help="PPO iterations per layout")
+    parser.add_argument("--iterations", type=int, default=iterations, help="PPO iterations per layout")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the recipe (as esper-ray simic takes)")
-    args = parser.parse_args()
+    return parser
+
+
+def start_ray() -> None:
+    """The local Ray of 2 CPUs the measurements run on (one torch thread in this process)."""
+    import ray
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+
+
+def main() -> None:
+    args = layout_parser(__doc__, "0x1,0x16,2x1,2x8", 4).parse_args()
     layouts = parse_layouts(args.layouts)
     import ray
 
     from esper_ray.config import load_config
     from esper_ray.simic.config import SimicConfig
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    start_ray()
     started = time.perf_counter()
     figures: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "by_layout": {}}
     for runners, envs in layouts:
